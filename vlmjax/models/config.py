@@ -1,0 +1,145 @@
+"""Model configs: plain frozen dataclasses, serialisable to JSON, derived from HF configs by `vlmjax.convert`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def to_dtype(name: str):
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; known: {sorted(DTYPES)}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMConfig:
+    """Llama family: Llama-2/3, Mistral, Qwen2 (attention_bias), SmolLM2."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2: q/k/v biases
+    hidden_act: str = "silu"
+    sliding_window: int | None = None  # Mistral; recorded for export, not applied (see README limits)
+    family: str = "llama"  # llama | mistral | qwen2: the HF architecture to export to
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = None
+    # Execution knobs (not part of the checkpoint).
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: str = "none"
+    attention_impl: str = "auto"
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """CLIP (class token, pre-LN, quick_gelu) or SigLIP (no class token, gelu_tanh, post-LN) ViT."""
+
+    kind: str = "clip"  # clip | siglip
+    image_size: int = 336
+    patch_size: int = 14
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_layers: int = 24
+    num_heads: int = 16
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+    num_channels: int = 3
+    projection_dim: int | None = None  # CLIP checkpoints carry it; unused by LLaVA, kept for export
+    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: str = "none"
+    attention_impl: str = "auto"
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid**2
+
+    @property
+    def has_cls(self) -> bool:
+        return self.kind == "clip"
+
+
+@dataclasses.dataclass(frozen=True)
+class VLMConfig:
+    llm: LLMConfig = dataclasses.field(default_factory=LLMConfig)
+    vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
+    projector: str = "mlp2x_gelu"  # linear | mlp2x_gelu | downsample2x2_mlp | pixel_shuffle_mlp
+    projector_act: str = "gelu"
+    vision_feature_layer: int = -2  # index into [embeddings, layer_1, ..., layer_L] as in HF hidden_states
+    vision_feature_select: str = "default"  # default: drop the first (class) token; full: keep all
+    image_token_id: int = 32000
+    # Execution knobs.
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Feature tokens per image. As in HF LLaVA, 'default' drops the first token whatever the tower, so a
+        SigLIP tower (no class token) wants 'full'."""
+        v = self.vision
+        n = v.num_patches + (1 if v.has_cls else 0) - (1 if self.vision_feature_select == "default" else 0)
+        if self.projector in ("downsample2x2_mlp", "pixel_shuffle_mlp"):
+            if n != v.num_patches:
+                raise ValueError(
+                    f"{self.projector} needs the square patch grid: use vision_feature_select="
+                    f"{'default' if v.has_cls else 'full'} for a {v.kind} tower"
+                )
+            g = (v.grid + 1) // 2
+            return g * g
+        return n
+
+    @property
+    def vision_layers_used(self) -> int:
+        """Layers of the tower that LLaVA actually runs (layers after the feature layer are skipped)."""
+        n, fl = self.vision.num_layers, self.vision_feature_layer
+        used = n + 1 + fl if fl < 0 else fl
+        if not 0 <= used <= n:
+            raise ValueError(f"vision_feature_layer={fl} out of range for a {n}-layer tower")
+        return used
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "VLMConfig":
+        d = dict(d)
+        llm = LLMConfig(**d.pop("llm"))
+        vision = dict(d.pop("vision"))
+        for k in ("image_mean", "image_std"):
+            vision[k] = tuple(vision[k])
+        return cls(llm=llm, vision=VisionConfig(**vision), **d)
+
+
+def with_dtypes(cfg: VLMConfig, dtype: str, param_dtype: str = "float32") -> VLMConfig:
+    """Same model, other compute/param dtypes (propagated to the tower and the LLM)."""
+    llm = dataclasses.replace(cfg.llm, dtype=dtype, param_dtype=param_dtype)
+    vision = dataclasses.replace(cfg.vision, dtype=dtype, param_dtype=param_dtype)
+    return dataclasses.replace(cfg, llm=llm, vision=vision, dtype=dtype, param_dtype=param_dtype)
