@@ -166,6 +166,25 @@ def load_causal_lm(folder, *, dtype: str = "float32", param_dtype: str = "float3
     return model, cfg
 
 
+def load_vision_tower(folder, *, dtype: str = "float32", param_dtype: str = "float32", mesh=None, sharding_rules=shd.DEFAULT_RULES):
+    """HF CLIPVisionModel / SiglipVisionModel (or full CLIP/SigLIP) folder -> (VisionTower, VisionConfig)."""
+    import dataclasses
+
+    from vlmjax.convert.mapping import vision_rules
+    from vlmjax.models.vit import VisionTower
+
+    cfg = hf_config.vision_config_from_hf(read_config(folder))
+    cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=param_dtype)
+    abstract = nnx.eval_shape(lambda: VisionTower(cfg, rngs=nnx.Rngs(0)))
+    # transformers 5 writes a vision model's tensors without the "vision_model." prefix older files have
+    source = SafetensorsSource(folder, renames=(("vision_model.", ""),))
+    # a dual encoder also carries the text tower: only the vision half is ours to check
+    strict = not any(k.startswith("text_model.") for k in source.keys())
+    model = load_params(abstract, vision_rules(cfg, (), ""), source, mesh=mesh,
+                        sharding_rules=sharding_rules, strict_unused=strict, where=str(folder))
+    return model, cfg
+
+
 def iter_hf_tensors(model: nnx.Module, rules: list[Rule], dtype=None):
     """Yield (hf_name, np.ndarray) one tensor at a time, in HF layout."""
     state = nnx.state(model)

@@ -44,7 +44,7 @@ def llm_config_from_hf(d: dict[str, Any]) -> LLMConfig:
         num_layers=d.get("num_hidden_layers", 32),
         num_heads=heads,
         num_kv_heads=d.get("num_key_value_heads") or heads,
-        head_dim=d.get("head_dim"),
+        head_dim=d.get("head_dim") or d.get("hidden_size", 4096) // heads,
         rms_norm_eps=d.get("rms_norm_eps", 1e-6),
         rope_theta=theta,
         rope_scaling=scaling,
