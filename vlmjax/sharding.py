@@ -118,8 +118,7 @@ def use_mesh(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Iterator[Mesh]:
     """Activate a mesh + rules for activation constraints inside traced model code."""
     token = _CTX.set((mesh, tuple(rules)))
     try:
-        with jax.sharding.use_mesh(mesh):
-            yield mesh
+        yield mesh
     finally:
         _CTX.reset(token)
 
@@ -132,6 +131,6 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, rules, mesh, x.shape)))
 
 
-def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = DEFAULT_RULES) -> NamedSharding:
-    """Sharding for a host batch array: leading axis over the batch mesh axes."""
-    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh))
+def batch_sharding(mesh: Mesh, shape: Sequence[int], rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    """Sharding for a batch array: leading axis over the batch mesh axes (replicated if they do not divide it)."""
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (len(shape) - 1), rules, mesh, shape))

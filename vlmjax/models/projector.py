@@ -43,16 +43,11 @@ class Projector(nnx.Module):
         cv, d = cfg.vision.hidden_size, cfg.llm.hidden_size
         kw = dict(dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype), rngs=rngs)
         self.act = activation(cfg.projector_act)
-        self.norm = None
-        if self.kind == "linear":
-            self.linear_1 = Linear((cv,), (d,), ("embed", "mlp"), use_bias=True, **kw)
-            self.linear_2 = None
-            return
-        if self.kind in ("downsample2x2_mlp", "pixel_shuffle_mlp"):
-            cv *= 4
-            self.norm = LayerNorm(cv, 1e-5, **kw)
+        merges = self.kind in ("downsample2x2_mlp", "pixel_shuffle_mlp")
+        cv = 4 * cv if merges else cv
+        self.norm = LayerNorm(cv, 1e-5, **kw) if merges else None
         self.linear_1 = Linear((cv,), (d,), ("embed", "mlp"), use_bias=True, **kw)
-        self.linear_2 = Linear((d,), (d,), ("mlp", "embed"), use_bias=True, **kw)
+        self.linear_2 = None if self.kind == "linear" else Linear((d,), (d,), ("mlp", "embed"), use_bias=True, **kw)
 
     def __call__(self, feats_bnc: jax.Array) -> jax.Array:
         if self.norm is not None:

@@ -1,0 +1,113 @@
+"""Record parsers: LLaVA conversations, caption pairs, MMC4 documents, preference pairs (flat and TRL)."""
+
+import pytest
+
+from vlmjax.data.errors import BAD_RECORD, BAD_TURNS, EMPTY_CONVERSATION, IMAGE_COUNT, UNKNOWN_ROLE, BadSample
+from vlmjax.data.formats import parse_caption, parse_interleaved, parse_llava, parse_preference
+
+
+def reason(fn, record, **kw):
+    with pytest.raises(BadSample) as e:
+        fn(record, **kw)
+    return e.value.reason
+
+
+def test_llava_single_multi_and_text_only():
+    ex = parse_llava({"id": 7, "image": "a.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A cat."}]})
+    assert ex.sample_id == "7" and ex.images == ["a.jpg"]
+    assert ex.messages == [{"role": "user", "content": "<image>\nWhat is it?"},
+                           {"role": "assistant", "content": "A cat."}]
+    ex = parse_llava({"id": "m", "images": ["a.jpg", "b.jpg"], "conversations": [
+        {"from": "system", "value": "Be brief."}, {"from": "human", "value": "<image> vs <image>?"},
+        {"from": "gpt", "value": "Same."}, {"from": "human", "value": "Sure?"}, {"from": "gpt", "value": "Yes."}]})
+    assert ex.images == ["a.jpg", "b.jpg"] and [m["role"] for m in ex.messages] == [
+        "system", "user", "assistant", "user", "assistant"]
+    ex = parse_llava({"id": "t", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]})
+    assert ex.images == [] and ex.template is None
+
+
+def test_llava_image_without_placeholder_is_prepended():
+    ex = parse_llava({"image": "a.jpg", "conversations": [
+        {"from": "human", "value": "Describe."}, {"from": "gpt", "value": "A dog."}]})
+    assert ex.messages[0]["content"] == "<image>\nDescribe." and ex.sample_id is None
+
+
+def test_llava_typed_content_and_json_string():
+    ex = parse_llava({"images": ["a"], "conversations": '[{"role": "user", "content": [{"type": "image"}, '
+                                                        '{"type": "text", "text": "Hi"}]}, '
+                                                        '{"role": "assistant", "content": "Yo"}]'})
+    assert ex.messages[0]["content"] == "<image>Hi"
+
+
+@pytest.mark.parametrize("record, expected", [
+    ({"id": 1, "conversations": []}, EMPTY_CONVERSATION),
+    ({"id": 1}, EMPTY_CONVERSATION),
+    ({"conversations": [{"from": "human", "value": ""}, {"from": "gpt", "value": " "}]}, EMPTY_CONVERSATION),
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "bot", "value": "a"}]}, UNKNOWN_ROLE),
+    ({"conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "q"}]}, BAD_TURNS),
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"},
+                        {"from": "human", "value": "q2"}]}, BAD_TURNS),
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "human", "value": "q"},
+                        {"from": "gpt", "value": "a"}]}, BAD_TURNS),
+    ({"image": "a", "conversations": [{"from": "human", "value": "<image><image>"}, {"from": "gpt", "value": "a"}]},
+     IMAGE_COUNT),
+    ({"conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "a"}]}, IMAGE_COUNT),
+    ({"conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "a"}]}, BAD_RECORD),
+])
+def test_llava_bad_records(record, expected):
+    assert reason(parse_llava, record) == expected
+
+
+def test_caption():
+    ex = parse_caption({"key": b"k1", "jpg": b"\x89PNG...", "txt": b"  A red bus.  "})
+    assert ex.sample_id == "k1" and ex.images == [b"\x89PNG..."] and ex.template == "plain"
+    assert ex.messages == [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "A red bus."}]
+    assert reason(parse_caption, {"image": "a.jpg", "caption": ""}) == EMPTY_CONVERSATION
+    assert reason(parse_caption, {"caption": "x"}) == BAD_RECORD
+
+
+def test_interleaved_placement_limit_and_trailing_image():
+    record = {"id": "doc", "text_list": ["First.", "Second.", "Third."], "image_info": [
+        {"image_name": "b.jpg", "matched_text_index": 1, "matched_sim": 0.30},
+        {"image_name": "a.jpg", "matched_text_index": 0, "matched_sim": 0.20},
+        {"image_name": "t.jpg", "matched_text_index": 3, "matched_sim": 0.40},  # after the last sentence: dropped
+    ]}
+    ex = parse_interleaved(record)
+    assert ex.images == ["a.jpg", "b.jpg"]
+    assert ex.messages == [{"role": "assistant", "content": "<image>First. <image>Second. Third."}]
+    assert ex.loss_on == "all" and ex.template == "plain" and ex.document
+    ex = parse_interleaved(record, max_images=1)
+    assert ex.images == ["a.jpg"] and ex.messages[0]["content"] == "<image>First. Second. Third."
+    ex = parse_interleaved(record, min_similarity=0.25)
+    assert ex.images == ["b.jpg"] and ex.messages[0]["content"] == "First. <image>Second. Third."
+    # An image matched to a sentence followed only by empty text is trailing too.
+    ex = parse_interleaved({"text_list": ["Only.", ""], "image_info": [{"image": b"x", "matched_text_index": 1}]})
+    assert ex.images == [] and ex.messages[0]["content"] == "Only."
+    assert reason(parse_interleaved, {"text_list": ["", " "], "image_info": []}) == EMPTY_CONVERSATION
+    assert reason(parse_interleaved, {"text_list": ["a"], "image_info": [{"image_name": "x"}]}) == BAD_RECORD
+
+
+def test_preference_flat():
+    ex = parse_preference({"id": "p", "image": "a.jpg", "prompt": "What colour?", "chosen": "Red.",
+                           "rejected": "Blue.", "score": 0.9})
+    assert ex.messages == [{"role": "user", "content": "<image>\nWhat colour?"}]
+    assert ex.chosen == [{"role": "assistant", "content": "Red."}]
+    assert ex.rejected == [{"role": "assistant", "content": "Blue."}]
+    assert ex.images == ["a.jpg"] and ex.meta == {"score": 0.9}
+    assert reason(parse_preference, {"prompt": "q", "chosen": "a"}) == EMPTY_CONVERSATION
+    assert reason(parse_preference, {"prompt": "q", "chosen": "<image>", "rejected": "b"}) == IMAGE_COUNT
+
+
+def test_preference_trl_conversational_explicit_and_implicit_prompt():
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}]
+    ex = parse_preference({"images": ["i.png"], "prompt": prompt,
+                           "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "A cat."}]}],
+                           "rejected": [{"role": "assistant", "content": "A dog."}]})
+    assert ex.messages == [{"role": "user", "content": "<image>Describe."}]
+    assert ex.chosen[0]["content"] == "A cat." and ex.rejected[0]["content"] == "A dog."
+    ex = parse_preference({"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+                           "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Go"}]})
+    assert ex.messages == [{"role": "user", "content": "Hi"}]
+    assert ex.chosen == [{"role": "assistant", "content": "Hello"}]
+    assert ex.rejected == [{"role": "assistant", "content": "Go"}]
