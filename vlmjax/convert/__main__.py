@@ -1,0 +1,89 @@
+"""python -m vlmjax.convert {assemble,gguf-to-hf,verify} ...
+
+  assemble    LLM (HF folder or .gguf) + vision tower (HF folder) + fresh projector -> HF LLaVA folder
+  gguf-to-hf  a Llama-family GGUF file -> HF *ForCausalLM folder (dequantised)
+  verify      load an HF LLaVA or causal-LM folder with vlmjax and transformers; print the max logit difference
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def _verify(folder: Path, atol: float) -> float:
+    import torch
+    import transformers
+
+    from vlmjax.convert import hf
+
+    cfg_json = hf.read_config(folder)
+    rng = np.random.default_rng(0)
+    if cfg_json.get("model_type") == "llava":
+        model, cfg = hf.load_vlm(folder)
+        t = cfg.tokens_per_image
+        ids = np.concatenate([[1], np.full(t, cfg.image_token_id), rng.integers(2, 100, 16)])[None].astype(np.int64)
+        px = rng.normal(size=(1, 3, cfg.vision.image_size, cfg.vision.image_size)).astype(np.float32)
+        ref_model = transformers.AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+        with torch.no_grad():
+            ref = ref_model(input_ids=torch.tensor(ids), pixel_values=torch.tensor(px)).logits.numpy()
+        ours = np.asarray(model(ids.astype(np.int32), px.transpose(0, 2, 3, 1), np.zeros(1, np.int32)))
+    else:
+        model, cfg = hf.load_causal_lm(folder)
+        ids = rng.integers(0, min(cfg.vocab_size, 1000), (1, 32))
+        ref_model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        with torch.no_grad():
+            ref = ref_model(input_ids=torch.tensor(ids)).logits.numpy()
+        ours = np.asarray(model(ids.astype(np.int32)))
+    err = float(np.abs(ref - ours).max())
+    print(json.dumps({"folder": str(folder), "max_abs_logit_diff": err, "ok": err <= atol}))
+    return err
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vlmjax.convert", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("assemble", help="LLM + vision tower + fresh projector -> HF LLaVA folder")
+    a.add_argument("--llm", required=True, help="HF *ForCausalLM folder or .gguf file")
+    a.add_argument("--vision", required=True, help="HF CLIPVisionModel/SiglipVisionModel (or CLIP/SigLIP) folder")
+    a.add_argument("--projector", default="mlp2x_gelu", help="only mlp2x_gelu can be written as an HF LLaVA folder")
+    a.add_argument("--vision-feature-layer", type=int, default=-2)
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--dtype", default="float32", help="dtype of the written tensors")
+    a.add_argument("--out", required=True, type=Path)
+    g = sub.add_parser("gguf-to-hf", help="GGUF (Llama family) -> HF causal-LM folder")
+    g.add_argument("gguf", type=Path)
+    g.add_argument("--out", required=True, type=Path)
+    v = sub.add_parser("verify", help="vlmjax vs transformers logits on a folder")
+    v.add_argument("folder", type=Path)
+    v.add_argument("--atol", type=float, default=1e-3)
+    args = p.parse_args(argv)
+
+    from vlmjax.convert import hf
+
+    if args.cmd == "assemble":
+        from vlmjax.convert.assemble import assemble_vlm
+        from vlmjax.models.config import to_dtype
+
+        model, cfg, tok = assemble_vlm(args.llm, args.vision, projector=args.projector,
+                                       vision_feature_layer=args.vision_feature_layer, seed=args.seed)
+        hf.save_vlm(model, args.out, tokenizer=tok, dtype=np.dtype(to_dtype(args.dtype)))
+        print(f"wrote {args.out} (image token {cfg.image_token_id}, {cfg.tokens_per_image} tokens per image)")
+    elif args.cmd == "gguf-to-hf":
+        from vlmjax.convert.gguf import load_gguf, load_gguf_tokenizer
+
+        model, _ = load_gguf(args.gguf)
+        hf.save_causal_lm(model, args.out, tokenizer=load_gguf_tokenizer(args.gguf))
+        print(f"wrote {args.out}")
+    else:
+        return 0 if _verify(args.folder, args.atol) <= args.atol else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
