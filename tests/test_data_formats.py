@@ -23,7 +23,8 @@ def test_llava_single_multi_and_text_only():
         {"from": "gpt", "value": "Same."}, {"from": "human", "value": "Sure?"}, {"from": "gpt", "value": "Yes."}]})
     assert ex.images == ["a.jpg", "b.jpg"] and [m["role"] for m in ex.messages] == [
         "system", "user", "assistant", "user", "assistant"]
-    ex = parse_llava({"id": "t", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]})
+    ex = parse_llava({"id": "t", "conversations": [{"from": "human", "value": "Hi"},
+                                                   {"from": "gpt", "value": "Hello"}]})
     assert ex.images == [] and ex.template is None
 
 

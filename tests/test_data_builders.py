@@ -1,0 +1,91 @@
+"""Offline dataset builders: easy-VQA -> LLaVA/caption/DPO files, Debian openclipart -> caption pairs."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vlmjax.data import easy_vqa, openclipart
+from vlmjax.data.formats import parse_caption, parse_llava, parse_preference
+
+
+def test_attributes_from_questions():
+    assert easy_vqa.infer_attributes([("what is the blue shape?", "rectangle")]) == {"shape": "rectangle",
+                                                                                   "color": "blue"}
+    # Negated question answered "no" -> the colour is present; "what color is the circle?" presupposes a circle.
+    assert easy_vqa.infer_attributes([("is there not a red shape?", "no"), ("what color is the circle?", "red")]) \
+        == {"shape": "circle", "color": "red"}
+    # Two shapes excluded leaves the third; nothing said about colour.
+    assert easy_vqa.infer_attributes([("is there a circle?", "no"),
+                                      ("does the image not contain a triangle?", "yes")]) == {"shape": "rectangle",
+                                                                                             "color": None}
+    with pytest.raises(ValueError, match="contradictory"):
+        easy_vqa.infer_attributes([("is there a red shape?", "yes"), ("is no red shape present?", "yes")])
+
+
+def test_easy_vqa_build(tmp_path):
+    stats = easy_vqa.build(str(tmp_path), ["train"], limit=5)
+    assert stats["train"]["images"] == 5
+    conversations = json.loads((tmp_path / "train.json").read_text())
+    first = conversations[0]
+    assert first["id"] == "train_0" and first["image"] == "train/0.png"
+    assert (tmp_path / "images" / "train" / "0.png").is_file()
+    # Image 0 is a blue rectangle (checked by eye); its first questions are "what is the blue shape?" -> rectangle.
+    assert first["conversations"][:4] == [
+        {"from": "human", "value": "<image>\nDescribe the image briefly."},
+        {"from": "gpt", "value": "A blue rectangle."},
+        {"from": "human", "value": "What is the blue shape?"}, {"from": "gpt", "value": "Rectangle"}]
+    captions = [json.loads(x) for x in (tmp_path / "train_captions.jsonl").read_text().splitlines()]
+    assert captions[0]["caption"] == "A blue rectangle."
+    assert captions[1]["caption"] == "The image shows a blue triangle."
+    pairs = [json.loads(x) for x in (tmp_path / "train_dpo.jsonl").read_text().splitlines()]
+    assert pairs[0]["chosen"] == "Rectangle" and pairs[0]["rejected"] in ("Circle", "Triangle")
+    for c, cap, p in zip(conversations, captions, pairs):  # every record parses in its format
+        parse_llava(c), parse_caption(cap), parse_preference(p)
+        assert p["chosen"] != p["rejected"]
+
+
+def test_easy_vqa_cli(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "vlmjax.data.easy_vqa", "--out", str(tmp_path), "--splits", "test",
+                             "--limit", "3"], capture_output=True, text=True, check=True)
+    assert json.loads(result.stdout)["test"]["images"] == 3
+    assert sorted(os.listdir(tmp_path / "images" / "test")) == ["0.png", "1.png", "2.png"]
+
+
+SVG = b"""<?xml version="1.0"?>
+<svg xmlns="http://www.w3.org/2000/svg" xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"
+     xmlns:cc="http://web.resource.org/cc/" xmlns:dc="http://purl.org/dc/elements/1.1/">
+  <metadata><rdf:RDF><cc:Work rdf:about="">
+    <dc:title>red_bicycle</dc:title>
+    <dc:description>A bike</dc:description>
+    <dc:subject><rdf:Bag>
+      <rdf:li>bike</rdf:li><rdf:li>red_bicycle</rdf:li><rdf:li>transport</rdf:li>
+    </rdf:Bag></dc:subject>
+    <dc:creator><cc:Agent><dc:title>Some Artist</dc:title></cc:Agent></dc:creator>
+  </cc:Work></rdf:RDF></metadata>
+  <rect width="10" height="10"/>
+</svg>"""
+
+
+def test_svg_metadata_and_caption():
+    meta = openclipart.svg_metadata(io.BytesIO(SVG))
+    assert meta == {"title": "red_bicycle", "description": "A bike", "keywords": ["bike", "red_bicycle", "transport"]}
+    assert openclipart.make_caption(meta["title"], meta["keywords"], "x") == \
+        "Clip art of red bicycle, tagged bike, red_bicycle, transport."
+    assert openclipart.make_caption("", [], "fallback_name") == "Clip art of fallback name."
+    assert openclipart.svg_metadata(io.BytesIO(b"<svg><broken")) == {"title": "", "description": "", "keywords": []}
+
+
+@pytest.mark.skipif(not os.path.isdir("/usr/share/openclipart/png"), reason="Debian openclipart-png not installed")
+def test_openclipart_build(tmp_path):
+    stats = openclipart.build(str(tmp_path), limit=20)
+    rows = [json.loads(x) for x in (tmp_path / "captions.jsonl").read_text().splitlines()]
+    assert stats["images"] == len(rows) == 20
+    root = json.loads((tmp_path / "source.json").read_text())["image_root"]
+    for row in rows:
+        assert os.path.isfile(os.path.join(root, row["image"])) and row["caption"].startswith("Clip art of ")
+        parse_caption(row)
+    assert sum(bool(r["keywords"]) for r in rows) >= 10

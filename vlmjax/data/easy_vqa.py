@@ -1,0 +1,133 @@
+"""Offline dataset builder: easy-VQA (the `easy-vqa` PyPI package) -> LLaVA JSON + caption pairs + DPO pairs.
+
+easy-VQA ships 64x64 images of one coloured shape with template questions, but no captions. Each image's shape and
+colour are recovered from its questions: wh-answers and the words a question presupposes ("what color is the
+circle?" says there is a circle) are facts, yes/no answers confirm or exclude a value (negated questions flip), and
+a single remaining candidate after exclusions is accepted. That yields captions ("A blue rectangle.") for
+pre-training-style alignment, the QA pairs for instruction tuning, and wrong-answer pairs for DPO, all offline.
+
+    python -m vlmjax.data.easy_vqa --out DIR [--splits train test] [--limit N]
+
+writes DIR/images/{split}/{n}.png, DIR/{split}.json (LLaVA conversations), DIR/{split}_captions.jsonl and
+DIR/{split}_dpo.jsonl. Image paths in the files are relative to DIR/images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+
+from vlmjax.data.assets import easy_vqa_data_dir
+
+SHAPES = ("circle", "rectangle", "triangle")
+COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
+_CAPTIONS = ("A {color} {shape}.", "The image shows a {color} {shape}.", "A {color} {shape} on a plain background.")
+
+
+def infer_attributes(questions: list[tuple[str, str]]) -> dict[str, str | None]:
+    """{"shape", "color"} of one image from its (question, answer) pairs; None where they do not determine it.
+    Raises ValueError on contradictory facts (which would mean the parser misreads a question form)."""
+    facts = {"shape": set(), "color": set()}
+    excluded = {"shape": set(), "color": set()}
+    for question, answer in questions:
+        words = re.findall(r"[a-z]+", question.lower())
+        mentioned = [(("shape" if w in SHAPES else "color"), w) for w in words if w in SHAPES or w in COLORS]
+        if answer in ("yes", "no"):
+            negated = "not" in words or "no" in words
+            for kind, value in mentioned:
+                ((facts if (answer == "yes") != negated else excluded)[kind]).add(value)
+        else:
+            for kind, value in mentioned:  # presupposed by the question
+                facts[kind].add(value)
+            facts["shape" if answer in SHAPES else "color"].add(answer)
+    out = {}
+    for kind, values in (("shape", SHAPES), ("color", COLORS)):
+        if len(facts[kind]) > 1 or facts[kind] & excluded[kind]:
+            raise ValueError(f"contradictory {kind} facts {facts[kind]} / excluded {excluded[kind]}")
+        remaining = [v for v in values if v not in excluded[kind]]
+        out[kind] = next(iter(facts[kind])) if facts[kind] else (remaining[0] if len(remaining) == 1 else None)
+    return out
+
+
+def caption(attrs: dict, variant: int = 0) -> str | None:
+    shape, color = attrs["shape"], attrs["color"]
+    if shape and color:
+        return _CAPTIONS[variant % len(_CAPTIONS)].format(color=color, shape=shape)
+    if shape:
+        return f"A {shape}."
+    if color:
+        return f"A {color} shape."
+    return None
+
+
+def _wrong_answer(answer: str, variant: int) -> str:
+    for group in (("yes", "no"), SHAPES, COLORS):
+        if answer in group:
+            others = [a for a in group if a != answer]
+            return others[variant % len(others)]
+    raise ValueError(f"unknown answer {answer!r}")
+
+
+def build_split(split: str, out: str, limit: int | None = None, src: str | None = None) -> dict[str, int]:
+    src = src or easy_vqa_data_dir()
+    with open(os.path.join(src, split, "questions.json")) as f:
+        questions = json.load(f)
+    by_image: dict[int, list[tuple[str, str]]] = {}
+    for question, answer, image_id in questions:
+        by_image.setdefault(int(image_id), []).append((question, answer))
+    image_ids = sorted(by_image)[:limit]
+    os.makedirs(os.path.join(out, "images", split), exist_ok=True)
+    conversations, captions, pairs = [], [], []
+    stats = {"images": 0, "captions": 0, "questions": 0, "shape_unknown": 0, "color_unknown": 0}
+    for n in image_ids:
+        rel = f"{split}/{n}.png"
+        shutil.copyfile(os.path.join(src, split, "images", f"{n}.png"), os.path.join(out, "images", rel))
+        attrs = infer_attributes(by_image[n])
+        stats["images"] += 1
+        stats["shape_unknown"] += attrs["shape"] is None
+        stats["color_unknown"] += attrs["color"] is None
+        sample_id = f"{split}_{n}"
+        turns = []
+        text = caption(attrs, n)
+        if text:
+            captions.append({"id": sample_id, "image": rel, "caption": text, **attrs})
+            turns += [{"from": "human", "value": "Describe the image briefly."}, {"from": "gpt", "value": text}]
+            stats["captions"] += 1
+        for question, answer in by_image[n]:
+            turns += [{"from": "human", "value": question[0].upper() + question[1:]},
+                      {"from": "gpt", "value": answer[0].upper() + answer[1:]}]
+            stats["questions"] += 1
+        turns[0]["value"] = "<image>\n" + turns[0]["value"]
+        conversations.append({"id": sample_id, "image": rel, "conversations": turns})
+        question, answer = by_image[n][0]
+        pairs.append({"id": sample_id, "image": rel, "prompt": "<image>\n" + question[0].upper() + question[1:],
+                      "chosen": answer[0].upper() + answer[1:],
+                      "rejected": (w := _wrong_answer(answer, n))[0].upper() + w[1:], "source": "easy_vqa"})
+    with open(os.path.join(out, f"{split}.json"), "w") as f:
+        json.dump(conversations, f)
+    for name, rows in (("captions", captions), ("dpo", pairs)):
+        with open(os.path.join(out, f"{split}_{name}.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    return stats
+
+
+def build(out: str, splits=("train", "test"), limit: int | None = None) -> dict[str, dict[str, int]]:
+    """Writes the dataset under `out`; returns per-split counts."""
+    os.makedirs(out, exist_ok=True)
+    return {split: build_split(split, out, limit) for split in splits}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--splits", nargs="+", default=["train", "test"], choices=["train", "test"])
+    parser.add_argument("--limit", type=int, default=None, help="first N images per split (for quick tests)")
+    args = parser.parse_args(argv)
+    print(json.dumps(build(args.out, args.splits, args.limit), indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""Image preprocessing for the vision tower: decode, RGB, resize/pad, optional tiling, normalise.
+
+Must match what the tower saw in pre-training (mean/std, resize) or features drift; `ImageSpec` carries those
+settings so the model config can build it. Output is float32 NHWC tiles, one image -> `num_tiles` tiles, each
+becoming `tokens_per_image` feature tokens in the sequence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+from vlmjax.data import tiling as tiles_lib
+from vlmjax.data.errors import CORRUPT_IMAGE, MISSING_IMAGE, BadSample
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+
+_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "lanczos": Image.LANCZOS}
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSpec:
+    """Tower-facing image settings.
+
+    resize_mode: "pad_to_square_mean" (LLaVA-1.5: pad to a square with the mean colour, then resize, so nothing is
+      cropped away), "resize" (stretch to a square), "crop" (CLIP: shortest side to size, centre crop).
+    tiling: "none" (one tile per image), "anyres" (LLaVA-1.6; `grid_pinpoints` as (width, height)), or "catty"
+      (POINTS; up to `max_tiles` tiles plus a thumbnail when `thumbnail`). The global view/thumbnail is the whole
+      image processed with `resize_mode`.
+    """
+
+    image_size: int = 336
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    resize_mode: Literal["pad_to_square_mean", "resize", "crop"] = "pad_to_square_mean"
+    tokens_per_image: int = 576
+    tiling: Literal["none", "anyres", "catty"] = "none"
+    grid_pinpoints: tuple[tuple[int, int], ...] = tiles_lib.LLAVA_NEXT_PINPOINTS
+    max_tiles: int = 6
+    min_tiles: int = 1
+    thumbnail: bool = True
+    resample: Literal["bicubic", "bilinear", "lanczos"] = "bicubic"
+
+    def __post_init__(self):
+        if self.resize_mode not in ("pad_to_square_mean", "resize", "crop"):
+            raise ValueError(f"unknown resize_mode {self.resize_mode!r}")
+        if self.tiling not in ("none", "anyres", "catty"):
+            raise ValueError(f"unknown tiling {self.tiling!r}")
+        if self.tiling == "anyres" and any(w % self.image_size or h % self.image_size for w, h in self.grid_pinpoints):
+            raise ValueError(f"grid_pinpoints {self.grid_pinpoints} must be multiples of image_size {self.image_size}")
+
+    @property
+    def max_tiles_per_image(self) -> int:
+        """Upper bound on tiles one image can produce; batches need at least this many image slots."""
+        if self.tiling == "anyres":
+            return 1 + max((w // self.image_size) * (h // self.image_size) for w, h in self.grid_pinpoints)
+        if self.tiling == "catty":
+            return self.max_tiles + (1 if self.thumbnail and self.max_tiles > 1 else 0)
+        return 1
+
+
+def decode_image(data, name: str | None = None) -> Image.Image:
+    """Open bytes, a path, an array (HWC uint8) or a PIL image, fully decoded so corruption surfaces here."""
+    label = name or (data if isinstance(data, (str, os.PathLike)) else type(data).__name__)
+    if isinstance(data, Image.Image):
+        img = data
+    elif isinstance(data, np.ndarray):
+        if data.dtype != np.uint8 or data.ndim not in (2, 3):
+            raise BadSample(CORRUPT_IMAGE, f"image array must be uint8 HW or HWC, got {data.dtype} {data.shape}")
+        img = Image.fromarray(data)
+    else:
+        if isinstance(data, (str, os.PathLike)):
+            if not os.path.isfile(data):
+                raise BadSample(MISSING_IMAGE, f"image file not found: {data}")
+            with open(data, "rb") as f:
+                data = f.read()
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise BadSample(CORRUPT_IMAGE, f"cannot read an image from {type(data).__name__}")
+        try:
+            img = Image.open(io.BytesIO(data))
+            img.load()
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise BadSample(CORRUPT_IMAGE, f"cannot decode image {label}: {e}") from None
+    if img.width < 1 or img.height < 1:
+        raise BadSample(CORRUPT_IMAGE, f"empty image {label}")
+    return img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB with any transparency composited on white (transparent clip art would otherwise turn black)."""
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img).astype(np.float64)
+        img = Image.fromarray((arr * (255.0 / max(arr.max(), 1.0))).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        background.alpha_composite(img.convert("RGBA"))
+        return background.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def pad_to_square(img: Image.Image, color: tuple[int, int, int]) -> Image.Image:
+    """LLaVA `expand2square`: centre the image on a square canvas of `color` (offset floors)."""
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    canvas = Image.new("RGB", (side, side), color)
+    canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def mean_color(spec: ImageSpec) -> tuple[int, int, int]:
+    return tuple(int(m * 255) for m in spec.mean)  # LLaVA truncates, so the pad normalises to ~0
+
+
+def resize_to_tile(img: Image.Image, spec: ImageSpec) -> Image.Image:
+    """One `image_size` square from the whole image, per `resize_mode`."""
+    size, resample = spec.image_size, _RESAMPLE[spec.resample]
+    if spec.resize_mode == "pad_to_square_mean":
+        img = pad_to_square(img, mean_color(spec))
+    elif spec.resize_mode == "crop":
+        w, h = img.size
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        img = img.resize((nw, nh), resample)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        return img.crop((left, top, left + size, top + size))
+    return img if img.size == (size, size) else img.resize((size, size), resample)
+
+
+def image_tiles(img: Image.Image, spec: ImageSpec) -> list[Image.Image]:
+    """RGB image -> the list of tower-sized tiles in model order (see `tiling`)."""
+    view = resize_to_tile(img, spec)
+    if spec.tiling == "none":
+        return [view]
+    resample = _RESAMPLE[spec.resample]
+    if spec.tiling == "anyres":
+        return tiles_lib.anyres_tiles(img, spec.image_size, spec.grid_pinpoints, view, resample)
+    return tiles_lib.catty_tiles(img, spec.image_size, spec.max_tiles, spec.min_tiles,
+                              view if spec.thumbnail else None, resample)
+
+
+def normalize(tiles, spec: ImageSpec) -> np.ndarray:
+    """uint8 tiles (PIL images or a (k, H, W, 3) array) -> float32 (k, H, W, 3) with (x/255 - mean)/std."""
+    if isinstance(tiles, np.ndarray):
+        arr = tiles.astype(np.float32)
+    else:
+        arr = np.stack([np.asarray(t, dtype=np.uint8) for t in tiles]).astype(np.float32)
+    k, h, w, _ = arr.shape
+    std, mean = np.asarray(spec.std, np.float64), np.asarray(spec.mean, np.float64)
+    # Broadcasting over a trailing axis of 3 runs numpy's slow short inner loop; rows of w*3 are ~8x faster.
+    flat = arr.reshape(k * h, w * 3)
+    flat *= np.tile(1.0 / (255.0 * std), w).astype(np.float32)
+    flat += np.tile(-mean / std, w).astype(np.float32)
+    return arr
+
+
+def image_to_uint8_tiles(data, spec: ImageSpec, name: str | None = None) -> np.ndarray:
+    """Anything `decode_image` accepts -> uint8 tiles (k, H, W, 3), not yet normalised. The pipeline moves images
+    between processes in this form (4x less than float32) and normalises them in the consumer."""
+    img = to_rgb(decode_image(data, name))
+    return np.stack([np.asarray(t, dtype=np.uint8) for t in image_tiles(img, spec)])
+
+
+def process_image(data, spec: ImageSpec, name: str | None = None) -> np.ndarray:
+    """Anything `decode_image` accepts -> normalised float32 tiles (k, H, W, 3)."""
+    return normalize(image_to_uint8_tiles(data, spec, name), spec)

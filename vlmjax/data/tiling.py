@@ -1,0 +1,112 @@
+"""Dynamic high-resolution tiling: which grid of tower-sized tiles an image becomes.
+
+Two published schemes, both returning PIL tiles of `tile x tile` pixels in the order the model sees them:
+  * LLaVA-1.6 "anyres": choose the resolution from a fixed list that keeps the most of the image's pixels
+    (least upscaling waste on ties), letterbox the image into it, cut it into a grid; the whole image resized to one
+    tile goes first as the global view.
+  * POINTS "CATTY" (consistent aspect ratio dynamic high resolution): choose the grid of at most `max_tiles` tiles
+    whose aspect ratio is closest to the image's, resize the image *proportionally* so it fits that grid, and cut
+    `cols x rows` overlapping crops whose stride spreads them evenly over the image, so no tile is distorted or
+    padded; a global thumbnail goes last (none when the grid is 1x1).
+The geometry is in pure functions of sizes so that tests can check it against hand-computed numbers.
+"""
+
+from __future__ import annotations
+
+import math
+
+from PIL import Image
+
+# LLaVA-1.6 grid for a 336 px tower, as (width, height).
+LLAVA_NEXT_PINPOINTS: tuple[tuple[int, int], ...] = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+
+
+def select_best_resolution(size: tuple[int, int], resolutions) -> tuple[int, int]:
+    """LLaVA-1.6: the (width, height) that keeps the most original pixels after a fit-inside downscale; ties go to
+    the one that wastes the least area."""
+    width, height = size
+    best, best_fit, min_waste = None, -1, math.inf
+    for res_w, res_h in resolutions:
+        scale = min(res_w / width, res_h / height)
+        down_w, down_h = int(width * scale), int(height * scale)
+        effective = min(down_w * down_h, width * height)
+        waste = res_w * res_h - effective
+        if effective > best_fit or (effective == best_fit and waste < min_waste):
+            best, best_fit, min_waste = (res_w, res_h), effective, waste
+    return best
+
+
+def letterbox_size(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+    """LLaVA-1.6 `resize_and_pad_image`: the proportional size that fits `target` (ceil, capped)."""
+    width, height = size
+    tw, th = target
+    sw, sh = tw / width, th / height
+    if sw < sh:
+        return tw, min(math.ceil(height * sw), th)
+    return min(math.ceil(width * sh), tw), th
+
+
+def anyres_tiles(img: Image.Image, tile: int, resolutions, global_view: Image.Image, resample) -> list[Image.Image]:
+    """Global view first, then the grid tiles row by row (LLaVA-1.6 order). Padding is black, as in LLaVA-1.6."""
+    target = select_best_resolution(img.size, resolutions)
+    new_w, new_h = letterbox_size(img.size, target)
+    canvas = Image.new("RGB", target, (0, 0, 0))
+    canvas.paste(img.resize((new_w, new_h), resample), ((target[0] - new_w) // 2, (target[1] - new_h) // 2))
+    tiles = [global_view]
+    for top in range(0, target[1], tile):
+        for left in range(0, target[0], tile):
+            tiles.append(canvas.crop((left, top, left + tile, top + tile)))
+    return tiles
+
+
+def catty_grid(size: tuple[int, int], tile: int, max_tiles: int, min_tiles: int = 1) -> tuple[int, int]:
+    """(cols, rows) with min_tiles <= cols*rows <= max_tiles whose aspect ratio is closest to the image's.
+
+    Ties (e.g. 2:1 and 3:1 for a 2.5:1 image) go to the larger grid when the image has more than half the pixels
+    that grid's tiles hold (the InternVL rule POINTS inherits), else to the smaller one."""
+    width, height = size
+    aspect = width / height
+    grids = sorted(
+        {(c, r) for n in range(min_tiles, max_tiles + 1) for c in range(1, n + 1) for r in range(1, n + 1)
+         if min_tiles <= c * r <= max_tiles},
+        key=lambda g: (g[0] * g[1], g[0]),
+    )
+    best, best_diff = grids[0], math.inf
+    for c, r in grids:
+        diff = abs(aspect - c / r)
+        if diff < best_diff - 1e-12:
+            best, best_diff = (c, r), diff
+        elif abs(diff - best_diff) <= 1e-12 and width * height > 0.5 * tile * tile * c * r:
+            best = (c, r)
+    return best
+
+
+def catty_layout(size: tuple[int, int], tile: int, grid: tuple[int, int]):
+    """Proportional resize that fits the grid (one side exactly, the other no larger, never below one tile), and
+    the crop boxes (left, top, right, bottom): `n` crops per axis at evenly spread offsets round(i*(L-tile)/(n-1)),
+    which overlap whenever the image is narrower than the grid along that axis."""
+    width, height = size
+    cols, rows = grid
+    scale = min(cols * tile / width, rows * tile / height)
+    new_w = min(max(tile, round(width * scale)), cols * tile)
+    new_h = min(max(tile, round(height * scale)), rows * tile)
+
+    def offsets(length: int, n: int) -> list[int]:
+        if n == 1:
+            return [(length - tile) // 2]
+        return [round(i * (length - tile) / (n - 1)) for i in range(n)]
+
+    boxes = [(x, y, x + tile, y + tile) for y in offsets(new_h, rows) for x in offsets(new_w, cols)]
+    return (new_w, new_h), boxes
+
+
+def catty_tiles(img: Image.Image, tile: int, max_tiles: int, min_tiles: int, thumbnail: Image.Image | None,
+                resample) -> list[Image.Image]:
+    """Tiles row by row, then the thumbnail (when given and the grid has more than one tile)."""
+    grid = catty_grid(img.size, tile, max_tiles, min_tiles)
+    new_size, boxes = catty_layout(img.size, tile, grid)
+    resized = img.resize(new_size, resample)
+    tiles = [resized.crop(box) for box in boxes]
+    if thumbnail is not None and len(tiles) > 1:
+        tiles.append(thumbnail)
+    return tiles
