@@ -121,3 +121,15 @@ def test_dpo_metrics_and_reference_required():
     np.testing.assert_allclose(m["rewards/accuracy"], 0.5)
     with pytest.raises(ValueError, match="needs reference"):
         preference_loss("dpo", pc, pr)
+
+
+def test_pair_mask_equals_dropping_pairs():
+    rng = np.random.default_rng(3)
+    pc, pr, rc, rr = (jnp.asarray(-rng.random(6) * 10, jnp.float32) for _ in range(4))
+    w = jnp.array([1, 1, 0, 1, 0, 1], jnp.float32)
+    keep = np.asarray(w) > 0
+    for name in ("dpo", "stic", "hinge"):
+        full, mf = preference_loss(name, pc, pr, rc, rr, mask=w)
+        sub, ms = preference_loss(name, pc[keep], pr[keep], rc[keep], rr[keep])
+        np.testing.assert_allclose(full, sub, rtol=1e-6)
+        np.testing.assert_allclose(mf["rewards/margin"], ms["rewards/margin"], rtol=1e-6)

@@ -15,15 +15,22 @@ import jax.numpy as jnp
 Metrics = dict[str, jax.Array]
 
 
-def _reward_metrics(beta, pc, pr, rc, rr) -> Metrics:
+def _mean(x, w=None):
+    """Mean over pairs; `w` (0/1) drops padding pairs (packed DPO batches have empty pair slots)."""
+    if w is None:
+        return x.mean()
+    return (x * w).sum() / jnp.maximum(w.sum(), 1.0)
+
+
+def _reward_metrics(beta, pc, pr, rc, rr, w=None) -> Metrics:
     chosen, rejected = beta * (pc - rc), beta * (pr - rr)
     return {
-        "rewards/chosen": chosen.mean(),
-        "rewards/rejected": rejected.mean(),
-        "rewards/margin": (chosen - rejected).mean(),
-        "rewards/accuracy": (chosen > rejected).astype(jnp.float32).mean(),
-        "logps/chosen": pc.mean(),
-        "logps/rejected": pr.mean(),
+        "rewards/chosen": _mean(chosen, w),
+        "rewards/rejected": _mean(rejected, w),
+        "rewards/margin": _mean(chosen - rejected, w),
+        "rewards/accuracy": _mean((chosen > rejected).astype(jnp.float32), w),
+        "logps/chosen": _mean(pc, w),
+        "logps/rejected": _mean(pr, w),
     }
 
 
@@ -31,35 +38,35 @@ def _log_ratio_margin(pc, pr, rc, rr):
     return (pc - rc) - (pr - rr)
 
 
-def dpo_loss(pc, pr, rc, rr, *, beta: float = 0.1, label_smoothing: float = 0.0, **_) -> tuple[jax.Array, Metrics]:
+def dpo_loss(pc, pr, rc, rr, *, beta: float = 0.1, label_smoothing: float = 0.0, mask=None, **_) -> tuple[jax.Array, Metrics]:
     """DPO (Rafailov et al.); label_smoothing > 0 is conservative DPO / robust to flipped labels (cDPO)."""
     logits = beta * _log_ratio_margin(pc, pr, rc, rr)
     losses = -(1 - label_smoothing) * jax.nn.log_sigmoid(logits) - label_smoothing * jax.nn.log_sigmoid(-logits)
-    return losses.mean(), _reward_metrics(beta, pc, pr, rc, rr)
+    return _mean(losses, mask), _reward_metrics(beta, pc, pr, rc, rr, mask)
 
 
-def ipo_loss(pc, pr, rc, rr, *, beta: float = 0.1, chosen_len=None, rejected_len=None, **_):
+def ipo_loss(pc, pr, rc, rr, *, beta: float = 0.1, chosen_len=None, rejected_len=None, mask=None, **_):
     """IPO (Azar et al.): squared distance of the (length-averaged) log-ratio margin to 1/(2 beta)."""
     if chosen_len is not None:
         pc, rc = pc / chosen_len, rc / chosen_len
         pr, rr = pr / rejected_len, rr / rejected_len
     losses = jnp.square(_log_ratio_margin(pc, pr, rc, rr) - 1.0 / (2.0 * beta))
-    return losses.mean(), _reward_metrics(beta, pc, pr, rc, rr)
+    return _mean(losses, mask), _reward_metrics(beta, pc, pr, rc, rr, mask)
 
 
-def hinge_loss(pc, pr, rc, rr, *, beta: float = 0.1, **_):
+def hinge_loss(pc, pr, rc, rr, *, beta: float = 0.1, mask=None, **_):
     """SLiC-style hinge on the scaled log-ratio margin."""
     losses = jax.nn.relu(1.0 - beta * _log_ratio_margin(pc, pr, rc, rr))
-    return losses.mean(), _reward_metrics(beta, pc, pr, rc, rr)
+    return _mean(losses, mask), _reward_metrics(beta, pc, pr, rc, rr, mask)
 
 
-def simpo_loss(pc, pr, rc=None, rr=None, *, beta: float = 2.0, gamma: float = 0.5, chosen_len, rejected_len, **_):
+def simpo_loss(pc, pr, rc=None, rr=None, *, beta: float = 2.0, gamma: float = 0.5, chosen_len, rejected_len, mask=None, **_):
     """SimPO (Meng et al.): reference-free, length-normalised rewards with a target margin gamma."""
     avg_c, avg_r = pc / chosen_len, pr / rejected_len
     losses = -jax.nn.log_sigmoid(beta * (avg_c - avg_r) - gamma)
     zeros = jnp.zeros_like(pc)
-    m = _reward_metrics(beta, avg_c, avg_r, zeros, zeros)
-    return losses.mean(), m
+    m = _reward_metrics(beta, avg_c, avg_r, zeros, zeros, mask)
+    return _mean(losses, mask), m
 
 
 def _log1m_exp(x):
@@ -67,7 +74,7 @@ def _log1m_exp(x):
     return jnp.where(x > -0.693, jnp.log(-jnp.expm1(x)), jnp.log1p(-jnp.exp(x)))
 
 
-def orpo_loss(pc, pr, rc=None, rr=None, *, beta: float = 0.1, chosen_len, rejected_len, **_):
+def orpo_loss(pc, pr, rc=None, rr=None, *, beta: float = 0.1, chosen_len, rejected_len, mask=None, **_):
     """ORPO (Hong et al.): NLL of chosen (length-averaged) - beta * log sigmoid(log odds ratio). Reference-free."""
     avg_c, avg_r = pc / chosen_len, pr / rejected_len
     avg_c, avg_r = jnp.minimum(avg_c, -1e-6), jnp.minimum(avg_r, -1e-6)  # log-probs are < 0; keep log1m_exp finite
@@ -75,15 +82,15 @@ def orpo_loss(pc, pr, rc=None, rr=None, *, beta: float = 0.1, chosen_len, reject
     ratio = jax.nn.log_sigmoid(log_odds)
     losses = -avg_c - beta * ratio
     zeros = jnp.zeros_like(pc)
-    m = _reward_metrics(beta, avg_c, avg_r, zeros, zeros)
-    m["orpo/log_odds"] = log_odds.mean()
-    return losses.mean(), m
+    m = _reward_metrics(beta, avg_c, avg_r, zeros, zeros, mask)
+    m["orpo/log_odds"] = _mean(log_odds, mask)
+    return _mean(losses, mask), m
 
 
-def stic_loss(pc, pr, rc, rr, *, beta: float = 0.1, alpha: float = 1.0 / 1024, **_):
+def stic_loss(pc, pr, rc, rr, *, beta: float = 0.1, alpha: float = 1.0 / 1024, mask=None, **_):
     """STIC stage 1: DPO plus alpha * NLL of the chosen response (sum of log-probs), see shared/recipes/stic.md."""
-    dpo, m = dpo_loss(pc, pr, rc, rr, beta=beta)
-    nll = -pc.mean()
+    dpo, m = dpo_loss(pc, pr, rc, rr, beta=beta, mask=mask)
+    nll = -_mean(pc, mask)
     m["nll/chosen"] = nll
     return dpo + alpha * nll, m
 

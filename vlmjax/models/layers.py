@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vlmjax import sharding
+from vlmjax.models import lora
 
 
 def param(rngs: nnx.Rngs | None, init: Callable, shape: Sequence[int], names: Sequence[str | None], dtype) -> nnx.Param:
@@ -61,6 +62,9 @@ class Linear(nnx.Module):
         self.bias = (
             param(rngs, zeros_init, self.out_shape, names[len(self.in_shape) :], param_dtype) if use_bias else None
         )
+        # LoRA adapter slots, filled by vlmjax.models.lora.add_lora
+        self.lora_a = nnx.data(None)
+        self.lora_b = nnx.data(None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         n_in, n_out = len(self.in_shape), len(self.out_shape)
@@ -68,6 +72,9 @@ class Linear(nnx.Module):
         lead = x.shape[: x.ndim - n_in]
         x2 = x.reshape((-1,) + self.in_shape).astype(self.dtype)
         y = jnp.einsum(f"z{ins},{ins}{outs}->z{outs}", x2, self.kernel[...].astype(self.dtype))
+        delta = lora.lora_delta(self, x2)
+        if delta is not None:
+            y = y + delta
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y.reshape(lead + self.out_shape)
@@ -173,14 +180,17 @@ def scan_layers(layers: nnx.Module, x, body: Callable, remat: str = "none", num:
     num = total if num is None else num
 
     def step(carry, xs):
-        layer_state = xs if num == total else jax.tree.map(lambda a: a[xs], state)
-        return body(nnx.merge(graphdef, layer_state), carry), None
+        i, layer_state = xs
+        if layer_state is None:
+            layer_state = jax.tree.map(lambda a: a[i], state)
+        with lora.layer_index(i):
+            return body(nnx.merge(graphdef, layer_state), carry), None
 
     if remat != "none":
         step = jax.checkpoint(step, policy=remat_policy(remat), prevent_cse=False)
     if num == 0:
         return x
-    x, _ = jax.lax.scan(step, x, state if num == total else jnp.arange(num))
+    x, _ = jax.lax.scan(step, x, (jnp.arange(num), state if num == total else None))
     return x
 
 

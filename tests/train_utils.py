@@ -1,0 +1,49 @@
+"""Tiny on-disk datasets and configs for trainer tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
+
+
+def write_dataset(root: Path, n: int = 8) -> dict[str, str]:
+    """Solid-colour images with SFT conversations and DPO pairs about their colour."""
+    img_dir = root / "images"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    names = list(COLOURS)
+    sft, dpo = [], []
+    for i in range(n):
+        c = names[i % len(names)]
+        Image.fromarray(np.full((32, 32, 3), COLOURS[c], np.uint8)).save(img_dir / f"{i}.png")
+        sft.append({"id": f"s{i}", "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour is this?"}, {"from": "gpt", "value": f"It is {c}."}]})
+        wrong = names[(i + 1) % len(names)]
+        dpo.append({"id": f"p{i}", "image": f"{i}.png", "prompt": "<image>\nWhat colour is this?",
+                    "chosen": f"It is {c}.", "rejected": f"It is {wrong}."})
+    (root / "sft.json").write_text(json.dumps(sft))
+    (root / "dpo.jsonl").write_text("\n".join(json.dumps(r) for r in dpo))
+    return {"sft": str(root / "sft.json"), "dpo": str(root / "dpo.jsonl"), "images": str(img_dir)}
+
+
+def tiny_config(data: dict[str, str], objective: str = "sft", **over):
+    from configs.tiny_sft import get_config
+
+    c = get_config()
+    c.train.objective = objective
+    fmt = "llava" if objective == "sft" else "preference"
+    c.data.sources = [dict(format=fmt, path=data[objective], image_root=data["images"])]
+    c.data.text = dict(template="chatml")
+    if objective == "dpo":
+        c.data.pack = False
+    for k, v in over.items():
+        node = c
+        parts = k.split(".")
+        for p in parts[:-1]:
+            node = node[p]
+        node[parts[-1]] = v
+    return c

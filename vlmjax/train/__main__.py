@@ -1,0 +1,48 @@
+"""python -m vlmjax.train --config configs/x.py [--config.optim.lr=2e-5 ...] --workdir DIR
+
+Multi-host: pass --coordinator=host:port --num_processes=N --process_id=i (or set the JAX_COORDINATOR_ADDRESS /
+JAX_NUM_PROCESSES / JAX_PROCESS_ID environment, or run under a cluster jax.distributed detects by itself);
+each host then reads its own data shard.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "training config file (ml_collections)", lock_config=True)
+flags.DEFINE_string("workdir", None, "checkpoints, metrics.jsonl, TensorBoard logs")
+flags.DEFINE_string("coordinator", os.environ.get("JAX_COORDINATOR_ADDRESS"), "multi-host coordinator host:port")
+flags.DEFINE_integer("num_processes", int(os.environ.get("JAX_NUM_PROCESSES", "1")), "multi-host process count")
+flags.DEFINE_integer("process_id", int(os.environ.get("JAX_PROCESS_ID", "0")), "this process's index")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def main(argv) -> None:
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import jax
+
+    if FLAGS.coordinator or FLAGS.num_processes > 1:
+        jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+    from vlmjax.train.loop import summary_json, train
+
+    summary = train(_CONFIG.value, FLAGS.workdir)
+    if jax.process_index() == 0:
+        print("SUMMARY " + summary_json(summary), flush=True)
+
+
+def run() -> None:
+    try:
+        app.run(main)
+    except KeyError as e:  # ml_collections: an unknown --config.key override
+        sys.exit(f"unknown config key {e}; valid keys: see the config file or --config (prints it)")
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,191 @@
+"""The training loop: build -> shard -> (restore) -> step/log/eval/save -> export. Config-driven (see configs/).
+
+Resumption restores params, optimizer state, step, RNG and the data iterator state from one orbax checkpoint,
+so a resumed run sees exactly the batches (and dropout masks) the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vlmjax import sharding as shd
+from vlmjax.train import optim as opt_lib
+from vlmjax.train.checkpoint import Checkpointer
+from vlmjax.train.metrics import MetricsWriter
+from vlmjax.train.setup import build_model, data_config
+from vlmjax.train.step import eval_loss_fn, make_train_step, param_count
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def flops_per_token(cfg, seq_len: int) -> float:
+    """6 x (decoder params + unembedding) + causal attention, per trained token (fwd+bwd)."""
+    l = cfg.llm
+    d, f, hd = l.hidden_size, l.intermediate_size, l.dim_per_head
+    per_layer = d * hd * (l.num_heads * 2 + l.num_kv_heads * 2) + 3 * d * f
+    dense = l.num_layers * per_layer + d * l.vocab_size
+    attn = 12 * l.num_layers * l.num_heads * hd * seq_len / 2  # causal: half the score matrix on average
+    return 6.0 * dense + attn
+
+
+def _on_mesh(tree, mesh):
+    """Leaves not yet on the mesh (optimizer step counts) -> replicated on it, so the step's input shardings
+    equal its pinned output shardings and the second call does not recompile."""
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    on = lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding) else jax.device_put(x, rep)  # noqa: E731
+    return jax.tree.map(on, tree)
+
+
+def _stack(batches: list[dict]) -> dict:
+    return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+
+
+def _place(batch: dict, mesh) -> dict:
+    """Stacked host micro-batches -> device arrays, rows sharded over the batch mesh axes."""
+    out = {}
+    for k, v in batch.items():
+        if k in ("pixel_values", "image_rows"):
+            out[k] = jax.device_put(v, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        else:
+            spec = shd.logical_to_spec((None, "batch") + (None,) * (v.ndim - 2), shd.DEFAULT_RULES, mesh, v.shape)
+            out[k] = jax.device_put(v, jax.sharding.NamedSharding(mesh, spec))
+    return out
+
+
+def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
+    """Run (or resume) the training that `config` describes; returns a summary with the loss history.
+    `stop_at` ends this process early after that step (a preemption, for tests); a rerun resumes."""
+    tc = config.train
+    if tc.objective not in ("sft", "dpo"):
+        raise ValueError(f"train.objective={tc.objective!r}: use sft or dpo")
+    mesh = shd.make_mesh(**config.mesh.to_dict())
+    rules = tuple(tuple(r) for r in config.get("sharding_rules", shd.DEFAULT_RULES))
+    model, vcfg, tokenizer = build_model(config.model)
+    if config.lora.rank:
+        from vlmjax.models.lora import add_lora
+
+        add_lora(model, rank=config.lora.rank, alpha=config.lora.alpha, dropout=config.lora.dropout,
+                 targets=config.lora.targets, seed=tc.seed)
+    shd.shard_module(model, mesh, rules)
+    graphdef, trainable, rest = opt_lib.split_trainable(model, tuple(tc.trainable))
+    ref_params = None
+    if tc.objective == "dpo" and config.dpo.reference == "frozen_copy":
+        ref_params = jax.tree.map(jnp.copy, trainable)
+    steps = tc.steps
+    tx, scheds = opt_lib.make_optimizer(config.optim, trainable, steps)
+    opt_state = _on_mesh(jax.jit(tx.init)(trainable), mesh)
+    key = jax.random.key(tc.seed)
+
+    data_cfg = data_config(config.data, vcfg, tokenizer, mode=tc.objective, seed=tc.seed)
+    from vlmjax.data import make_iterator
+
+    it = make_iterator(data_cfg, tokenizer)
+    eval_it = None
+    if config.get("eval_data") and tc.eval_every:
+        eval_it = make_iterator(data_config(config.eval_data, vcfg, tokenizer, mode=tc.objective, seed=tc.seed), tokenizer)
+
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=tc.save_every, keep=tc.keep_checkpoints)
+    start = 0
+    state = {"params": trainable, "opt": opt_state, "step": jnp.asarray(0, jnp.int32), "rng": jax.random.key_data(key)}
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state, data_state = ckpt.restore(latest, state)
+        it.set_state(data_state)
+        trainable, opt_state, start = state["params"], state["opt"], int(state["step"])
+        key = jax.random.wrap_key_data(state["rng"])
+        log.info("resumed from step %d", start)
+
+    shardings = jax.tree.map(lambda x: x.sharding, (trainable, opt_state))
+    step_fn = jax.jit(make_train_step(graphdef, tx, config, ref_params=ref_params), donate_argnums=(0, 2),
+                      out_shardings=(shardings[0], shardings[1], None))
+    eval_fn = jax.jit(eval_loss_fn(graphdef, config, ref_params=ref_params)) if eval_it is not None else None
+    is_main = jax.process_index() == 0
+    writer = MetricsWriter(workdir, steps, start, enabled=is_main)
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+        log.info("trainable params %d, frozen %d", param_count(trainable), param_count(rest))
+    fpt = flops_per_token(vcfg, data_cfg.seq_len)
+    peak = tc.get("peak_flops_per_device", 0.0) * jax.device_count()
+    history = []
+    last_good = None
+    try:
+        for step in range(start, min(steps, stop_at or steps)):
+            t0 = time.perf_counter()
+            batch = _place(_stack([next(it) for _ in range(tc.grad_accum)]), mesh)
+            key, sub = jax.random.split(key)
+            with shd.use_mesh(mesh, rules):
+                trainable, opt_state, metrics = step_fn(trainable, rest, opt_state, batch, sub)
+            metrics = jax.device_get(metrics)  # blocks: one step at a time (also keeps CPU collectives safe)
+            dt = time.perf_counter() - t0
+            finite = bool(metrics.pop("finite"))
+            m = {k: float(v) for k, v in metrics.items()}
+            m["lr"] = float(scheds["default"](step))
+            m["step_time_s"] = dt
+            m["tokens_per_s"] = m["tokens"] / dt
+            if peak:
+                m["mfu"] = m["tokens"] * fpt / dt / peak
+            history.append(m)
+            writer.write(step + 1, m)
+            writer.advance()
+            if not finite:
+                if tc.nan_policy == "stop":
+                    ckpt.wait()
+                    raise NonFiniteLoss(
+                        f"step {step + 1}: non-finite loss/grad norm ({m['loss']}, {m['grad_norm']}); params were not "
+                        f"updated; last good checkpoint: step {last_good if last_good is not None else latest}")
+                log.warning("step %d: non-finite loss, update skipped", step + 1)
+            state = {"params": trainable, "opt": opt_state, "step": jnp.asarray(step + 1, jnp.int32),
+                     "rng": jax.random.key_data(key)}
+            if ckpt.save(step + 1, state, it.get_state(), force=step + 1 == steps):
+                last_good = step + 1
+            if eval_fn is not None and (step + 1) % tc.eval_every == 0:
+                em = [jax.device_get(eval_fn(trainable, rest, _place(_stack([next(eval_it)]), mesh)))
+                      for _ in range(tc.get("eval_batches", 1))]
+                writer.write(step + 1, {k: float(np.mean([e[k] for e in em])) for k in em[0]}, prefix="eval/")
+    finally:
+        ckpt.wait()
+        writer.close()
+        it.close()
+        if eval_it is not None:
+            eval_it.close()
+    model = nnx.merge(graphdef, trainable, rest)
+    summary = {"steps": steps, "start": start, "history": history, "model": model, "config": vcfg, "tokenizer": tokenizer}
+    if config.get("export_dir"):
+        summary["export_dir"] = export(model, config.export_dir, tokenizer)
+    return summary
+
+
+def export(model, out_dir: str, tokenizer=None) -> str:
+    """Merge LoRA adapters into a copy and write an HF folder through the conversion code."""
+    from vlmjax.convert.hf import save_vlm
+    from vlmjax.models.lora import merge_lora
+
+    model = copy.deepcopy(model) if _has_lora(model) else model
+    merge_lora(model)
+    if jax.process_index() == 0:
+        save_vlm(model, out_dir, tokenizer=tokenizer)
+    return out_dir
+
+
+def _has_lora(model) -> bool:
+    from vlmjax.models.layers import Linear
+
+    return any(isinstance(n, Linear) and n.lora_a is not None for _, n in nnx.iter_graph(model))
+
+
+def summary_json(summary: dict) -> str:
+    return json.dumps({k: v for k, v in summary.items() if k in ("steps", "start", "history", "export_dir")})
