@@ -53,14 +53,16 @@ def _stack(batches: list[dict]) -> dict:
     return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
 
 
-def _place(batch: dict, mesh) -> dict:
-    """Stacked host micro-batches -> device arrays, rows sharded over the batch mesh axes."""
+def _place(batch: dict, mesh, stacked: bool = True) -> dict:
+    """Host batch (or k stacked micro-batches) -> device arrays, rows sharded over the batch mesh axes."""
+    lead = (None,) if stacked else ()
     out = {}
     for k, v in batch.items():
         if k in ("pixel_values", "image_rows"):
             out[k] = jax.device_put(v, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
         else:
-            spec = shd.logical_to_spec((None, "batch") + (None,) * (v.ndim - 2), shd.DEFAULT_RULES, mesh, v.shape)
+            names = lead + ("batch",) + (None,) * (v.ndim - len(lead) - 1)
+            spec = shd.logical_to_spec(names, shd.DEFAULT_RULES, mesh, v.shape)
             out[k] = jax.device_put(v, jax.sharding.NamedSharding(mesh, spec))
     return out
 
@@ -153,7 +155,7 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
             if ckpt.save(step + 1, state, it.get_state(), force=step + 1 == steps):
                 last_good = step + 1
             if eval_fn is not None and (step + 1) % tc.eval_every == 0:
-                em = [jax.device_get(eval_fn(trainable, rest, _place(_stack([next(eval_it)]), mesh)))
+                em = [jax.device_get(eval_fn(trainable, rest, _place(next(eval_it), mesh, stacked=False)))
                       for _ in range(tc.get("eval_batches", 1))]
                 writer.write(step + 1, {k: float(np.mean([e[k] for e in em])) for k in em[0]}, prefix="eval/")
     finally:
