@@ -1,6 +1,6 @@
 """A tiny random VLM with the SmolLM2 tokenizer: tests and smoke runs (seconds per step on CPU)."""
 
-from configs.common import base
+from vlmjax.train.defaults import base
 
 
 def get_config():

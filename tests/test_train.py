@@ -83,3 +83,28 @@ def test_lora_dpo_raises_margin_and_merge_preserves_logits(data, tmp_path):
     px = np.random.default_rng(0).normal(size=(1, 32, 32, 3)).astype(np.float32)
     rows = np.zeros(1, np.int32)
     np.testing.assert_allclose(np.asarray(merged(ids, px, rows)), np.asarray(s["model"](ids, px, rows)), atol=1e-4)
+
+
+def test_cli_overrides_and_unknown_keys(data, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    repo = __import__("pathlib").Path(__file__).resolve().parents[1]
+    cfg_file = tmp_path / "cfg.py"
+    cfg_file.write_text(
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('t', {str(repo / 'configs' / 'tiny_sft.py')!r})\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        "def get_config():\n"
+        "    c = m.get_config()\n"
+        f"    c.data.sources = [dict(format='llava', path={data['sft']!r}, image_root={data['images']!r})]\n"
+        "    return c\n")
+    cmd = [sys.executable, "-m", "vlmjax.train", f"--config={cfg_file}", f"--workdir={tmp_path / 'w'}"]
+    bad = subprocess.run(cmd + ["--config.optim.nosuch=1"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "optim.nosuch" in bad.stderr and "optim.lr" in bad.stderr
+    ok = subprocess.run(cmd + ["--config.train.steps=2", "--config.optim.lr=0.0"], capture_output=True, text=True,
+                        timeout=600)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    summary = json.loads(ok.stdout.split("SUMMARY ", 1)[1])
+    assert len(summary["history"]) == 2 and summary["history"][1]["lr"] == 0.0

@@ -31,9 +31,13 @@ def write_dataset(root: Path, n: int = 8) -> dict[str, str]:
 
 
 def tiny_config(data: dict[str, str], objective: str = "sft", **over):
-    from configs.tiny_sft import get_config
+    import importlib.util
 
-    c = get_config()
+    path = Path(__file__).resolve().parents[1] / "configs" / "tiny_sft.py"
+    spec = importlib.util.spec_from_file_location("tiny_sft", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
     c.train.objective = objective
     fmt = "llava" if objective == "sft" else "preference"
     c.data.sources = [dict(format=fmt, path=data[objective], image_root=data["images"])]

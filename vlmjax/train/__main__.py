@@ -37,11 +37,37 @@ def main(argv) -> None:
         print("SUMMARY " + summary_json(summary), flush=True)
 
 
+def _dotted_keys(cfg, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in cfg.items():
+        out.append(prefix + k)
+        if hasattr(v, "items"):
+            out += _dotted_keys(v, prefix + k + ".")
+    return out
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Fail before anything runs if a --config.key override names no key of the config file (with the list)."""
+    import importlib.util
+
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if path is None and "--config" in argv[:-1]:
+        path = argv[argv.index("--config") + 1]
+    if path is None or not os.path.exists(path.split(":")[0]):
+        return  # absl reports the missing flag / file itself
+    spec = importlib.util.spec_from_file_location("_vlmjax_config", path.split(":")[0])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    valid = set(_dotted_keys(module.get_config()))
+    bad = [a.split("=", 1)[0][len("--config."):] for a in argv if a.startswith("--config.")]
+    bad = [k for k in bad if k not in valid]
+    if bad:
+        sys.exit(f"unknown config key(s) {bad} for {path}; valid keys:\n  " + "\n  ".join(sorted(valid)))
+
+
 def run() -> None:
-    try:
-        app.run(main)
-    except KeyError as e:  # ml_collections: an unknown --config.key override
-        sys.exit(f"unknown config key {e}; valid keys: see the config file or --config (prints it)")
+    check_overrides(sys.argv[1:])
+    app.run(main)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Defaults shared by every training config. A config file calls `base()` and overrides what its stage needs."""
+"""Defaults shared by every training config (configs/*.py call `base()` and override what their stage needs)."""
 
 from ml_collections import ConfigDict
 
