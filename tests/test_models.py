@@ -105,3 +105,14 @@ def test_image_count_mismatch_names_sample():
         model(ids, np.zeros((1, 28, 28, 3), np.float32), np.array([0], np.int32))
     with pytest.raises(ValueError, match="no pixel_values"):
         model(ids)
+
+
+def test_padding_slots_anywhere_splice_the_same():
+    """Per-host image stacks concatenated across hosts put padding slots between real images."""
+    cfg = tiny()
+    model = VLM(cfg, rngs=nnx.Rngs(0))
+    ids = np.array([[1] + [63] * 16 + [2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12] * 2 + [13], [2] + [63] * 16 + [5, 6]], np.int32)
+    px = np.random.default_rng(0).normal(size=(3, 28, 28, 3)).astype(np.float32)
+    a = model(ids, px, np.array([0, 2, -1], np.int32))
+    b = model(ids, np.stack([px[0], px[2], px[1]]), np.array([0, -1, 2], np.int32))
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)

@@ -3,8 +3,8 @@
 Batch layout (see vlmjax/data): `input_ids` hold `image_token_id` at every image-feature position, expanded to
 `tokens_per_image` per image. `pixel_values` (N, H, W, 3) is a fixed-size, zero-padded stack of the batch's
 images and `image_rows` (N,) names each image's row (-1 = padding slot), ordered by (row, appearance). Features
-are spliced by a running count over placeholder tokens, so several images per row, packed rows and text-only
-rows all work with static shapes. The placeholder/feature count is checked on the host and a mismatch raises,
+are spliced by a per-row running count over placeholder tokens, so several images per row, packed rows,
+text-only rows and padding slots anywhere (per-host stacks concatenated across hosts) all work with static shapes. The placeholder/feature count is checked on the host and a mismatch raises,
 naming the sample: features are never spliced silently into the wrong place.
 """
 
@@ -34,8 +34,6 @@ def check_image_tokens(
     ids = np.asarray(input_ids)
     rows = np.asarray(image_rows)
     valid = rows >= 0
-    if valid.any() and not valid[: int(valid.sum())].all():
-        raise ValueError(f"image_rows must list real images before padding slots (-1), got {rows.tolist()}")
     if np.any(np.diff(rows[valid]) < 0):
         raise ValueError(f"images must be ordered by batch row, got image_rows={rows.tolist()}")
     counts = (ids == image_token_id).sum(axis=1)
@@ -90,11 +88,18 @@ class VLM(nnx.Module):
                     " features; pass image_rows to locate the mismatching sample"
                 )
         feats_nd = self.image_features(pixel_values).astype(x_btd.dtype)
-        feats_flat = feats_nd.reshape(-1, feats_nd.shape[-1])
+        n_img, t_img, _ = feats_nd.shape
+        feats_flat = feats_nd.reshape(n_img * t_img, -1)
         b, t = input_ids_bt.shape
-        flat_is_img = is_img_bt.reshape(-1)
-        idx = jnp.clip(jnp.cumsum(flat_is_img) - 1, 0, feats_flat.shape[0] - 1)
-        spliced = jnp.take(feats_flat, idx, axis=0).reshape(b, t, -1)
+        if image_rows is None:  # HF-style: images in global placeholder order
+            idx_bt = (jnp.cumsum(is_img_bt.reshape(-1)) - 1).reshape(b, t)
+        else:
+            # k-th placeholder of row r -> image (first image of r) + k // T, feature k % T. Independent of where
+            # padding slots sit, so per-host image stacks concatenated across hosts splice correctly.
+            k_bt = jnp.cumsum(is_img_bt, axis=1) - 1
+            first_b = jnp.argmax(image_rows[None, :] == jnp.arange(b)[:, None], axis=1)
+            idx_bt = (first_b[:, None] + k_bt // t_img) * t_img + k_bt % t_img
+        spliced = jnp.take(feats_flat, jnp.clip(idx_bt, 0, n_img * t_img - 1), axis=0)
         return jnp.where(is_img_bt[..., None], spliced, x_btd)
 
     def hidden_states(
