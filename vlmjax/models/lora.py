@@ -29,31 +29,27 @@ _LAYER_INDEX = contextvars.ContextVar("vlmjax_layer_index", default=None)
 
 
 @contextlib.contextmanager
+def _setting(var: contextvars.ContextVar, value):
+    token = var.set(value)
+    try:
+        yield
+    finally:
+        var.reset(token)
+
+
 def lora_disabled():
-    token = _DISABLED.set(True)
-    try:
-        yield
-    finally:
-        _DISABLED.reset(token)
+    """Trace-time switch: every adapter contributes nothing (DPO's reference forward)."""
+    return _setting(_DISABLED, True)
 
 
-@contextlib.contextmanager
 def lora_dropout_key(key):
-    token = _DROPOUT_KEY.set(key)
-    try:
-        yield
-    finally:
-        _DROPOUT_KEY.reset(token)
+    """Trace-time dropout key for adapters (set by the train step; absent at evaluation)."""
+    return _setting(_DROPOUT_KEY, key)
 
 
-@contextlib.contextmanager
 def layer_index(i):
     """Set by the layer scan while tracing each layer body (a tracer inside lax.scan)."""
-    token = _LAYER_INDEX.set(i)
-    try:
-        yield
-    finally:
-        _LAYER_INDEX.reset(token)
+    return _setting(_LAYER_INDEX, i)
 
 
 def lora_delta(linear, x2: jax.Array) -> jax.Array | None:

@@ -54,16 +54,25 @@ def _stack(batches: list[dict]) -> dict:
 
 
 def _place(batch: dict, mesh, stacked: bool = True) -> dict:
-    """Host batch (or k stacked micro-batches) -> device arrays, rows sharded over the batch mesh axes."""
+    """This host's batch (or k stacked micro-batches) -> global arrays, rows sharded over the batch mesh axes.
+
+    Multi-host: each host holds its own rows and its own image stack; the global batch is the hosts' rows in
+    process order, so each host's `image_rows` are offset by the rows before it (the model's splice does not
+    care where padding slots sit)."""
     lead = (None,) if stacked else ()
-    out = {}
+    nproc, out = jax.process_count(), {}
+    rows_local = batch["input_ids"].shape[len(lead)]
     for k, v in batch.items():
-        if k in ("pixel_values", "image_rows"):
-            out[k] = jax.device_put(v, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-        else:
-            names = lead + ("batch",) + (None,) * (v.ndim - len(lead) - 1)
-            spec = shd.logical_to_spec(names, shd.DEFAULT_RULES, mesh, v.shape)
-            out[k] = jax.device_put(v, jax.sharding.NamedSharding(mesh, spec))
+        if k == "image_rows" and nproc > 1:
+            v = np.where(v >= 0, v + jax.process_index() * rows_local, v)
+        names = lead + ("batch",) + (None,) * (v.ndim - len(lead) - 1)
+        global_shape = list(v.shape)
+        global_shape[len(lead)] *= nproc
+        spec = shd.logical_to_spec(names, shd.DEFAULT_RULES, mesh, global_shape)
+        if nproc > 1 and spec[len(lead)] is None:
+            raise ValueError(f"batch key {k!r}: dim {v.shape[len(lead)]} per host cannot be split over the batch mesh "
+                             "axes; make batch_size and max_images multiples of the local device count")
+        out[k] = jax.make_array_from_process_local_data(jax.sharding.NamedSharding(mesh, spec), v, tuple(global_shape))
     return out
 
 
