@@ -111,7 +111,7 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=tc.save_every, keep=tc.keep_checkpoints)
     start = 0
     # step and RNG as host numpy: identical on every host, and orbax cannot save host-local jax.Arrays multi-host
-    state = {"params": trainable, "opt": opt_state, "step": np.int32(0), "rng": np.asarray(jax.random.key_data(key))}
+    state = {"params": trainable, "opt": opt_state, "step": np.asarray(0, np.int32), "rng": np.asarray(jax.random.key_data(key))}
     latest = ckpt.latest_step()
     if latest is not None:
         state, data_state = ckpt.restore(latest, state)
@@ -160,7 +160,7 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
                         f"step {step + 1}: non-finite loss/grad norm ({m['loss']}, {m['grad_norm']}); params were not "
                         f"updated; last good checkpoint: step {last_good if last_good is not None else latest}")
                 log.warning("step %d: non-finite loss, update skipped", step + 1)
-            state = {"params": trainable, "opt": opt_state, "step": np.int32(step + 1),
+            state = {"params": trainable, "opt": opt_state, "step": np.asarray(step + 1, np.int32),
                      "rng": np.asarray(jax.random.key_data(key))}
             if ckpt.save(step + 1, state, it.get_state(), force=step + 1 == steps):
                 last_good = step + 1
