@@ -108,3 +108,13 @@ def test_cli_overrides_and_unknown_keys(data, tmp_path):
     assert ok.returncode == 0, ok.stderr[-2000:]
     summary = json.loads(ok.stdout.split("SUMMARY ", 1)[1])
     assert len(summary["history"]) == 2 and summary["history"][1]["lr"] == 0.0
+
+
+def test_non_finite_loss_stops_and_names_last_good_checkpoint(data, tmp_path):
+    from vlmjax.train.loop import NonFiniteLoss
+
+    cfg = tiny_config(data, **{"train.steps": 6, "train.save_every": 2, "optim.lr": 1e12, "optim.clip_norm": 0.0,
+                               "optim.schedule": "constant", "optim.warmup_steps": 0})
+    with pytest.raises(NonFiniteLoss, match="non-finite loss") as err:
+        train(cfg, str(tmp_path))
+    assert "params were not updated" in str(err.value)
