@@ -1,0 +1,249 @@
+"""KV-cache generation engine against the uncached full-recompute loop (`simple.greedy_generate`), sampling
+semantics, stop strings and the resumable dataset runner, on tiny random models (fast)."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from vlmjax.generate import GenerationConfig, SamplingConfig, generate, unpad_left
+from vlmjax.generate.sampling import row_keys, sample
+from vlmjax.generate.simple import greedy_generate
+from vlmjax.models.config import LLMConfig, VisionConfig, VLMConfig
+from vlmjax.models.llm import LLM
+from vlmjax.models.vlm import VLM
+
+SMOL_IMAGE_ID = 49152  # first id past the SmolLM2 vocabulary
+
+
+def random_model(make, seed=0):
+    """Build `make()` abstractly and fill it from numpy (eager nnx init compiles one XLA op per parameter shape:
+    tens of seconds on a busy 2-core machine). Embeddings get std 0.6 so logits sit far apart and argmax never
+    hinges on float rounding; norm scales ~1, other weights std 0.3."""
+    graphdef, state = nnx.split(nnx.eval_shape(make))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, x):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        if "scale" in name:
+            return jnp.asarray(1.0 + 0.1 * rng.standard_normal(x.shape), x.dtype)
+        std = 0.6 if "embed_tokens" in name else 0.3
+        return jnp.asarray(std * rng.standard_normal(x.shape), x.dtype)
+
+    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state))
+
+
+def tiny_vlm(vocab=96, image_token_id=95, seed=0):
+    llm = LLMConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                    bos_token_id=None, eos_token_id=None)
+    vis = VisionConfig(kind="siglip", image_size=16, patch_size=8, hidden_size=16, intermediate_size=32, num_layers=2,
+                       num_heads=2, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
+    cfg = VLMConfig(llm=llm, vision=vis, vision_feature_select="full", image_token_id=image_token_id)
+    return random_model(lambda: VLM(cfg, rngs=nnx.Rngs(0)), seed)
+
+
+def tiny_llm(vocab=96, seed=0):
+    cfg = LLMConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4, num_kv_heads=2)
+    return random_model(lambda: LLM(cfg, rngs=nnx.Rngs(0)), seed)
+
+
+def smol_vlm():
+    """Tiny random VLM whose vocabulary covers the SmolLM2 tokenizer (+ an image id past it)."""
+    return tiny_vlm(vocab=49216, image_token_id=SMOL_IMAGE_ID)
+
+
+@pytest.fixture(scope="module")
+def smol_tok():
+    from vlmjax.data.assets import smollm2_tokenizer
+
+    return smollm2_tokenizer()
+
+
+def test_greedy_matches_uncached_reference_with_images():
+    model = tiny_vlm()
+    T, I = model.cfg.tokens_per_image, 95
+    prompts = [[1, 2] + [I] * T + [3, 4, 5],  # one image
+               [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20],  # text only, longest
+               [1] + [I] * T + [9] + [I] * T + [4]]  # two images
+    px = np.random.default_rng(0).normal(size=(4, 16, 16, 3)).astype(np.float32)
+    rows = np.array([0, 2, 2, -1], np.int32)  # 3 images + a padding slot
+    per_row = {0: px[[0]], 2: px[[1, 2]]}
+    refs = [greedy_generate(model, p, max_new_tokens=12, eos_token_ids=[I], pixel_values=per_row.get(i))
+            for i, p in enumerate(prompts)]
+    out = generate(model, prompts, GenerationConfig(max_new_tokens=12, eos_token_ids=(I,)), pixel_values=px,
+                   image_rows=rows)
+    assert [o.tokens for o in out] == refs
+    assert [o.finish_reason for o in out] == ["eos" if len(r) < 12 else "length" for r in refs]
+    # (the image id stays an EOS: the reference loop would splice features at a generated placeholder)
+    eos = refs[0][len(refs[0]) // 2]  # a token row 0 emits: it must stop there, other rows only where they emit it
+    refs_eos = [greedy_generate(model, p, max_new_tokens=12, eos_token_ids=[I, eos], pixel_values=per_row.get(i))
+                for i, p in enumerate(prompts)]
+    out = generate(model, prompts, GenerationConfig(max_new_tokens=12, eos_token_ids=(I, eos)), pixel_values=px,
+                   image_rows=rows)
+    assert [o.tokens for o in out] == refs_eos
+    assert out[0].finish_reason == "eos" and out[0].tokens == refs[0][: refs[0].index(eos)]
+
+
+def test_left_padded_batch_matches_single_prompt_runs():
+    model = tiny_llm()
+    rng = np.random.default_rng(1)
+    lens = [3, 9, 1, 6]
+    prompts = [rng.integers(1, 96, n).tolist() for n in lens]
+    s = max(lens)
+    ids = np.zeros((4, s), np.int32)
+    mask = np.zeros((4, s), np.int32)
+    for r, p in enumerate(prompts):  # HF-style left padding
+        ids[r, s - len(p):], mask[r, s - len(p):] = p, 1
+    assert unpad_left(ids, mask) == prompts
+    out = generate(model, unpad_left(ids, mask), GenerationConfig(max_new_tokens=10, pad_to=8), batch_size=6)
+    assert [o.tokens for o in out] == [greedy_generate(model, p, max_new_tokens=10) for p in prompts]
+
+
+def test_sampling_reproducible_topk1_greedy_and_batch_independent():
+    model = tiny_llm()
+    prompts = [[3, 4, 5], [9, 8, 7, 6, 5, 4], [11]]
+    greedy = [o.tokens for o in generate(model, prompts, GenerationConfig(max_new_tokens=12))]
+    hot = GenerationConfig(max_new_tokens=12, sampling=SamplingConfig(temperature=1.5), seed=7)
+    a = [o.tokens for o in generate(model, prompts, hot, row_seeds=[10, 11, 12])]
+    b = [o.tokens for o in generate(model, prompts, hot, row_seeds=[10, 11, 12])]
+    assert a == b
+    assert a != greedy  # temperature 1.5 over 96 tokens: 36 greedy-identical draws are essentially impossible
+    other_seed = [o.tokens for o in generate(model, prompts, GenerationConfig(
+        max_new_tokens=12, sampling=SamplingConfig(temperature=1.5), seed=8), row_seeds=[10, 11, 12])]
+    assert other_seed != a
+    # a row's stream depends on (seed, row seed) only: same sample alone or elsewhere in another batch
+    alone = generate(model, [prompts[1]], hot, row_seeds=[11], batch_size=3)[0].tokens  # 2 padding rows
+    moved = generate(model, [prompts[2], prompts[0], prompts[1]], hot, row_seeds=[12, 10, 11])
+    assert alone == a[1] and [o.tokens for o in moved] == [a[2], a[0], a[1]]
+    top1 = GenerationConfig(max_new_tokens=12, sampling=SamplingConfig(temperature=2.0, top_k=1, top_p=0.9), seed=3)
+    assert [o.tokens for o in generate(model, prompts, top1)] == greedy
+
+
+def test_top_k_top_p_filter_the_right_tokens():
+    probs = np.array([0.5, 0.3, 0.15, 0.05])
+    logits = jnp.asarray(np.log(probs)[None].repeat(4000, 0), jnp.float32)
+    keys = row_keys(jax.random.key(0), jnp.arange(4000))
+    draws = np.asarray(sample(logits, SamplingConfig(temperature=1.0), keys, 0))
+    freq = np.bincount(draws, minlength=4) / 4000
+    np.testing.assert_allclose(freq, probs, atol=0.03)
+    # top_p 0.6: {0.5, 0.3} covers it (0.5 alone does not) -> renormalised 5/8, 3/8
+    draws = np.asarray(sample(logits, SamplingConfig(temperature=1.0, top_p=0.6), keys, 0))
+    assert set(draws.tolist()) == {0, 1}
+    np.testing.assert_allclose(np.mean(draws == 0), 5 / 8, atol=0.03)
+    draws = np.asarray(sample(logits, SamplingConfig(temperature=1.0, top_k=3), keys, 1))
+    assert set(draws.tolist()) == {0, 1, 2}
+    np.testing.assert_allclose(np.bincount(draws, minlength=3)[:3] / 4000, probs[:3] / 0.95, atol=0.03)
+
+
+def test_stop_strings_cut_text_and_stop_the_row(smol_tok):
+    model = smol_vlm()
+    prompts = [smol_tok("Hello there, how are you?")["input_ids"], smol_tok("Name a colour.")["input_ids"]]
+    cfg = GenerationConfig(max_new_tokens=24, sampling=SamplingConfig(temperature=1.0), seed=0)
+    base = generate(model, prompts, cfg, tokenizer=smol_tok)
+    text = base[0].text
+    stop = next(text[i: i + 3] for i in range(len(text) // 2, len(text) - 3) if text.find(text[i: i + 3]) == i
+                and text[i: i + 3].strip())
+    out = generate(model, prompts, dataclasses.replace(cfg, stop_strings=(stop,), chunk_steps=4), tokenizer=smol_tok)
+    assert out[0].finish_reason == "stop"
+    assert out[0].text == text[: text.find(stop)]
+    assert out[0].tokens == base[0].tokens[: len(out[0].tokens)] and len(out[0].tokens) < 24
+    assert stop in smol_tok.decode(out[0].tokens) and stop not in smol_tok.decode(out[0].tokens[:-1])
+    if stop not in base[1].text:
+        assert out[1].tokens == base[1].tokens and out[1].finish_reason == "length"
+
+
+def _write_dataset(root, n=6):
+    from PIL import Image
+
+    os.makedirs(root / "imgs" / "sub", exist_ok=True)
+    rng = np.random.default_rng(0)
+    recs = []
+    for i in range(n):
+        rel = f"sub/{i}.png" if i % 2 else f"{i}.png"
+        Image.fromarray(rng.integers(0, 255, (20 + i, 24, 3), dtype=np.uint8)).save(root / "imgs" / rel)
+        recs.append({"id": f"s{i}", "image": rel, "conversations": [
+            {"from": "human", "value": f"<image>\nWhat is in picture {i}?"}, {"from": "gpt", "value": "Stuff."}]})
+    recs.append({"id": "text_only", "conversations": [{"from": "human", "value": "Say something."}]})
+    recs.append({"id": "broken", "image": "missing.png", "conversations": [{"from": "human", "value": "Hi?"}]})
+    recs.append(dict(recs[0]))  # duplicate id: generated once
+    (root / "data.json").write_text(json.dumps(recs))
+    return root / "data.json", root / "imgs"
+
+
+def test_dataset_generation_resumes_after_a_crash(tmp_path, smol_tok):
+    from vlmjax.generate import generate_dataset, llava_requests
+    from vlmjax.generate.jsonl import read_jsonl
+
+    model = smol_vlm()
+    data, imgs = _write_dataset(tmp_path)
+    reqs = llava_requests(data, imgs)
+    cfg = GenerationConfig(max_new_tokens=6, sampling=SamplingConfig(temperature=1.0), seed=1)
+    full = tmp_path / "full.jsonl"
+    stats = generate_dataset(model, smol_tok, reqs, full, cfg, batch_size=3, progress=False)
+    assert stats == {"written": 8, "skipped_done": 1}
+    ref = read_jsonl(full)
+    assert sorted(ref) == sorted([f"s{i}" for i in range(6)] + ["text_only", "broken"])
+    assert "image file not found" in ref["broken"]["error"] and "output" not in ref["broken"]
+    assert ref["s3"]["image"] == "sub/3.png" and ref["s3"]["prompt"] == "<image>\nWhat is in picture 3?"
+    # crash: two complete batches minus one record, and a torn half line
+    lines = full.read_text().splitlines(keepends=True)
+    part = tmp_path / "part.jsonl"
+    part.write_text("".join(lines[:5]) + lines[5][: len(lines[5]) // 2])
+    stats = generate_dataset(model, smol_tok, reqs, part, cfg, batch_size=3, progress=False)
+    assert stats["written"] == 3
+    rows = [json.loads(line) for line in part.read_text().splitlines()]
+    assert sorted(r["id"] for r in rows) == sorted(ref)  # every id exactly once
+    assert {r["id"]: r.get("output") for r in rows} == {k: v.get("output") for k, v in ref.items()}  # seed = f(id)
+    assert generate_dataset(model, smol_tok, reqs, part, cfg, progress=False)["written"] == 0
+
+
+def test_cli_on_a_folder_of_images_from_an_hf_llava_folder(tmp_path, smol_tok):
+    from vlmjax.convert import hf
+    from vlmjax.generate.__main__ import main
+
+    hf.save_vlm(smol_vlm(), tmp_path / "model", tokenizer=smol_tok)
+    _, imgs = _write_dataset(tmp_path, n=3)
+    out = tmp_path / "o.jsonl"
+    args = ["--model", str(tmp_path / "model"), "--image-folder", str(imgs), "--prompt", "Describe the image.",
+            "--out", str(out), "--max-new-tokens", "4", "--batch-size", "2"]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["id"] for r in rows) == ["0.png", "2.png", "sub/1.png"]
+    assert all(r["finish_reason"] in ("eos", "length") and r["num_tokens"] <= 4 for r in rows)
+
+
+SHARDED = textwrap.dedent("""
+    import json, jax, numpy as np
+    from flax import nnx
+    from vlmjax import sharding as shd
+    from vlmjax.generate import GenerationConfig, SamplingConfig, generate
+    from vlmjax.models.config import LLMConfig
+    from vlmjax.models.llm import LLM
+    cfg = LLMConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
+    prompts = [list(range(1, 2 + 3 * i)) for i in range(6)]
+    gc = GenerationConfig(max_new_tokens=8, sampling=SamplingConfig(temperature=1.0, top_k=20), seed=5)
+    with jax.default_device(jax.devices()[0]):
+        ref = [o.tokens for o in generate(LLM(cfg, rngs=nnx.Rngs(0)), prompts, gc)]
+    out = {}
+    for name, axes in {"dp_tp": (2, 1, 2)}.items():
+        mesh = shd.make_mesh(*axes)
+        model = shd.shard_module(LLM(cfg, rngs=nnx.Rngs(0)), mesh)
+        out[name] = [o.tokens for o in generate(model, prompts, gc, mesh=mesh)] == ref
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.slow
+def test_generation_on_a_mesh_equals_single_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"dp_tp": True}

@@ -1,0 +1,72 @@
+"""`python -m vlmjax.eval`: evaluate a model on benchmarks stored locally (layouts: see vlmjax/eval/tasks.py).
+
+    python -m vlmjax.eval --model HF_LLAVA_DIR --out results/ easy_vqa --n 200
+    python -m vlmjax.eval --model DIR --out results/ vqav2 --questions Q.json --annotations A.json --images val2014/
+    python -m vlmjax.eval --model DIR --out results/ pope --file coco_pope_random.json --images val2014/
+    python -m vlmjax.eval --model DIR --out results/ scienceqa --file problems.json --images scienceqa/images
+    python -m vlmjax.eval --model DIR --out results/ mmbench --file mmbench_dev_en.tsv
+    python -m vlmjax.eval --model DIR --out results/ textvqa --file TextVQA_0.5.1_val.json --images train_images/
+    python -m vlmjax.eval --model DIR --out results/ coco_captions --file dataset_coco.json --images coco/
+    python -m vlmjax.eval --model DIR --out results/ llava_jsonl --file q.jsonl --images imgs/ --kind vqa
+
+Predictions are resumable; results JSON, per-sample scored predictions and a printed table end the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from vlmjax.eval import tasks
+from vlmjax.eval.runner import evaluate, format_table
+
+
+def build_task(a) -> tasks.Task:
+    if a.task == "easy_vqa":
+        return tasks.easy_vqa(a.split or "test", n=a.n)
+    if a.task == "vqav2":
+        return tasks.vqav2(a.questions, a.annotations, a.images, limit=a.n)
+    if a.task == "textvqa":
+        return tasks.textvqa(a.file, a.images, limit=a.n)
+    if a.task == "scienceqa":
+        return tasks.scienceqa(a.file, a.images, split=a.split or "test", pid_splits_json=a.pid_splits, limit=a.n)
+    if a.task == "mmbench":
+        return tasks.mmbench(a.file, limit=a.n)
+    if a.task == "pope":
+        return tasks.pope(a.file, a.images, limit=a.n)
+    if a.task == "coco_captions":
+        return tasks.coco_captions(a.file, a.images, split=a.split or "test", limit=a.n)
+    return tasks.llava_jsonl(a.file, a.images, a.kind, limit=a.n)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="HF LLaVA folder (or causal LM folder / .gguf for text tasks)")
+    p.add_argument("--out", required=True, help="output folder (predictions, results, scored samples)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("task", choices=["easy_vqa", "vqav2", "textvqa", "scienceqa", "mmbench", "pope", "coco_captions",
+                                    "llava_jsonl"])
+    p.add_argument("--file", help="the task's main file")
+    p.add_argument("--questions")
+    p.add_argument("--annotations")
+    p.add_argument("--images", help="image folder")
+    p.add_argument("--pid-splits", help="ScienceQA pid_splits.json")
+    p.add_argument("--split", default=None)
+    p.add_argument("--kind", default="vqa", choices=["vqa", "mc", "yesno", "caption"], help="for llava_jsonl")
+    p.add_argument("--n", type=int, default=None, help="first N samples (easy_vqa: N spread over the split)")
+    a = p.parse_args(argv)
+
+    from vlmjax.generate.loading import load_model
+
+    task = build_task(a)
+    model, _, tok = load_model(a.model, dtype=a.dtype)
+    result = evaluate(model, tok, task, out_dir=a.out, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens)
+    print(format_table([result]))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

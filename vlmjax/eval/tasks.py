@@ -1,0 +1,175 @@
+"""Benchmark tasks read from local files in each benchmark's usual layout.
+
+kind      metric                                               loaders (layout)
+vqa       VQA soft accuracy (>= 3 human answers) else           vqav2: official questions + annotations JSON,
+          normalised exact match; `vocab` -> closed-vocabulary     images COCO_{subtype}_{image_id:012d}.jpg
+          answer extraction first                               textvqa: TextVQA_0.5.1_{split}.json, {image_id}.jpg
+                                                                easy_vqa: the easy-vqa package (built in)
+mc        accuracy of the extracted option letter               scienceqa: problems.json (+ pid_splits.json),
+                                                                  images {folder}/{split}/{pid}/image.png
+                                                                mmbench: the MMBench TSV (base64 images, A..E)
+yesno     accuracy, precision, recall, F1, yes ratio            pope: POPE / LLaVA JSONL {"question_id", "image",
+                                                                  "text", "label"}
+caption   BLEU-4, CIDEr-D                                       coco_captions: COCO captions_*.json, or the
+                                                                  Karpathy dataset_coco.json (with `split`)
+any       (as `kind`)                                           llava_jsonl: {"question_id", "image", "text",
+                                                                  "answer" | "answers" | "label"} per line
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+PROMPTS = {
+    "vqa": "Answer the question using a single word or phrase.",
+    "yesno": "Answer the question using a single word or phrase.",
+    "mc": "Answer with the option's letter from the given choices directly.",
+    "caption": "Provide a one-sentence caption for the provided image.",
+}
+MAX_NEW_TOKENS = {"vqa": 16, "yesno": 8, "mc": 8, "caption": 48}
+
+
+@dataclasses.dataclass
+class EvalSample:
+    id: str
+    question: str  # the text shown to the model (options / hint already included for mc)
+    answers: list[str]  # vqa: human answers; mc: [gold letter]; yesno: ["yes" | "no"]; caption: references
+    image: Any = None  # path / bytes / PIL, or None (text-only question)
+    choices: list[str] | None = None
+    meta: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Task:
+    name: str
+    kind: str  # vqa | mc | yesno | caption
+    samples: list[EvalSample]
+    instruction: str | None = None  # appended to each question; None -> PROMPTS[kind]
+    max_new_tokens: int | None = None
+    vocab: list[str] | None = None  # closed answer vocabulary (vqa)
+
+    def prompt(self, s: EvalSample) -> str:
+        inst = PROMPTS[self.kind] if self.instruction is None else self.instruction
+        text = "\n".join(x for x in (s.question, inst) if x)
+        return ("<image>\n" + text) if s.image is not None else text
+
+
+def _limit(samples, limit):
+    return samples if limit is None else samples[:limit]
+
+
+def vqav2(questions_json, annotations_json, image_folder, *, limit=None) -> Task:
+    q = json.loads(Path(questions_json).read_text())
+    ann = {a["question_id"]: a for a in json.loads(Path(annotations_json).read_text())["annotations"]}
+    subtype = q.get("data_subtype", "val2014")
+    samples = []
+    for item in _limit(q["questions"], limit):
+        a = ann[item["question_id"]]
+        image = os.path.join(image_folder, f"COCO_{subtype}_{int(item['image_id']):012d}.jpg")
+        samples.append(EvalSample(str(item["question_id"]), item["question"], [x["answer"] for x in a["answers"]],
+                                  image, meta={"answer_type": a.get("answer_type")}))
+    return Task("vqav2", "vqa", samples)
+
+
+def textvqa(json_path, image_folder, *, limit=None) -> Task:
+    data = json.loads(Path(json_path).read_text())["data"]
+    samples = [EvalSample(str(d["question_id"]), d["question"], list(d["answers"]),
+                          os.path.join(image_folder, f"{d['image_id']}.jpg")) for d in _limit(data, limit)]
+    return Task("textvqa", "vqa", samples)
+
+
+def _options(choices) -> str:
+    return "\n".join(f"{chr(65 + i)}. {c}" for i, c in enumerate(choices))
+
+
+def scienceqa(problems_json, image_folder, *, split="test", pid_splits_json=None, limit=None) -> Task:
+    problems = json.loads(Path(problems_json).read_text())
+    pids = (json.loads(Path(pid_splits_json).read_text())[split] if pid_splits_json
+            else [p for p, v in problems.items() if v.get("split") == split])
+    samples = []
+    for pid in _limit(pids, limit):
+        p = problems[pid]
+        hint = (p.get("hint") or "").strip()
+        question = (f"Context: {hint}\n" if hint else "") + f"{p['question']}\n{_options(p['choices'])}"
+        image = os.path.join(image_folder, split, pid, p["image"]) if p.get("image") else None
+        samples.append(EvalSample(str(pid), question, [chr(65 + int(p["answer"]))], image, list(p["choices"])))
+    return Task(f"scienceqa_{split}", "mc", samples)
+
+
+def mmbench(tsv_path, *, limit=None) -> Task:
+    csv.field_size_limit(sys.maxsize)
+    samples = []
+    with open(tsv_path, newline="", encoding="utf-8") as f:
+        for row in _limit(list(csv.DictReader(f, delimiter="\t")), limit):
+            choices = [row[c] for c in "ABCDE" if row.get(c) not in (None, "", "nan")]
+            hint = (row.get("hint") or "").strip()
+            hint = "" if hint == "nan" else hint
+            question = (f"{hint}\n" if hint else "") + f"{row['question']}\n{_options(choices)}"
+            samples.append(EvalSample(str(row["index"]), question, [row["answer"].strip()],
+                                      base64.b64decode(row["image"]), choices,
+                                      meta={"category": row.get("category")}))
+    return Task("mmbench", "mc", samples)
+
+
+def _jsonl(path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def llava_jsonl(path, image_folder, kind: str, *, name: str | None = None, limit=None) -> Task:
+    samples = []
+    for d in _limit(_jsonl(path), limit):
+        gold = d.get("answers", d.get("answer", d.get("label")))
+        gold = [gold] if isinstance(gold, str) else list(gold or [])
+        image = os.path.join(image_folder, d["image"]) if d.get("image") else None
+        samples.append(EvalSample(str(d["question_id"]), d["text"], gold, image, meta=d.get("meta", {})))
+    return Task(name or Path(path).stem, kind, samples)
+
+
+def pope(path, image_folder, *, limit=None) -> Task:
+    task = llava_jsonl(path, image_folder, "yesno", name=Path(path).stem, limit=limit)
+    for s in task.samples:
+        s.answers = [s.answers[0].strip().lower()]
+    return task
+
+
+def coco_captions(json_path, image_folder, *, split: str | None = "test", limit=None) -> Task:
+    data = json.loads(Path(json_path).read_text())
+    samples = []
+    if "annotations" in data:  # COCO captions_*.json
+        refs: dict[int, list[str]] = {}
+        for a in data["annotations"]:
+            refs.setdefault(a["image_id"], []).append(a["caption"])
+        for im in _limit(data["images"], limit):
+            samples.append(EvalSample(str(im["id"]), "", refs.get(im["id"], []),
+                                      os.path.join(image_folder, im["file_name"])))
+    else:  # Karpathy dataset_coco.json
+        images = [im for im in data["images"] if split is None or im["split"] == split]
+        for im in _limit(images, limit):
+            samples.append(EvalSample(str(im.get("cocoid", im.get("imgid"))), "", [s["raw"] for s in im["sentences"]],
+                                      os.path.join(image_folder, im.get("filepath", ""), im["filename"])))
+    return Task("coco_captions", "caption", samples)
+
+
+def easy_vqa(split: str = "test", *, n: int | None = 200) -> Task:
+    """easy-vqa questions (single-word answers: shapes, colours, yes/no), prompted as in the training data built by
+    `vlmjax.data.easy_vqa` (capitalised question, no instruction). n questions spread evenly over the split."""
+    from vlmjax.data.assets import easy_vqa_data_dir
+
+    root = Path(easy_vqa_data_dir())
+    rows = list(enumerate(json.loads((root / split / "questions.json").read_text())))
+    if n is not None and n < len(rows):
+        step = len(rows) / n
+        rows = [rows[int(i * step)] for i in range(n)]
+    vocab = [line.strip() for line in (root / "answers.txt").read_text().splitlines() if line.strip()]
+    samples = [EvalSample(f"{split}_{i}_{image_id}", q[0].upper() + q[1:], [a],
+                          str(root / split / "images" / f"{image_id}.png"))
+               for i, (q, a, image_id) in rows]
+    return Task(f"easy_vqa_{split}", "vqa", samples, instruction="", max_new_tokens=8, vocab=vocab)

@@ -1,0 +1,271 @@
+"""Batched generation with a KV cache: one jitted prefill, then a jitted `lax.while_loop` decode.
+
+Layout. Prompts of different lengths share a batch without left padding inside the model: each row's prompt
+occupies cache slots 0..len-1 (prefill sees a right-padded block; causal attention keeps the tail padding
+invisible), so a token's cache slot is its RoPE position, and each new token is scattered at its own row's next
+slot. Positions therefore start at 0 at every row's first real token, and `decode_attention`'s per-row
+`kv_lengths` are exactly the valid prefix. Callers holding a left-padded batch use `unpad_left`.
+
+Stopping. EOS ids stop a row on device. Stop strings are checked on the host between chunks of `chunk_steps`
+decode steps (text-level matching is immune to tokenisation differences that token-sequence matching on
+device would miss); a stopped row is marked done and its text cut before the stop string, costing at most one
+chunk of wasted steps for that row. The loop exits early once every row is done.
+
+Shapes are static: the prefill per (batch, prompt bucket), the decode loop per (batch, cache length,
+max_new_tokens); prompt lengths round up to `pad_to` and cache lengths to `cache_bucket`, so a dataset compiles a
+handful of programs. The functions are mesh-agnostic: run inside `vlmjax.sharding.use_mesh(mesh)` (or
+pass `mesh=`) with a sharded model; batch arrays are placed with `sharding.batch_sharding`, the cache follows the
+logical axes of `llm.CACHE_AXES`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vlmjax import sharding
+from vlmjax.generate.sampling import SamplingConfig, row_keys, sample
+from vlmjax.models.llm import KVCache
+
+RUNNING, EOS, STOP, LENGTH = 0, 1, 2, 3
+FINISH_NAMES = {EOS: "eos", STOP: "stop", LENGTH: "length"}
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 128
+    sampling: SamplingConfig = SamplingConfig()
+    eos_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    seed: int = 0
+    chunk_steps: int = 32  # decode steps per device call when stop strings need host checks
+    pad_to: int = 32  # prompt lengths round up to a multiple of this (fewer prefill compiles)
+    cache_bucket: int = 128  # cache length (prompt bucket + max_new_tokens) rounds up to this (fewer decode compiles)
+    unroll_decode: bool = True  # static per-layer loop in decode: faster steps, compile time grows with depth
+
+
+@dataclasses.dataclass
+class Generation:
+    tokens: list[int]  # generated ids, EOS excluded; cut at the stop string's last token when one matched
+    finish_reason: str  # eos | stop | length
+    text: str | None = None  # decoded (and cut before a stop string) when a tokenizer was given
+
+
+class _Loop(NamedTuple):
+    cache: KVCache
+    tokens: jax.Array  # (B, N) generated ids (pad after a row stops)
+    last: jax.Array  # (B,) token to feed next
+    pos: jax.Array  # (B,) its cache slot = RoPE position
+    lengths: jax.Array  # (B,) tokens kept (EOS excluded)
+    done: jax.Array  # (B,) bool
+    finish: jax.Array  # (B,) RUNNING / EOS / STOP / LENGTH
+    step: jax.Array  # () tokens sampled so far
+    keys: jax.Array  # (B,) per-row PRNG keys
+
+
+def llm_of(model):
+    """The decoder of a VLM, or the model itself for a text-only LLM."""
+    return model.llm if hasattr(model, "llm") else model
+
+
+def embed_inputs(model, ids_bt, pixel_values=None, image_rows=None):
+    if hasattr(model, "llm"):
+        return model.embed(ids_bt, pixel_values, image_rows)
+    return model.embed(ids_bt)
+
+
+def unpad_left(ids_bs, mask_bs) -> list[list[int]]:
+    """A left-padded batch (HF `padding_side='left'`) -> per-row prompt lists."""
+    ids, mask = np.asarray(ids_bs), np.asarray(mask_bs).astype(bool)
+    return [ids[r][mask[r]].tolist() for r in range(ids.shape[0])]
+
+
+def _record(loop: _Loop, tok_b, eos_ids) -> _Loop:
+    active = ~loop.done
+    is_eos = jnp.isin(tok_b, eos_ids) & active if eos_ids.size else jnp.zeros_like(active)
+    step = loop.step
+    tokens = jax.lax.dynamic_update_slice(loop.tokens, jnp.where(active, tok_b, 0)[:, None], (0, step))
+    return loop._replace(
+        tokens=tokens,
+        last=tok_b,
+        lengths=loop.lengths + (active & ~is_eos),
+        done=loop.done | is_eos,
+        finish=jnp.where(is_eos, EOS, loop.finish),
+        step=step + 1,
+    )
+
+
+def _prefill(graphdef, state, ids_bp, lens_b, pixel_values, image_rows, row_seeds_b, done0_b, eos_ids, base_key, *,
+             sampling: SamplingConfig, max_new: int, cache_len: int):
+    model = nnx.merge(graphdef, state)
+    llm = llm_of(model)
+    b, p = ids_bp.shape
+    x_bpd = embed_inputs(model, ids_bp, pixel_values, image_rows)
+    cache = llm.init_cache(b, cache_len)
+    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+    h_bpd, cache = llm.hidden_states_cached(x_bpd, positions, cache, jnp.zeros((b,), jnp.int32), prefill=True)
+    h_bd = jnp.take_along_axis(h_bpd, (lens_b - 1)[:, None, None], axis=1)[:, 0]
+    logits_bv = llm.logits(h_bd[:, None])[:, 0]
+    keys = row_keys(base_key, row_seeds_b)
+    tok_b = sample(logits_bv, sampling, keys, 0)
+    loop = _Loop(cache, jnp.zeros((b, max_new), jnp.int32), tok_b, lens_b, jnp.zeros((b,), jnp.int32), done0_b,
+                 jnp.zeros((b,), jnp.int32), jnp.zeros((), jnp.int32), keys)
+    return _record(loop, tok_b, eos_ids)
+
+
+def _decode(graphdef, state, loop: _Loop, end_step, eos_ids, *, sampling: SamplingConfig, unroll: bool):
+    model = nnx.merge(graphdef, state)
+    llm = llm_of(model)
+
+    def cond(lp: _Loop):
+        return (lp.step < end_step) & ~jnp.all(lp.done)
+
+    def body(lp: _Loop):
+        x_b1d = llm.embed(lp.last[:, None])
+        h_b1d, cache = llm.hidden_states_cached(x_b1d, lp.pos[:, None], lp.cache, lp.pos, unroll=unroll)
+        tok_b = sample(llm.logits(h_b1d)[:, 0], sampling, lp.keys, lp.step)
+        return _record(lp._replace(cache=cache, pos=lp.pos + 1), tok_b, eos_ids)
+
+    return jax.lax.while_loop(cond, body, loop)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(donate: bool):
+    prefill = jax.jit(_prefill, static_argnums=(0,), static_argnames=("sampling", "max_new", "cache_len"))
+    decode = jax.jit(_decode, static_argnums=(0,), static_argnames=("sampling", "unroll"),
+                     donate_argnums=(2,) if donate else ())
+    return prefill, decode
+
+
+def _find_stop(tokenizer, toks: list[int], stops: Sequence[str]) -> tuple[int, str] | None:
+    """(tokens to keep, text cut before the stop string) if decoding `toks` shows a stop string."""
+    text = tokenizer.decode(toks, skip_special_tokens=True)
+    hits = [text.find(s) for s in stops]
+    hits = [h for h in hits if h >= 0]
+    if not hits:
+        return None
+    cut = min(hits)
+    n = next(n for n in range(1, len(toks) + 1)
+             if any(s in tokenizer.decode(toks[:n], skip_special_tokens=True) for s in stops))
+    return n, text[:cut]
+
+
+def generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    config: GenerationConfig = GenerationConfig(),
+    *,
+    pixel_values=None,
+    image_rows=None,
+    tokenizer=None,
+    row_seeds: Sequence[int] | None = None,
+    batch_size: int | None = None,
+    mesh=None,
+    on_chunk: Callable[[int], None] | None = None,
+) -> list[Generation]:
+    """Continue every prompt (lists of ids, image placeholders already expanded) in one batch.
+
+    pixel_values (N, H, W, 3) / image_rows (N,) as for the model (row = prompt index, -1 = padding slot).
+    tokenizer: needed for stop strings; when given, `Generation.text` is filled. row_seeds: per-prompt sampling
+    streams (default: the prompt index). batch_size: pad the batch to this many rows (stable shapes for the last
+    batch of a dataset; padding rows cost compute but never run the loop longer). on_chunk(step) after each chunk.
+    """
+    cfg = config
+    if cfg.stop_strings and tokenizer is None:
+        raise ValueError("stop strings need a tokenizer")
+    n = len(prompts)
+    if n == 0:
+        return []
+    lens = np.array([len(p) for p in prompts], np.int32)
+    if lens.min() < 1:
+        raise ValueError("every prompt needs at least one token")
+    b = max(batch_size or n, n)
+    if mesh is not None:
+        dp = int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
+        b = -(-b // dp) * dp
+    p = -(-int(lens.max()) // cfg.pad_to) * cfg.pad_to
+    ids = np.zeros((b, p), np.int32)
+    for r, row in enumerate(prompts):
+        ids[r, : len(row)] = row
+    lens_b = np.ones((b,), np.int32)
+    lens_b[:n] = lens
+    done0 = np.arange(b) >= n
+    seeds = np.arange(b, dtype=np.int64) if row_seeds is None else np.concatenate(
+        [np.asarray(row_seeds, np.int64), np.arange(n, b, dtype=np.int64)])
+    seeds = (seeds % (2**32)).astype(np.uint32)
+    if pixel_values is not None:
+        from vlmjax.models.vlm import check_image_tokens
+
+        if image_rows is None and n > 1:
+            raise ValueError("image_rows is required with pixel_values for more than one prompt")
+        rows = np.zeros((pixel_values.shape[0],), np.int32) if image_rows is None else np.asarray(image_rows, np.int32)
+        check_image_tokens(ids, rows, model.cfg.image_token_id, model.cfg.tokens_per_image)
+        image_rows = rows
+    # padded to a multiple of 8 with -1 (never a token) so changing the EOS set does not recompile
+    eos_ids = np.full((-(-len(cfg.eos_token_ids) // 8) * 8,), -1, np.int32)
+    eos_ids[: len(cfg.eos_token_ids)] = cfg.eos_token_ids
+
+    def put(x):
+        if x is None:
+            return None
+        if mesh is None:
+            return jnp.asarray(x)
+        return jax.device_put(x, sharding.batch_sharding(mesh, np.shape(x)))
+
+    graphdef, state = nnx.split(model)
+    prefill, decode = _jitted(jax.default_backend() != "cpu")
+    ctx = sharding.use_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+    chunk = cfg.chunk_steps if (cfg.stop_strings or on_chunk) else cfg.max_new_tokens
+    stopped: dict[int, tuple[int, str]] = {}
+    with ctx:
+        loop = prefill(graphdef, state, put(ids), put(lens_b), put(pixel_values), put(image_rows), put(seeds),
+                       put(done0), eos_ids, jax.random.key(cfg.seed), sampling=cfg.sampling, max_new=cfg.max_new_tokens,
+                       cache_len=-(-(p + cfg.max_new_tokens) // cfg.cache_bucket) * cfg.cache_bucket)
+        step = 1
+        while True:
+            if cfg.stop_strings:
+                loop, step = _host_stops(loop, tokenizer, cfg.stop_strings, stopped, n, put)
+            all_done = bool(np.all(jax.device_get(loop.done)))  # waits for the device: on_chunk sees finished work
+            if on_chunk is not None:
+                on_chunk(step)
+            if step >= cfg.max_new_tokens or all_done:
+                break
+            loop = decode(graphdef, state, loop, jnp.int32(min(step + chunk, cfg.max_new_tokens)), eos_ids,
+                          sampling=cfg.sampling, unroll=cfg.unroll_decode)
+            step = int(loop.step)
+    tokens, lengths, finish = jax.device_get((loop.tokens, loop.lengths, loop.finish))
+    out = []
+    for r in range(n):
+        if r in stopped:
+            keep, text = stopped[r]
+            out.append(Generation(tokens[r, :keep].tolist(), "stop", text))
+            continue
+        toks = tokens[r, : lengths[r]].tolist()
+        reason = FINISH_NAMES.get(int(finish[r]), "length")
+        text = tokenizer.decode(toks, skip_special_tokens=True) if tokenizer is not None else None
+        out.append(Generation(toks, reason, text))
+    return out
+
+
+def _host_stops(loop: _Loop, tokenizer, stops, stopped: dict, n: int, put):
+    """Mark rows whose text now contains a stop string as done (finish STOP)."""
+    tokens, lengths, done, finish = jax.device_get((loop.tokens, loop.lengths, loop.done, loop.finish))
+    newly = []
+    for r in range(n):
+        if r not in stopped and lengths[r]:
+            hit = _find_stop(tokenizer, tokens[r, : lengths[r]].tolist(), stops)
+            if hit is not None:
+                stopped[r] = hit
+                newly.append(r)
+    if newly:
+        done, finish = done.copy(), finish.copy()
+        done[newly], finish[newly] = True, STOP
+        loop = loop._replace(done=put(done), finish=put(finish))
+    return loop, int(loop.step)

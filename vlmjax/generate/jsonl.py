@@ -1,0 +1,67 @@
+"""Append-only JSONL output keyed by sample id, resumable after a crash.
+
+Long generation / scoring runs (hundreds of thousands of samples) must survive preemption: each batch is
+appended, flushed and fsynced, so a crash loses at most the batch in flight. On reopening, a torn last line (a
+crash mid-write) is cut off, and the ids already present are skipped by the caller.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Iterable
+
+log = logging.getLogger(__name__)
+
+
+class ResumableJsonl:
+    def __init__(self, path, key: str = "id"):
+        self.path, self.key = str(path), key
+        self.done: set[str] = set()
+        if os.path.exists(self.path):
+            self._recover()
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def _recover(self) -> None:
+        with open(self.path, "rb") as f:
+            data = f.read()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            log.warning("%s: dropping a torn last line (%d bytes) from an interrupted run", self.path, len(data) - end)
+            with open(self.path, "r+b") as f:
+                f.truncate(end)
+        for n, line in enumerate(data[:end].splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                self.done.add(str(json.loads(line)[self.key]))
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{self.path}:{n}: not a JSON record with {self.key!r}: {e}") from None
+
+    def write(self, records: Iterable[dict]) -> None:
+        lines = []
+        for r in records:
+            lines.append(json.dumps(r, ensure_ascii=False) + "\n")
+            self.done.add(str(r[self.key]))
+        if lines:
+            self._f.write("".join(lines))
+            self._f.flush()
+            os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def read_jsonl(path, key: str | None = "id") -> list[dict] | dict[str, dict]:
+    """All records (a dict by `key` when given; later duplicates win)."""
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return rows if key is None else {str(r[key]): r for r in rows}

@@ -1,0 +1,186 @@
+"""Inputs for generation, scoring and feature capture: requests from files, and their model-ready encoding.
+
+A `Request` is one sample: an id, a conversation and its images. `Encoder` turns it into token ids and pixels
+exactly the way training does (`vlmjax.data.text.TextProcessor` for chat templates and `<image>` expansion,
+`vlmjax.data.image.process_image` for pixels), so a prompt at generation time is byte-identical to the same
+prompt in a training batch.
+
+Supported input layouts:
+  * LLaVA JSON (`llava_requests`): `[{"id", "image" (path relative to image_folder) or "images", "conversations":
+    [{"from": "human"|"gpt"|"system", "value": "<image>\\n..."}, ...]}]`, or JSON lines of such records.
+    For generation the prompt is the conversation up to its first human turn (later turns are dropped);
+    scoring and capture use the whole conversation.
+  * A folder of images with one prompt (`folder_requests`): id = the path relative to the folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+@dataclasses.dataclass
+class Request:
+    id: str
+    messages: list[dict]  # [{"role", "content"}], "<image>" marks image positions
+    images: list[Any] = dataclasses.field(default_factory=list)  # paths / bytes / PIL / uint8 arrays
+    meta: dict = dataclasses.field(default_factory=dict)  # copied into output records
+
+    def prompt_messages(self) -> list[dict]:
+        """Messages up to and including the first user turn (the generation prompt)."""
+        out = []
+        for m in self.messages:
+            out.append(m)
+            if m["role"] == "user":
+                return out
+        raise ValueError(f"sample {self.id}: no user turn")
+
+
+def _read_records(path) -> list[dict]:
+    text = Path(path).read_text()
+    if str(path).endswith(".jsonl"):
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    data = json.loads(text)
+    return data if isinstance(data, list) else list(data.values())
+
+
+def llava_requests(path, image_folder=None, *, limit: int | None = None) -> list[Request]:
+    """LLaVA conversation records -> requests (see module docstring). Ids default to the record index."""
+    out = []
+    for i, rec in enumerate(_read_records(path)[:limit]):
+        turns = rec.get("conversations") or rec.get("messages") or []
+        messages = [{"role": _ROLES[t.get("from", t.get("role"))], "content": t.get("value", t.get("content"))}
+                    for t in turns]
+        imgs = rec.get("images", rec.get("image"))
+        imgs = [] if imgs is None else list(imgs) if isinstance(imgs, (list, tuple)) else [imgs]
+        meta = {"image": rec["image"]} if isinstance(rec.get("image"), str) else {}
+        if imgs and not any("<image>" in m["content"] for m in messages):
+            first = next(m for m in messages if m["role"] == "user")
+            first["content"] = "<image>\n" * len(imgs) + first["content"]
+        if image_folder is not None:
+            imgs = [os.path.join(image_folder, p) if isinstance(p, str) else p for p in imgs]
+        out.append(Request(str(rec.get("id", i)), messages, imgs, meta))
+    return out
+
+
+def folder_requests(image_folder, prompt: str, *, limit: int | None = None) -> list[Request]:
+    """Every image under `image_folder` (sorted, recursive) with the same prompt."""
+    root = Path(image_folder)
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS)[:limit]
+    content = prompt if "<image>" in prompt else "<image>\n" + prompt
+    return [Request(str(p.relative_to(root)), [{"role": "user", "content": content}], [str(p)],
+                    {"image": str(p.relative_to(root))}) for p in files]
+
+
+def default_eos_ids(tokenizer, cfg=None) -> tuple[int, ...]:
+    """EOS id(s) of the tokenizer and config, plus the end-of-turn tokens of common chat templates."""
+    ids = set()
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    llm_cfg = getattr(cfg, "llm", cfg)
+    eos = getattr(llm_cfg, "eos_token_id", None)
+    ids.update([eos] if isinstance(eos, int) else list(eos or []))
+    if tokenizer is not None:
+        vocab = tokenizer.get_vocab()
+        ids.update(vocab[t] for t in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>") if t in vocab)
+    return tuple(sorted(int(i) for i in ids))
+
+
+def image_spec_for(cfg, resize_mode: str = "pad_to_square_mean"):
+    """The preprocessing a VLM config implies (one tile per image, the tower's size and mean/std)."""
+    from vlmjax.data.image import ImageSpec
+
+    v = cfg.vision
+    return ImageSpec(image_size=v.image_size, mean=tuple(v.image_mean), std=tuple(v.image_std),
+                     resize_mode=resize_mode, tokens_per_image=cfg.tokens_per_image)
+
+
+@dataclasses.dataclass
+class Encoded:
+    ids: list[int]
+    pixels: np.ndarray | None  # (k, H, W, 3) float32, k images, or None
+    target: np.ndarray | None = None  # bool (len(ids),): scored tokens
+
+
+class Encoder:
+    """Tokenizer + template + image preprocessing for one model. `cfg` is a VLMConfig or an LLMConfig."""
+
+    def __init__(self, tokenizer, cfg, *, template: str = "auto", resize_mode: str = "pad_to_square_mean",
+                 system_prompt: str | None = None):
+        from vlmjax.data.text import TextProcessor, TextSpec
+
+        self.tokenizer, self.cfg = tokenizer, cfg
+        self.is_vlm = hasattr(cfg, "llm")
+        tpi = cfg.tokens_per_image if self.is_vlm else 1
+        image_token_id = cfg.image_token_id if self.is_vlm else None
+        spec = TextSpec(template=template, image_token_id=image_token_id, system_prompt=system_prompt)
+        self.text = TextProcessor(tokenizer, spec, tpi, 1 << 30)
+        self.image_spec = image_spec_for(cfg, resize_mode) if self.is_vlm else None
+
+    def pixels(self, req: Request) -> np.ndarray | None:
+        if not req.images:
+            return None
+        if not self.is_vlm:
+            raise ValueError(f"sample {req.id} has images but the model is text-only")
+        from vlmjax.data.image import process_image
+
+        return np.concatenate([process_image(img, self.image_spec, name=f"{req.id}") for img in req.images])
+
+    def _encode(self, messages, n_images: int):
+        return self.text.encode(messages, [1] * n_images)
+
+    def prompt(self, req: Request) -> Encoded:
+        """Generation prompt: the first user turn(s) plus the assistant header."""
+        msgs = req.prompt_messages()
+        enc = self._encode(msgs + [{"role": "assistant", "content": "x"}], len(req.images))
+        start = _last_run_start(enc.trained)
+        return Encoded(enc.ids[:start].tolist(), self.pixels(req))
+
+    def scored(self, req: Request, which: str = "last") -> Encoded:
+        """Whole conversation; target = the last assistant reply (+ its end-of-turn), or every reply ("all")."""
+        enc = self._encode(req.messages, len(req.images))
+        target = enc.trained.copy()
+        if which == "last":
+            target[: _last_run_start(target)] = False
+        return Encoded(enc.ids.tolist(), self.pixels(req), target)
+
+    def full(self, req: Request) -> Encoded:
+        """Whole conversation as trained on (feature capture)."""
+        enc = self._encode(req.messages, len(req.images))
+        return Encoded(enc.ids.tolist(), self.pixels(req))
+
+
+def _last_run_start(flags: np.ndarray) -> int:
+    idx = np.flatnonzero(flags)
+    if not len(idx):
+        raise ValueError("no assistant reply to score")
+    i = int(idx[-1])
+    while i > 0 and flags[i - 1]:
+        i -= 1
+    return i
+
+
+def collate_images(pixels: Sequence[np.ndarray | None], slots: int | None = None):
+    """Per-row image stacks -> (pixel_values (N, H, W, 3), image_rows (N,)) padded to `slots` (None if no images)."""
+    real = [(r, p) for r, p in enumerate(pixels) if p is not None and len(p)]
+    if not real:
+        return None, None
+    n = sum(len(p) for _, p in real)
+    slots = max(slots or n, n)
+    shape = real[0][1].shape[1:]
+    px = np.zeros((slots,) + shape, np.float32)
+    rows = np.full((slots,), -1, np.int32)
+    i = 0
+    for r, p in real:
+        px[i: i + len(p)] = p
+        rows[i: i + len(p)] = r
+        i += len(p)
+    return px, rows
