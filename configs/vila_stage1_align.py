@@ -2,12 +2,12 @@
 
     python -m vlmjax.train --config configs/vila_stage1_align.py --workdir runs/align \
         --config.model.llm=/ckpt/vicuna-7b-v1.5 --config.model.vision=/ckpt/clip-vit-large-patch14-336 \
-        --config.data.sources='[...]'   # or edit DATA below
+        --config.data.sources="(dict(format='caption', path='chat.json', image_root='images'),)"  # or edit DATA
 """
 
 from vlmjax.train.defaults import base
 
-DATA = [dict(format="caption", path="data/LLaVA-CC3M-Pretrain-595K/chat.json", image_root="data/LLaVA-CC3M-Pretrain-595K/images")]
+DATA = (dict(format="caption", path="data/LLaVA-CC3M-Pretrain-595K/chat.json", image_root="data/LLaVA-CC3M-Pretrain-595K/images"),)
 
 
 def get_config():
@@ -17,7 +17,7 @@ def get_config():
     c.model.vision = "/path/to/clip-vit-large-patch14-336"
     c.model.projector = "mlp2x_gelu"  # VILA's best: "linear"; VILA-1.5: "downsample2x2_mlp"
     c.model.dtype = "bfloat16"
-    c.train.trainable = ["^projector/"]
+    c.train.trainable = ("^projector/",)
     c.train.steps = 2400  # 1 epoch of 595k at global batch 256 (~2325 steps)
     c.optim.lr = 1e-3
     c.optim.warmup_frac = 0.03

@@ -9,14 +9,14 @@ def get_config():
     c.model.path = "runs/align/export"  # stage-1 export (an HF LLaVA folder)
     c.model.dtype = "bfloat16"
     c.model.remat = "full"
-    c.train.trainable = ["^projector/", "^llm/"]
+    c.train.trainable = ("^projector/", "^llm/")
     c.train.steps = 10000
     c.optim.lr = 5e-5
-    c.data.sources = [
+    c.data.sources = (
         dict(format="interleaved", path="data/mmc4/docs.jsonl", image_root="data/mmc4/images", weight=1.0,
              format_options=dict(max_images=6)),
         dict(format="caption", path="data/coyo/pairs.jsonl", image_root="data/coyo/shards/*.tar", weight=1.0),
-    ]
+    )
     c.data.text = dict(template="plain", loss_on="all")
     c.data.batch_size = 16
     c.data.seq_len = 4096

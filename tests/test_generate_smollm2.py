@@ -7,7 +7,6 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("gguf")
 
-from vlmjax.convert.gguf import load_gguf, smollm2_gguf_path  # noqa: E402
 from vlmjax.generate import GenerationConfig, default_eos_ids, generate, unpad_left  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -15,19 +14,9 @@ pytestmark = pytest.mark.slow
 NEW = 16
 
 
-@pytest.fixture(scope="module")
-def assets():
-    try:
-        path = smollm2_gguf_path()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    from transformers import AutoModelForCausalLM
-
-    from vlmjax.data.assets import smollm2_tokenizer
-
-    ref = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
-    model, cfg = load_gguf(path)
-    return model, cfg, ref, smollm2_tokenizer()
+@pytest.fixture
+def assets(smollm2):
+    return smollm2
 
 
 def test_batched_greedy_equals_transformers_generate(assets):

@@ -10,23 +10,14 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("gguf")
 
-from vlmjax.convert.gguf import load_gguf, load_gguf_tokenizer, smollm2_gguf_path  # noqa: E402
 from vlmjax.generate.simple import greedy_generate  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def assets():
-    try:
-        path = smollm2_gguf_path()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    from transformers import AutoModelForCausalLM
-
-    ref = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
-    model, cfg = load_gguf(path)
-    return model, cfg, ref, load_gguf_tokenizer(path)
+@pytest.fixture
+def assets(smollm2):
+    return smollm2
 
 
 def _prompt(tok, text):

@@ -15,25 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from train_utils import write_dataset
+from train_utils import write_config_file, write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
 def _config_file(tmp_path, data):
-    f = tmp_path / "cfg.py"
-    f.write_text(
-        "import importlib.util\n"
-        f"spec = importlib.util.spec_from_file_location('t', {str(REPO / 'configs' / 'tiny_sft.py')!r})\n"
-        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
-        "def get_config():\n"
-        "    c = m.get_config()\n"
-        f"    c.data.sources = [dict(format='llava', path={data['sft']!r}, image_root={data['images']!r})]\n"
-        "    c.data.shard_index = 0\n    c.data.shard_count = 1\n"
-        "    c.train.steps = 3\n    c.train.save_every = 100\n"
-        "    return c\n")
-    return f
+    extra = "    c.data.shard_index = 0\n    c.data.shard_count = 1\n    c.train.steps = 3\n    c.train.save_every = 100\n"
+    return write_config_file(tmp_path / "cfg.py", data, extra)
 
 
 def _summary(out: str) -> dict:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from train_utils import tiny_config, write_dataset
+from train_utils import tiny_config, write_config_file, write_dataset
 from vlmjax.train.loop import train
 
 
@@ -71,7 +71,9 @@ def test_lora_dpo_raises_margin_and_merge_preserves_logits(data, tmp_path):
     cfg.eval_data = cfg.data.to_dict()
     cfg.eval_data["shuffle"] = False
     s = train(cfg, str(tmp_path))
-    assert abs(s["history"][0]["rewards/margin"]) < 1e-6  # the adapter starts at zero: policy == reference
+    # the adapter starts at zero: policy == reference up to fp32 rounding (policy and reference are different
+    # programs, each summing ~100 token log-probs of magnitude ~10: 1e-6 relative error is ~1e-5 here)
+    assert abs(s["history"][0]["rewards/margin"]) < 1e-5
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in rows if "eval/rewards/margin" in r][-1]  # all 8 held-out pairs, fixed order
     assert final["eval/rewards/margin"] > 0.1 and final["eval/rewards/accuracy"] >= 0.75, final
@@ -90,16 +92,7 @@ def test_cli_overrides_and_unknown_keys(data, tmp_path):
     import subprocess
     import sys
 
-    repo = __import__("pathlib").Path(__file__).resolve().parents[1]
-    cfg_file = tmp_path / "cfg.py"
-    cfg_file.write_text(
-        "import importlib.util\n"
-        f"spec = importlib.util.spec_from_file_location('t', {str(repo / 'configs' / 'tiny_sft.py')!r})\n"
-        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
-        "def get_config():\n"
-        "    c = m.get_config()\n"
-        f"    c.data.sources = [dict(format='llava', path={data['sft']!r}, image_root={data['images']!r})]\n"
-        "    return c\n")
+    cfg_file = write_config_file(tmp_path / "cfg.py", data)
     cmd = [sys.executable, "-m", "vlmjax.train", f"--config={cfg_file}", f"--workdir={tmp_path / 'w'}"]
     bad = subprocess.run(cmd + ["--config.optim.nosuch=1"], capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "optim.nosuch" in bad.stderr and "optim.lr" in bad.stderr

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from train_utils import write_dataset
+from train_utils import write_config_file, write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -20,16 +20,8 @@ pytestmark = pytest.mark.slow
 
 def test_sharded_training_equals_single_device(tmp_path):
     data = write_dataset(tmp_path / "data")
-    cfg = tmp_path / "cfg.py"
-    cfg.write_text(
-        "import importlib.util\n"
-        f"spec = importlib.util.spec_from_file_location('t', {str(REPO / 'configs' / 'tiny_sft.py')!r})\n"
-        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
-        "def get_config():\n"
-        "    c = m.get_config()\n"
-        f"    c.data.sources = [dict(format='llava', path={data['sft']!r}, image_root={data['images']!r})]\n"
-        "    c.data.batch_size = 4\n    c.train.steps = 3\n    c.train.save_every = 100\n"
-        "    return c\n")
+    extra = "    c.data.batch_size = 4\n    c.train.steps = 3\n    c.train.save_every = 100\n"
+    cfg = write_config_file(tmp_path / "cfg.py", data, extra)
     runs = {}
     for name, devices, mesh in (("single", 1, (1, 1, 1)), ("sharded", 8, (2, 2, 2))):
         env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),

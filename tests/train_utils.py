@@ -51,3 +51,18 @@ def tiny_config(data: dict[str, str], objective: str = "sft", **over):
             node = node[p]
         node[parts[-1]] = v
     return c
+
+
+def write_config_file(path: Path, data: dict[str, str], extra: str = "") -> Path:
+    """A config file for `python -m vlmjax.train`: configs/tiny_sft.py on the SFT data, plus `extra` lines
+    (indented statements on `c`)."""
+    repo = Path(__file__).resolve().parents[1]
+    path.write_text(
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('t', {str(repo / 'configs' / 'tiny_sft.py')!r})\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        "def get_config():\n"
+        "    c = m.get_config()\n"
+        f"    c.data.sources = [dict(format='llava', path={data['sft']!r}, image_root={data['images']!r})]\n"
+        + extra + "    return c\n")
+    return path

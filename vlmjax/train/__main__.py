@@ -55,10 +55,11 @@ def check_overrides(argv: list[str]) -> None:
         path = argv[argv.index("--config") + 1]
     if path is None or not os.path.exists(path.split(":")[0]):
         return  # absl reports the missing flag / file itself
-    spec = importlib.util.spec_from_file_location("_vlmjax_config", path.split(":")[0])
+    file, _, arg = path.partition(":")
+    spec = importlib.util.spec_from_file_location("_vlmjax_config", file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    valid = set(_dotted_keys(module.get_config()))
+    valid = set(_dotted_keys(module.get_config(arg) if arg else module.get_config()))
     bad = [a.split("=", 1)[0][len("--config."):] for a in argv if a.startswith("--config.")]
     bad = [k for k in bad if k not in valid]
     if bad:

@@ -6,20 +6,24 @@ LLAMA_LINEAR = r"llm/layers/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)$"
 
 
 def base() -> ConfigDict:
+    """Sequences are tuples, so `--config.data.sources="({...},)"` and `--config.train.trainable="('lora_',)"` can
+    override them from the command line (ml_collections parses tuples, not lists)."""
     c = ConfigDict()
     c.model = ConfigDict(dict(init="random", path="", llm="", vision="", projector="mlp2x_gelu", tokenizer="smollm2",
                               vlm=ConfigDict(), dtype="float32", param_dtype="float32", remat="none", seed=0,
                               vision_feature_layer=-2))
+    c.model.load_params = ""  # safetensors of parameters by path (a run's trainable.safetensors) to start from
     c.lora = ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0, targets=LLAMA_LINEAR))
     c.train = ConfigDict(dict(
-        objective="sft", steps=100, grad_accum=1, seed=0, trainable=[".*"], save_every=50, keep_checkpoints=2,
-        eval_every=0, eval_batches=1, nan_policy="stop", peak_flops_per_device=0.0))
+        objective="sft", steps=100, grad_accum=1, seed=0, trainable=(".*",), save_every=50, keep_checkpoints=2,
+        eval_every=0, eval_batches=1, nan_policy="stop", peak_flops_per_device=0.0,
+        save_trainable=False))  # True: write the trained parameters (LoRA adapter, projector) to trainable.safetensors
     c.optim = ConfigDict(dict(lr=1e-4, schedule="cosine", warmup_frac=0.03, weight_decay=0.0, b1=0.9, b2=0.999,
-                              eps=1e-8, clip_norm=1.0, end_factor=0.0, groups=[]))
+                              eps=1e-8, clip_norm=1.0, end_factor=0.0, groups=()))
     c.optim.warmup_steps = None  # overrides warmup_frac when set
     c.loss = ConfigDict(dict(chunk_size=256, z_loss=0.0, reduction="token", max_segments=32))
     c.dpo = ConfigDict(dict(loss="dpo", beta=0.1, alpha=1.0 / 1024, label_smoothing=0.0, gamma=0.5, reference="lora_off"))
-    c.data = ConfigDict(dict(sources=[], batch_size=4, seq_len=512, max_images=8, pack=True, num_workers=0,
+    c.data = ConfigDict(dict(sources=(), batch_size=4, seq_len=512, max_images=8, pack=True, num_workers=0,
                              num_epochs=None, image=ConfigDict(), text=ConfigDict()))
     c.eval_data = None
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))

@@ -90,6 +90,10 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
 
         add_lora(model, rank=config.lora.rank, alpha=config.lora.alpha, dropout=config.lora.dropout,
                  targets=config.lora.targets, seed=tc.seed)
+    if config.model.get("load_params"):
+        from vlmjax.train.params_io import load_params
+
+        log.info("loaded %d tensors from %s", load_params(model, config.model.load_params), config.model.load_params)
     shd.shard_module(model, mesh, rules)
     graphdef, trainable, rest = opt_lib.split_trainable(model, tuple(tc.trainable))
     ref_params = None
@@ -121,9 +125,9 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
         log.info("resumed from step %d", start)
 
     shardings = jax.tree.map(lambda x: x.sharding, (trainable, opt_state))
-    step_fn = jax.jit(make_train_step(graphdef, tx, config, ref_params=ref_params), donate_argnums=(0, 2),
+    step_fn = jax.jit(make_train_step(graphdef, tx, config), donate_argnums=(0, 2),
                       out_shardings=(shardings[0], shardings[1], None))
-    eval_fn = jax.jit(eval_loss_fn(graphdef, config, ref_params=ref_params)) if eval_it is not None else None
+    eval_fn = jax.jit(eval_loss_fn(graphdef, config)) if eval_it is not None else None
     is_main = jax.process_index() == 0
     writer = MetricsWriter(workdir, steps, start, enabled=is_main)
     if is_main:
@@ -140,7 +144,7 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
             batch = _place(_stack([next(it) for _ in range(tc.grad_accum)]), mesh)
             key, sub = jax.random.split(key)
             with shd.use_mesh(mesh, rules):
-                trainable, opt_state, metrics = step_fn(trainable, rest, opt_state, batch, sub)
+                trainable, opt_state, metrics = step_fn(trainable, rest, opt_state, batch, sub, ref_params)
             metrics = jax.device_get(metrics)  # blocks: one step at a time (also keeps CPU collectives safe)
             dt = time.perf_counter() - t0
             finite = bool(metrics.pop("finite"))
@@ -165,7 +169,7 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
             if ckpt.save(step + 1, state, it.get_state(), force=step + 1 == steps):
                 last_good = step + 1
             if eval_fn is not None and (step + 1) % tc.eval_every == 0:
-                em = [jax.device_get(eval_fn(trainable, rest, _place(next(eval_it), mesh, stacked=False)))
+                em = [jax.device_get(eval_fn(trainable, rest, _place(next(eval_it), mesh, stacked=False), ref_params))
                       for _ in range(tc.get("eval_batches", 1))]
                 writer.write(step + 1, {k: float(np.mean([e[k] for e in em])) for k in em[0]}, prefix="eval/")
     finally:
@@ -175,6 +179,10 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
         if eval_it is not None:
             eval_it.close()
     model = nnx.merge(graphdef, trainable, rest)
+    if tc.get("save_trainable") and is_main:
+        from vlmjax.train.params_io import save_params
+
+        save_params(trainable, os.path.join(workdir, "trainable.safetensors"))
     summary = {"steps": steps, "start": start, "history": history, "model": model, "config": vcfg, "tokenizer": tokenizer}
     if config.get("export_dir"):
         summary["export_dir"] = export(model, config.export_dir, tokenizer)

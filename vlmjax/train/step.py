@@ -76,15 +76,17 @@ def dpo_loss(model, batch: Batch, cfg, ref_model=None) -> tuple[jax.Array, dict]
     return loss, metrics
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, cfg, *, ref_params=None) -> Callable:
-    """-> step(trainable, rest, opt_state, batches, key) -> (trainable, opt_state, metrics).
+def make_train_step(graphdef, tx: optax.GradientTransformation, cfg) -> Callable:
+    """-> step(trainable, rest, opt_state, batches, key, ref_params=None) -> (trainable, opt_state, metrics).
 
-    `batches` holds k micro-batches stacked on axis 0. Non-finite loss/grads: with train.nan_policy='skip' the
+    `batches` holds k micro-batches stacked on axis 0. `ref_params` (DPO with dpo.reference='frozen_copy': the
+    frozen reference's values of the trainable parameters) is an argument, never a closed-over constant: a
+    captured copy would be baked into the program as constants (slow constant folding, a second copy in it). Non-finite loss/grads: with train.nan_policy='skip' the
     update is dropped (metrics report it); 'stop' is enforced by the loop from the returned `finite` flag.
     """
     objective = cfg.train.objective
 
-    def loss_fn(trainable, rest, batch, key):
+    def loss_fn(trainable, rest, batch, key, ref_params):
         model = nnx.merge(graphdef, trainable, rest)
         with lora_dropout_key(key):
             if objective == "sft":
@@ -94,13 +96,13 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg, *, ref_para
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def step(trainable, rest, opt_state, batches, key):
+    def step(trainable, rest, opt_state, batches, key, ref_params=None):
         k = jax.tree.leaves(batches)[0].shape[0]
         keys = jax.random.split(key, k)
 
         def micro(acc, xs):
             batch, mkey = xs
-            (loss, metrics), grads = grad_fn(trainable, rest, batch, mkey)
+            (loss, metrics), grads = grad_fn(trainable, rest, batch, mkey, ref_params)
             acc = jax.tree.map(jnp.add, acc, grads)
             return acc, metrics
 
@@ -121,10 +123,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg, *, ref_para
     return step
 
 
-def eval_loss_fn(graphdef, cfg, *, ref_params=None) -> Callable:
-    """-> f(trainable, rest, batch) -> metrics, without gradients (held-out loss)."""
+def eval_loss_fn(graphdef, cfg) -> Callable:
+    """-> f(trainable, rest, batch, ref_params=None) -> metrics, without gradients (held-out loss)."""
 
-    def f(trainable, rest, batch):
+    def f(trainable, rest, batch, ref_params=None):
         model = nnx.merge(graphdef, trainable, rest)
         if cfg.train.objective == "sft":
             return sft_loss(model, batch, cfg)[1]

@@ -1,0 +1,261 @@
+"""STIC reproduced in miniature on offline easy-vqa: the `make demo` pipeline, composed from library pieces.
+
+    python -m vlmjax.recipes.stic.miniature [--workdir runs/stic_mini] [--negatives plain] [--quick]
+
+1. data: easy-vqa train images split into a labelled base set and held-out *unlabeled* images (only their pixels
+   are used); a BPE tokenizer fitted to the corpus (`vlmjax.data.tokenizer`).
+2. base model (configs/stic/mini.py:align then :sft): caption pre-training, then SFT on the QA conversations whose
+   description turn is asked with STIC's simple / detailed / DaR prompts (the skill stage 1 relies on, as LLaVA's
+   data teaches it to a real base model). Evaluated on the easy-vqa test split, directly and with DaR.
+3. STIC stage 1: `make_preferences` on the unlabeled images with the base model, DPO (:stage1, LoRA + projector,
+   reference = adapter off). Stage 2: `make_infused_sft` with the stage-1 model on a subset of the base SFT data,
+   SFT continuing the adapter (:stage2). Evaluated again, directly and with DaR.
+4. The final model (LoRA merged) is exported to an HF LLaVA folder, reloaded with transformers, logits compared.
+
+Every step is skipped when its output exists, so a rerun resumes; `--negatives plain` reruns STIC from the same
+base model with the no-negatives ablation (rejected = a plain description of the clean image). Results go to
+WORKDIR/results/*.json and a printed table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from vlmjax.recipes.stic import prompts as P
+
+REPO = Path(__file__).resolve().parents[3]
+DESCRIBE_PROMPTS = P.SIMPLE + (P.DETAILED, P.DAR_DESCRIBE)
+
+
+def stage_config(stage: str, config_file: Path = REPO / "configs" / "stic" / "mini.py"):
+    spec = importlib.util.spec_from_file_location("_stic_mini_config", config_file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(stage)
+
+
+# ----------------------------------------------------------------------------------------------------- data
+
+
+def prepare_data(root: Path, *, n_base: int, n_unlabeled: int, seed: int = 0) -> dict:
+    """easy-vqa train split -> base captions / base SFT conversations / unlabeled image list + tokenizer."""
+    from vlmjax.data import easy_vqa
+    from vlmjax.data.tokenizer import train_tokenizer
+
+    data = root / "data"
+    done = data / "prepared.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    easy_vqa.build(str(data), splits=("train",))
+    records = json.loads((data / "train.json").read_text())
+    captions = {r["id"]: r for r in map(json.loads, (data / "train_captions.jsonl").read_text().splitlines())}
+    if n_base + n_unlabeled > len(records):
+        raise ValueError(f"n_base + n_unlabeled = {n_base + n_unlabeled} > {len(records)} easy-vqa train images")
+    base, unlabeled = records[:n_base], records[n_base: n_base + n_unlabeled]
+    for rec in base:  # the description turn asked with STIC's prompts (one per sample, by id)
+        first = rec["conversations"][0]
+        if first["value"] == "<image>\nDescribe the image briefly.":
+            first["value"] = P.with_image(DESCRIBE_PROMPTS[zlib.crc32(f"{seed}:{rec['id']}".encode()) % len(DESCRIBE_PROMPTS)])
+    (data / "base_sft.json").write_text(json.dumps(base))
+    with open(data / "base_captions.jsonl", "w") as f:
+        f.writelines(json.dumps(captions[r["id"]]) + "\n" for r in base if r["id"] in captions)
+    (data / "unlabeled.json").write_text(json.dumps([[r["id"], r["image"]] for r in unlabeled]))
+    texts = [t["value"].replace("<image>", "") for r in base for t in r["conversations"]]
+    texts += list(DESCRIBE_PROMPTS + P.HALLUCINATION) + ["Image description:", "user", "assistant", "system"]
+    train_tokenizer(texts, root / "tokenizer", vocab_size=1024)
+    info = {"base": len(base), "unlabeled": len(unlabeled), "captions": sum(r["id"] in captions for r in base)}
+    done.write_text(json.dumps(info))
+    return info
+
+
+# ----------------------------------------------------------------------------------------------------- training
+
+
+def train_stage(stage: str, workdir: Path, *, model_path: str | None = None, source: str | None = None,
+                image_root: str, load_params: str | None = None, steps_scale: float = 1.0, over=None):
+    """Train one stage (resumes from its checkpoints); returns the export folder. Skipped if already exported."""
+    from vlmjax.train.loop import train
+
+    export = workdir / "export"
+    if (export / "config.json").exists():
+        return export
+    c = stage_config(stage)
+    if c.model.init == "random":
+        c.model.tokenizer = str(workdir.parent / "tokenizer")  # written by prepare_data
+    if model_path is not None:
+        c.model.path = model_path
+    if load_params is not None:
+        c.model.load_params = load_params
+    src = dict(c.data.sources[0])
+    src.update(image_root=image_root, **({"path": source} if source else {}))
+    c.data.sources = (src,)
+    c.train.steps = max(2, int(round(c.train.steps * steps_scale)))
+    c.export_dir = str(export)
+    for k, v in (over or {}).items():
+        node = c
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
+    t0 = time.time()
+    summary = train(c, str(workdir))
+    losses = [h["loss"] for h in summary["history"]]
+    log = {"stage": stage, "steps": c.train.steps, "seconds": round(time.time() - t0, 1),
+           "loss_first": losses[0] if losses else None, "loss_last": float(np.mean(losses[-5:])) if losses else None}
+    if c.train.objective == "dpo" and summary["history"]:
+        log["reward_margin_last"] = float(np.mean([h.get("rewards/margin", np.nan) for h in summary["history"][-5:]]))
+    (workdir / "stage.json").write_text(json.dumps(log))
+    print(f"  {stage}: {log}", flush=True)
+    return export
+
+
+# ----------------------------------------------------------------------------------------------------- evaluation
+
+
+def answer_kind(gold: str) -> str:
+    from vlmjax.data.easy_vqa import COLORS, SHAPES
+
+    g = gold.lower()
+    return "shape" if g in SHAPES else "color" if g in COLORS else "yes/no"
+
+
+def evaluate(model_dir: Path, out: Path, *, n: int, dar: bool) -> dict:
+    """easy-vqa test accuracy (overall and by answer kind), directly or with describe-and-respond."""
+    if out.exists():
+        return json.loads(out.read_text())
+    from vlmjax.eval.runner import predict, score
+    from vlmjax.eval.tasks import easy_vqa
+    from vlmjax.generate.loading import load_model
+    from vlmjax.recipes.stic.dar import dar_task
+
+    model, _cfg, tok = load_model(model_dir)
+    task = easy_vqa("test", n=n)
+    if dar:
+        task = dar_task(model, tok, task, max_new_tokens=24)
+    metrics, rows = score(task, predict(model, tok, task, progress=False))
+    by_kind = {}
+    for r in rows:
+        by_kind.setdefault(answer_kind(r["gold"][0]), []).append(r["exact_match"])
+    res = {"accuracy": metrics["accuracy"], "n": metrics["n"], **{k: float(np.mean(v)) for k, v in sorted(by_kind.items())}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res))
+    return res
+
+
+def hf_reload_check(model_dir: Path, image) -> float:
+    """Max |logit| difference between vlmjax and transformers on one image + prompt of the exported folder."""
+    import torch
+    import transformers
+
+    from vlmjax.generate.loading import load_model
+    from vlmjax.generate.requests import Encoder, Request
+
+    model, cfg, tok = load_model(model_dir)
+    enc = Encoder(tok, cfg).prompt(Request("check", [{"role": "user", "content": "<image>\nWhat shape is this?"}], [image]))
+    ours = np.asarray(model(np.array([enc.ids], np.int32), enc.pixels, np.zeros(1, np.int32)))
+    ref = transformers.AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = ref(input_ids=torch.tensor([enc.ids]), pixel_values=torch.tensor(enc.pixels.transpose(0, 3, 1, 2))).logits.numpy()
+    return float(np.abs(theirs - ours).max())
+
+
+# ----------------------------------------------------------------------------------------------------- pipeline
+
+
+def run(root: Path, *, negatives: str = "generated", quick: bool = False, n_eval: int = 300, seed: int = 0) -> dict:
+    from vlmjax.generate.loading import load_model
+    from vlmjax.recipes.stic.make_infused_sft import make_infused_sft
+    from vlmjax.recipes.stic.make_preferences import make_preferences
+
+    scale = 0.1 if quick else 1.0
+    n_base, n_unlabeled, n_subset = (400, 48, 48) if quick else (3000, 480, 480)
+    n_eval = 48 if quick else n_eval
+    root.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    print(f"[1/6] data: {prepare_data(root, n_base=n_base, n_unlabeled=n_unlabeled, seed=seed)}", flush=True)
+    images = str(root / "data" / "images")
+    data = root / "data"
+
+    print("[2/6] base model: caption pre-training, then SFT", flush=True)
+    align = train_stage("align", root / "align", image_root=images, source=str(data / "base_captions.jsonl"),
+                        steps_scale=scale)
+    base = train_stage("sft", root / "sft", model_path=str(align), image_root=images, source=str(data / "base_sft.json"),
+                       steps_scale=scale)
+    results = {"base": evaluate(base, root / "results" / "base.json", n=n_eval, dar=False),
+               "base_dar": evaluate(base, root / "results" / "base_dar.json", n=n_eval, dar=True)}
+    print(f"[3/6] base on easy-vqa test: {results['base']} | DaR {results['base_dar']}", flush=True)
+
+    stic = root / f"stic_{negatives}"
+    stic.mkdir(exist_ok=True)
+    gen = dict(max_new_tokens=24, batch_size=32, progress=False)
+    if not (stic / "pairs.jsonl").exists():
+        model, _cfg, tok = load_model(base)
+        unlabeled = [tuple(x) for x in json.loads((data / "unlabeled.json").read_text())]
+        stats = make_preferences(model, tok, unlabeled, images, stic / "pairs.jsonl", negatives=negatives, seed=seed,
+                                 temperature=0.2, **gen)
+        (stic / "pairs_stats.json").write_text(json.dumps(stats))
+    pair_stats = json.loads((stic / "pairs_stats.json").read_text())
+    print(f"[4/6] STIC stage 1 ({negatives} negatives): {pair_stats}", flush=True)
+    s1 = train_stage("stage1", stic / "stage1", model_path=str(base), image_root=images, source=str(stic / "pairs.jsonl"),
+                     steps_scale=1.0 if not quick else 0.2, over={"data.seq_len": 96})
+    results["stage1"] = evaluate(s1, stic / "results" / "stage1.json", n=n_eval, dar=False)
+
+    if not (stic / "infused.json").exists():
+        model, _cfg, tok = load_model(s1)
+        subset = json.loads((data / "base_sft.json").read_text())[:n_subset]
+        (stic / "infused_stats.json").write_text(json.dumps(
+            make_infused_sft(model, tok, subset, images, stic / "infused.json", seed=seed, **gen)))
+    print(f"[5/6] STIC stage 2: {json.loads((stic / 'infused_stats.json').read_text())}", flush=True)
+    s2 = train_stage("stage2", stic / "stage2", model_path=str(base), image_root=images, source=str(stic / "infused.json"),
+                     load_params=str(stic / "stage1" / "trainable.safetensors"), steps_scale=1.0 if not quick else 0.2)
+    results["stic"] = evaluate(s2, stic / "results" / "stic.json", n=n_eval, dar=False)
+    results["stic_dar"] = evaluate(s2, stic / "results" / "stic_dar.json", n=n_eval, dar=True)
+
+    err = hf_reload_check(s2, str(data / "images" / "train" / "0.png"))
+    results["hf_reload_max_abs_logit_diff"] = err
+    results["seconds"] = round(time.time() - t_start, 1)
+    results["pairs"] = pair_stats
+    (stic / "results" / "summary.json").write_text(json.dumps(results, indent=1))
+    print(f"[6/6] final model exported to {s2}; transformers reloads it: max |logit diff| = {err:.2e}", flush=True)
+    print(format_table(results, negatives))
+    return results
+
+
+def format_table(r: dict, negatives: str) -> str:
+    rows = [("base", "base"), ("base + DaR", "base_dar"), ("STIC stage 1", "stage1"), ("STIC (stage 1 + 2)", "stic"),
+            ("STIC + DaR", "stic_dar")]
+    kinds = [k for k in ("shape", "color", "yes/no") if k in r["base"]]
+    head = f"| model ({negatives} negatives) | accuracy | " + " | ".join(kinds) + " |"
+    lines = [head, "|" + "---|" * (2 + len(kinds))]
+    for name, key in rows:
+        m = r[key]
+        lines.append(f"| {name} | {m['accuracy']:.3f} | " + " | ".join(f"{m.get(k, float('nan')):.3f}" for k in kinds) + " |")
+    lines.append(f"(easy-vqa test, n={r['base']['n']} questions; {r['seconds']:.0f} s)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workdir", type=Path, default=Path("runs/stic_mini"))
+    ap.add_argument("--negatives", default="generated", choices=["generated", "plain"],
+                    help="plain = the no-negatives ablation (rejected = a plain description of the clean image)")
+    ap.add_argument("--quick", action="store_true", help="a few steps of everything (CI smoke run)")
+    ap.add_argument("--n-eval", type=int, default=300)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    r = run(args.workdir, negatives=args.negatives, quick=args.quick, n_eval=args.n_eval, seed=args.seed)
+    return 0 if r["hf_reload_max_abs_logit_diff"] < 1e-3 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
