@@ -107,6 +107,21 @@ def test_left_padded_batch_matches_single_prompt_runs():
     assert [o.tokens for o in out] == [greedy_generate(model, p, max_new_tokens=10) for p in prompts]
 
 
+def test_min_new_tokens_blocks_eos_then_allows_it():
+    model = tiny_llm()
+    prompts = [[3, 4, 5], [9, 8, 7, 6]]
+    free = generate(model, prompts, GenerationConfig(max_new_tokens=8))
+    first = [o.tokens[0] for o in free]
+    # make each row's greedy first token an EOS: unconstrained it stops at once; min_new_tokens=3 forbids that
+    eos = tuple(sorted(set(first)))
+    stopped = generate(model, prompts, GenerationConfig(max_new_tokens=8, eos_token_ids=eos))
+    assert all(o.tokens == [] and o.finish_reason == "eos" for o in stopped)
+    held = generate(model, prompts, GenerationConfig(max_new_tokens=8, eos_token_ids=eos, min_new_tokens=3))
+    for o in held:
+        assert len(o.tokens) >= 3 and not set(o.tokens[:3]) & set(eos)
+        assert o.finish_reason == "eos" or len(o.tokens) == 8
+
+
 def test_sampling_reproducible_topk1_greedy_and_batch_independent():
     model = tiny_llm()
     prompts = [[3, 4, 5], [9, 8, 7, 6, 5, 4], [11]]

@@ -90,7 +90,9 @@ def test_remat_and_bf16_are_execution_choices_only():
     loss = lambda m: m(ids, px, rows).sum()  # noqa: E731
     g_ref = nnx.grad(loss)(base)
     g_remat = nnx.grad(loss)(remat)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), nnx.state(g_ref), nnx.state(g_remat))
+    # remat recomputes the forward inside the backward: fp32 summation order changes, so single elements of
+    # gradients ~0.06 differ by up to ~2e-5 on some CPUs (seen: 1 of 512 at 1.97e-5); a real remat bug is >> 1e-4
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5), nnx.state(g_ref), nnx.state(g_remat))
     bf16 = VLM(with_dtypes(cfg, "bfloat16", "float32"), rngs=nnx.Rngs(0))
     assert bf16.llm.embed_tokens[...].dtype == jnp.float32  # fp32 master weights
     out = np.asarray(bf16(ids, px, rows)).astype(np.float32)

@@ -41,6 +41,7 @@ FINISH_NAMES = {EOS: "eos", STOP: "stop", LENGTH: "length"}
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
     max_new_tokens: int = 128
+    min_new_tokens: int = 0  # EOS ids cannot be sampled before this many tokens (as transformers' min_new_tokens)
     sampling: SamplingConfig = SamplingConfig()
     eos_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
@@ -102,8 +103,16 @@ def _record(loop: _Loop, tok_b, eos_ids) -> _Loop:
     )
 
 
+def _no_early_eos(logits_bv, eos_ids, step, min_new: int):
+    """Mask the EOS ids while fewer than `min_new` tokens have been generated."""
+    if not min_new or not eos_ids.size:
+        return logits_bv
+    is_eos_v = jnp.isin(jnp.arange(logits_bv.shape[-1]), eos_ids)
+    return jnp.where(is_eos_v & (step < min_new), jnp.finfo(logits_bv.dtype).min, logits_bv)
+
+
 def _prefill(graphdef, state, ids_bp, lens_b, pixel_values, image_rows, row_seeds_b, done0_b, eos_ids, base_key, *,
-             sampling: SamplingConfig, max_new: int, cache_len: int):
+             sampling: SamplingConfig, max_new: int, cache_len: int, min_new: int = 0):
     model = nnx.merge(graphdef, state)
     llm = llm_of(model)
     b, p = ids_bp.shape
@@ -112,7 +121,7 @@ def _prefill(graphdef, state, ids_bp, lens_b, pixel_values, image_rows, row_seed
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
     h_bpd, cache = llm.hidden_states_cached(x_bpd, positions, cache, jnp.zeros((b,), jnp.int32), prefill=True)
     h_bd = jnp.take_along_axis(h_bpd, (lens_b - 1)[:, None, None], axis=1)[:, 0]
-    logits_bv = llm.logits(h_bd[:, None])[:, 0]
+    logits_bv = _no_early_eos(llm.logits(h_bd[:, None])[:, 0], eos_ids, 0, min_new)
     keys = row_keys(base_key, row_seeds_b)
     tok_b = sample(logits_bv, sampling, keys, 0)
     loop = _Loop(cache, jnp.zeros((b, max_new), jnp.int32), tok_b, lens_b, jnp.zeros((b,), jnp.int32), done0_b,
@@ -120,7 +129,7 @@ def _prefill(graphdef, state, ids_bp, lens_b, pixel_values, image_rows, row_seed
     return _record(loop, tok_b, eos_ids)
 
 
-def _decode(graphdef, state, loop: _Loop, end_step, eos_ids, *, sampling: SamplingConfig, unroll: bool):
+def _decode(graphdef, state, loop: _Loop, end_step, eos_ids, *, sampling: SamplingConfig, unroll: bool, min_new: int = 0):
     model = nnx.merge(graphdef, state)
     llm = llm_of(model)
 
@@ -130,7 +139,7 @@ def _decode(graphdef, state, loop: _Loop, end_step, eos_ids, *, sampling: Sampli
     def body(lp: _Loop):
         x_b1d = llm.embed(lp.last[:, None])
         h_b1d, cache = llm.hidden_states_cached(x_b1d, lp.pos[:, None], lp.cache, lp.pos, unroll=unroll)
-        tok_b = sample(llm.logits(h_b1d)[:, 0], sampling, lp.keys, lp.step)
+        tok_b = sample(_no_early_eos(llm.logits(h_b1d)[:, 0], eos_ids, lp.step, min_new), sampling, lp.keys, lp.step)
         return _record(lp._replace(cache=cache, pos=lp.pos + 1), tok_b, eos_ids)
 
     return jax.lax.while_loop(cond, body, loop)
@@ -138,8 +147,8 @@ def _decode(graphdef, state, loop: _Loop, end_step, eos_ids, *, sampling: Sampli
 
 @functools.lru_cache(maxsize=None)
 def _jitted(donate: bool):
-    prefill = jax.jit(_prefill, static_argnums=(0,), static_argnames=("sampling", "max_new", "cache_len"))
-    decode = jax.jit(_decode, static_argnums=(0,), static_argnames=("sampling", "unroll"),
+    prefill = jax.jit(_prefill, static_argnums=(0,), static_argnames=("sampling", "max_new", "cache_len", "min_new"))
+    decode = jax.jit(_decode, static_argnums=(0,), static_argnames=("sampling", "unroll", "min_new"),
                      donate_argnums=(2,) if donate else ())
     return prefill, decode
 
@@ -226,7 +235,7 @@ def generate(
     stopped: dict[int, tuple[int, str]] = {}
     with ctx:
         loop = prefill(graphdef, state, put(ids), put(lens_b), put(pixel_values), put(image_rows), put(seeds),
-                       put(done0), eos_ids, jax.random.key(cfg.seed), sampling=cfg.sampling, max_new=cfg.max_new_tokens,
+                       put(done0), eos_ids, jax.random.key(cfg.seed), sampling=cfg.sampling, max_new=cfg.max_new_tokens, min_new=cfg.min_new_tokens,
                        cache_len=-(-(p + cfg.max_new_tokens) // cfg.cache_bucket) * cfg.cache_bucket)
         step = 1
         while True:
@@ -238,7 +247,7 @@ def generate(
             if step >= cfg.max_new_tokens or all_done:
                 break
             loop = decode(graphdef, state, loop, jnp.int32(min(step + chunk, cfg.max_new_tokens)), eos_ids,
-                          sampling=cfg.sampling, unroll=cfg.unroll_decode)
+                          sampling=cfg.sampling, unroll=cfg.unroll_decode, min_new=cfg.min_new_tokens)
             step = int(loop.step)
     tokens, lengths, finish = jax.device_get((loop.tokens, loop.lengths, loop.finish))
     out = []

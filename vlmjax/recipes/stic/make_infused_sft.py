@@ -61,11 +61,12 @@ def infuse(record: dict, description: str) -> dict:
 
 
 def make_infused_sft(model, tokenizer, records: Sequence[dict], image_folder, out_path, *, seed: int = 0,
-                     max_new_tokens: int = 512, temperature: float = 0.0, batch_size: int = 16,
+                     max_new_tokens: int = 512, min_new_tokens: int = 0, temperature: float = 0.0, batch_size: int = 16,
                      template: str = "auto", mesh=None, progress: bool = True) -> dict:
     reqs = describe_requests(records, image_folder, seed=seed)
     desc_path = os.path.splitext(os.fspath(out_path))[0] + ".descriptions.jsonl"
-    config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_ids=default_eos_ids(tokenizer, model.cfg),
+    config = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                              eos_token_ids=default_eos_ids(tokenizer, model.cfg),
                               sampling=SamplingConfig(temperature=temperature), seed=seed)
     generate_dataset(model, tokenizer, reqs, desc_path, config, batch_size=batch_size,
                      encoder=Encoder(tokenizer, model.cfg, template=template), mesh=mesh, progress=progress)

@@ -96,7 +96,7 @@ def shard_path(path: str, index: int, count: int) -> str:
 
 def make_preferences(model, tokenizer, images: Sequence[tuple[str, str]], image_root, out_path, *,
                      prompts: PromptSet = PromptSet(), negatives: str = "generated", seed: int = 0,
-                     max_new_tokens: int = 1024, temperature: float = 0.2, batch_size: int = 16,
+                     max_new_tokens: int = 1024, min_new_tokens: int = 0, temperature: float = 0.2, batch_size: int = 16,
                      shard_index: int | None = None, shard_count: int | None = None, template: str = "auto",
                      mesh=None, progress: bool = True) -> dict:
     """Generate both sides for every image (id, path relative to `image_root`) and write the pairs JSONL.
@@ -125,7 +125,8 @@ def make_preferences(model, tokenizer, images: Sequence[tuple[str, str]], image_
             rejected.append(request(i, prompts.simple[p["simple_prompt_id"]], {"corruption": p["corruption"], "seed": p["seed"]}))
         else:
             rejected.append(request(i, prompts.simple[p["simple_prompt_id"]], {}))
-    config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_ids=default_eos_ids(tokenizer, model.cfg),
+    config = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                              eos_token_ids=default_eos_ids(tokenizer, model.cfg),
                               sampling=SamplingConfig(temperature=temperature) if temperature > 0 else SamplingConfig(),
                               seed=seed)
     encoder = CorruptingEncoder(tokenizer, model.cfg, template=template)

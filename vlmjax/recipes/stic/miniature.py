@@ -61,20 +61,33 @@ def prepare_data(root: Path, *, n_base: int, n_unlabeled: int, seed: int = 0) ->
     if n_base + n_unlabeled > len(records):
         raise ValueError(f"n_base + n_unlabeled = {n_base + n_unlabeled} > {len(records)} easy-vqa train images")
     base, unlabeled = records[:n_base], records[n_base: n_base + n_unlabeled]
-    for rec in base:  # the description turn asked with STIC's prompts (one per sample, by id)
-        first = rec["conversations"][0]
-        if first["value"] == "<image>\nDescribe the image briefly.":
-            first["value"] = P.with_image(DESCRIBE_PROMPTS[zlib.crc32(f"{seed}:{rec['id']}".encode()) % len(DESCRIBE_PROMPTS)])
+    for rec in base:
+        rec["conversations"] = sft_turns(rec["conversations"], np.random.default_rng(zlib.crc32(f"{seed}:{rec['id']}".encode())))
     (data / "base_sft.json").write_text(json.dumps(base))
     with open(data / "base_captions.jsonl", "w") as f:
         f.writelines(json.dumps(captions[r["id"]]) + "\n" for r in base if r["id"] in captions)
     (data / "unlabeled.json").write_text(json.dumps([[r["id"], r["image"]] for r in unlabeled]))
     texts = [t["value"].replace("<image>", "") for r in base for t in r["conversations"]]
     texts += list(DESCRIBE_PROMPTS + P.HALLUCINATION) + ["Image description:", "user", "assistant", "system"]
-    train_tokenizer(texts, root / "tokenizer", vocab_size=1024)
+    train_tokenizer(sorted(texts), root / "tokenizer", vocab_size=1024)  # sorted: BPE ties depend on text order
     info = {"base": len(base), "unlabeled": len(unlabeled), "captions": sum(r["id"] in captions for r in base)}
     done.write_text(json.dumps(info))
     return info
+
+
+def sft_turns(turns: list[dict], rng: np.random.Generator) -> list[dict]:
+    """easy-vqa's conversation (description turn, then its QA) in a random order, so any question can be the first
+    turn that carries the image (as the evaluation asks it); the description is asked with one of STIC's
+    simple / detailed / DaR prompts."""
+    pairs = [[turns[i]["value"].replace("<image>\n", ""), turns[i + 1]["value"]] for i in range(0, len(turns), 2)]
+    if pairs[0][0] == "Describe the image briefly.":
+        pairs[0][0] = DESCRIBE_PROMPTS[int(rng.integers(len(DESCRIBE_PROMPTS)))]
+    order = rng.permutation(len(pairs))
+    out = []
+    for k, i in enumerate(order):
+        q, a = pairs[i]
+        out += [{"from": "human", "value": P.with_image(q) if k == 0 else q}, {"from": "gpt", "value": a}]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------- training
@@ -146,9 +159,66 @@ def evaluate(model_dir: Path, out: Path, *, n: int, dar: bool) -> dict:
     for r in rows:
         by_kind.setdefault(answer_kind(r["gold"][0]), []).append(r["exact_match"])
     res = {"accuracy": metrics["accuracy"], "n": metrics["n"], **{k: float(np.mean(v)) for k, v in sorted(by_kind.items())}}
+    if not dar:  # image comprehension measured directly: describe held-out test images
+        describe = description_task(max(8, n // 3))
+        res.update(description_accuracy(predict(model, tok, describe, progress=False), describe))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res))
     return res
+
+
+def description_task(n: int):
+    """Test images whose shape and colour the easy-vqa questions determine, asked for a plain description; the
+    references are the true attributes. Scored by `description_accuracy` (both words right)."""
+    from vlmjax.data.assets import easy_vqa_data_dir
+    from vlmjax.data.easy_vqa import infer_attributes
+    from vlmjax.eval.tasks import EvalSample, Task
+
+    root = Path(easy_vqa_data_dir()) / "test"
+    by_image: dict[int, list] = {}
+    for q, a, image_id in json.loads((root / "questions.json").read_text()):
+        by_image.setdefault(int(image_id), []).append((q, a))
+    samples = []
+    for image_id in sorted(by_image):
+        attrs = infer_attributes(by_image[image_id])
+        if attrs["shape"] and attrs["color"]:
+            samples.append(EvalSample(f"test_{image_id}", P.SIMPLE[3], [attrs["color"], attrs["shape"]],
+                                      str(root / "images" / f"{image_id}.png")))
+    step = max(1, len(samples) // n)
+    return Task("easy_vqa_describe", "caption", samples[::step][:n], instruction="", max_new_tokens=24)
+
+
+def description_accuracy(preds: dict, task) -> dict:
+    from vlmjax.data.easy_vqa import COLORS, SHAPES
+    from vlmjax.eval.answers import first_vocab_answer
+
+    color = [first_vocab_answer(preds.get(s.id, ""), list(COLORS)) == s.answers[0] for s in task.samples]
+    shape = [first_vocab_answer(preds.get(s.id, ""), list(SHAPES)) == s.answers[1] for s in task.samples]
+    return {"describe_color": float(np.mean(color)), "describe_shape": float(np.mean(shape)),
+            "describe_both": float(np.mean([c and s for c, s in zip(color, shape)]))}
+
+
+def pair_report(pairs_path: Path, captions_path: Path) -> dict:
+    """How often each kind of rejected side is really wrong, judged against the true attributes of the unlabeled
+    images (known here, never used for training): {kind: {n, identical, chosen/rejected colour and shape right}}."""
+    from vlmjax.data.easy_vqa import COLORS, SHAPES
+    from vlmjax.eval.answers import first_vocab_answer
+
+    truth = {r["id"]: r for r in map(json.loads, captions_path.read_text().splitlines())}
+    out: dict[str, dict] = {}
+    for r in map(json.loads, pairs_path.read_text().splitlines()):
+        t = truth.get(r["id"])
+        if t is None or not (t.get("color") and t.get("shape")):
+            continue
+        kind = r["rejected_kind"] + (f"/{r['corruption']}" if r.get("corruption") else "")
+        k = out.setdefault(kind, {"n": 0, "identical": 0, "chosen_color": 0, "rejected_color": 0, "chosen_shape": 0,
+                                  "rejected_shape": 0})
+        k["n"] += 1
+        k["identical"] += r["chosen"] == r["rejected"]
+        for side in ("chosen", "rejected"):
+            k[f"{side}_color"] += first_vocab_answer(r[side], list(COLORS)) == t["color"]
+            k[f"{side}_shape"] += first_vocab_answer(r[side], list(SHAPES)) == t["shape"]
+    return {kind: {"n": k["n"], **{x: round(v / k["n"], 3) for x, v in k.items() if x != "n"}} for kind, k in out.items()}
 
 
 def hf_reload_check(model_dir: Path, image) -> float:
@@ -171,14 +241,17 @@ def hf_reload_check(model_dir: Path, image) -> float:
 # ----------------------------------------------------------------------------------------------------- pipeline
 
 
-def run(root: Path, *, negatives: str = "generated", quick: bool = False, n_eval: int = 300, seed: int = 0) -> dict:
+def run(root: Path, *, negatives: str = "generated", quick: bool = False, n_eval: int = 300, seed: int = 0,
+        stic_seed: int = 0) -> dict:
+    """seed: data preparation and base training; stic_seed: pair plans, sampling and STIC training (a nonzero
+    stic_seed gets its own folder, so several STIC runs share one base model)."""
     from vlmjax.generate.loading import load_model
     from vlmjax.recipes.stic.make_infused_sft import make_infused_sft
     from vlmjax.recipes.stic.make_preferences import make_preferences
 
-    scale = 0.1 if quick else 1.0
-    n_base, n_unlabeled, n_subset = (400, 48, 48) if quick else (3000, 480, 480)
-    n_eval = 48 if quick else n_eval
+    scale = 0.02 if quick else 1.0  # quick: 2-6 steps per stage, a smoke run of every step of the pipeline
+    n_base, n_unlabeled, n_subset = (64, 12, 12) if quick else (3000, 480, 480)
+    n_eval = 16 if quick else n_eval
     root.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     print(f"[1/6] data: {prepare_data(root, n_base=n_base, n_unlabeled=n_unlabeled, seed=seed)}", flush=True)
@@ -186,37 +259,40 @@ def run(root: Path, *, negatives: str = "generated", quick: bool = False, n_eval
     data = root / "data"
 
     print("[2/6] base model: caption pre-training, then SFT", flush=True)
+    base_over = {"train.seed": seed, "model.seed": seed}
     align = train_stage("align", root / "align", image_root=images, source=str(data / "base_captions.jsonl"),
-                        steps_scale=scale)
+                        steps_scale=scale, over=base_over)
     base = train_stage("sft", root / "sft", model_path=str(align), image_root=images, source=str(data / "base_sft.json"),
-                       steps_scale=scale)
+                       steps_scale=scale, over=base_over)
     results = {"base": evaluate(base, root / "results" / "base.json", n=n_eval, dar=False),
                "base_dar": evaluate(base, root / "results" / "base_dar.json", n=n_eval, dar=True)}
     print(f"[3/6] base on easy-vqa test: {results['base']} | DaR {results['base_dar']}", flush=True)
 
-    stic = root / f"stic_{negatives}"
+    stic = root / (f"stic_{negatives}" + (f"_seed{stic_seed}" if stic_seed else ""))
     stic.mkdir(exist_ok=True)
-    gen = dict(max_new_tokens=24, batch_size=32, progress=False)
+    # quick: a few steps leave the model ending every reply at once; min_new_tokens keeps its pairs non-empty
+    gen = dict(max_new_tokens=24, batch_size=32, progress=False, min_new_tokens=4 if quick else 0)
     if not (stic / "pairs.jsonl").exists():
         model, _cfg, tok = load_model(base)
         unlabeled = [tuple(x) for x in json.loads((data / "unlabeled.json").read_text())]
-        stats = make_preferences(model, tok, unlabeled, images, stic / "pairs.jsonl", negatives=negatives, seed=seed,
+        stats = make_preferences(model, tok, unlabeled, images, stic / "pairs.jsonl", negatives=negatives, seed=stic_seed,
                                  temperature=0.2, **gen)
         (stic / "pairs_stats.json").write_text(json.dumps(stats))
     pair_stats = json.loads((stic / "pairs_stats.json").read_text())
     print(f"[4/6] STIC stage 1 ({negatives} negatives): {pair_stats}", flush=True)
     s1 = train_stage("stage1", stic / "stage1", model_path=str(base), image_root=images, source=str(stic / "pairs.jsonl"),
-                     steps_scale=1.0 if not quick else 0.2, over={"data.seq_len": 96})
+                     steps_scale=scale, over={"data.seq_len": 96, "train.seed": stic_seed})
     results["stage1"] = evaluate(s1, stic / "results" / "stage1.json", n=n_eval, dar=False)
 
     if not (stic / "infused.json").exists():
         model, _cfg, tok = load_model(s1)
         subset = json.loads((data / "base_sft.json").read_text())[:n_subset]
         (stic / "infused_stats.json").write_text(json.dumps(
-            make_infused_sft(model, tok, subset, images, stic / "infused.json", seed=seed, **gen)))
+            make_infused_sft(model, tok, subset, images, stic / "infused.json", seed=stic_seed, **gen)))
     print(f"[5/6] STIC stage 2: {json.loads((stic / 'infused_stats.json').read_text())}", flush=True)
     s2 = train_stage("stage2", stic / "stage2", model_path=str(base), image_root=images, source=str(stic / "infused.json"),
-                     load_params=str(stic / "stage1" / "trainable.safetensors"), steps_scale=1.0 if not quick else 0.2)
+                     load_params=str(stic / "stage1" / "trainable.safetensors"), steps_scale=scale,
+                     over={"train.seed": stic_seed})
     results["stic"] = evaluate(s2, stic / "results" / "stic.json", n=n_eval, dar=False)
     results["stic_dar"] = evaluate(s2, stic / "results" / "stic_dar.json", n=n_eval, dar=True)
 
@@ -224,6 +300,7 @@ def run(root: Path, *, negatives: str = "generated", quick: bool = False, n_eval
     results["hf_reload_max_abs_logit_diff"] = err
     results["seconds"] = round(time.time() - t_start, 1)
     results["pairs"] = pair_stats
+    results["pairs_by_kind"] = pair_report(stic / "pairs.jsonl", data / "train_captions.jsonl")
     (stic / "results" / "summary.json").write_text(json.dumps(results, indent=1))
     print(f"[6/6] final model exported to {s2}; transformers reloads it: max |logit diff| = {err:.2e}", flush=True)
     print(format_table(results, negatives))
@@ -233,12 +310,12 @@ def run(root: Path, *, negatives: str = "generated", quick: bool = False, n_eval
 def format_table(r: dict, negatives: str) -> str:
     rows = [("base", "base"), ("base + DaR", "base_dar"), ("STIC stage 1", "stage1"), ("STIC (stage 1 + 2)", "stic"),
             ("STIC + DaR", "stic_dar")]
-    kinds = [k for k in ("shape", "color", "yes/no") if k in r["base"]]
+    kinds = [k for k in ("shape", "color", "yes/no", "describe_both") if k in r["base"]]
     head = f"| model ({negatives} negatives) | accuracy | " + " | ".join(kinds) + " |"
     lines = [head, "|" + "---|" * (2 + len(kinds))]
     for name, key in rows:
         m = r[key]
-        lines.append(f"| {name} | {m['accuracy']:.3f} | " + " | ".join(f"{m.get(k, float('nan')):.3f}" for k in kinds) + " |")
+        lines.append(f"| {name} | {m['accuracy']:.3f} | " + " | ".join(f"{m[k]:.3f}" if k in m else "-" for k in kinds) + " |")
     lines.append(f"(easy-vqa test, n={r['base']['n']} questions; {r['seconds']:.0f} s)")
     return "\n".join(lines)
 
@@ -250,10 +327,12 @@ def main(argv=None) -> int:
                     help="plain = the no-negatives ablation (rejected = a plain description of the clean image)")
     ap.add_argument("--quick", action="store_true", help="a few steps of everything (CI smoke run)")
     ap.add_argument("--n-eval", type=int, default=300)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="data preparation and base training")
+    ap.add_argument("--stic-seed", type=int, default=0, help="pair plans, sampling, STIC training (own folder if nonzero)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    r = run(args.workdir, negatives=args.negatives, quick=args.quick, n_eval=args.n_eval, seed=args.seed)
+    r = run(args.workdir, negatives=args.negatives, quick=args.quick, n_eval=args.n_eval, seed=args.seed,
+            stic_seed=args.stic_seed)
     return 0 if r["hf_reload_max_abs_logit_diff"] < 1e-3 else 1
 
 

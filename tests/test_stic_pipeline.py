@@ -1,0 +1,35 @@
+"""The whole STIC miniature (make demo's pipeline) end to end in a few steps per stage: data, tokenizer, base
+training, evaluations, pairs, DPO, infused SFT continuing the adapter, export and the transformers reload."""
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_quick_pipeline_runs_every_stage(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("easy_vqa")
+    from vlmjax.recipes.stic.miniature import run
+
+    r = run(tmp_path, quick=True)
+    assert r["hf_reload_max_abs_logit_diff"] < 1e-3
+    for key in ("base", "base_dar", "stage1", "stic", "stic_dar"):
+        assert 0.0 <= r[key]["accuracy"] <= 1.0 and r[key]["n"] == 16
+    assert "describe_both" in r["base"] and "describe_both" not in r["base_dar"]
+    stic = tmp_path / "stic_generated"
+    pairs = [json.loads(line) for line in (stic / "pairs.jsonl").read_text().splitlines()]
+    assert r["pairs"]["pairs"] == len(pairs) and r["pairs"]["images"] == 12
+    assert all(p["prompt"].startswith("<image>\n") and "rejected_kind" in p for p in pairs)
+    kinds = r["pairs_by_kind"]
+    assert set(kinds) <= {"hallucination_prompt", "corruption/lowres", "corruption/color_jitter"}
+    assert sum(k["n"] for k in kinds.values()) <= len(pairs) and all(0 <= k["identical"] <= 1 for k in kinds.values())
+    assert (stic / "stage1" / "trainable.safetensors").exists()
+    s2 = json.loads((stic / "stage2" / "config.json").read_text())
+    assert s2["model"]["load_params"].endswith("stage1/trainable.safetensors")
+    infused = json.loads((stic / "infused.json").read_text())
+    assert all("Image description:\n" in rec["conversations"][0]["value"] for rec in infused)
+    # a rerun finds every step done and changes nothing
+    again = run(tmp_path, quick=True)
+    assert {k: again[k] for k in ("base", "stic")} == {k: r[k] for k in ("base", "stic")}
