@@ -70,7 +70,6 @@ def main(argv=None) -> int:
 
 
 def smollm2_check(args) -> int:
-
     from vlmjax.convert.assemble import assemble_vlm
     from vlmjax.convert.gguf import smollm2_gguf_path
     from vlmjax.generate.simple import greedy_generate

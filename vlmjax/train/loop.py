@@ -179,7 +179,7 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
         if eval_it is not None:
             eval_it.close()
     model = nnx.merge(graphdef, trainable, rest)
-    if tc.get("save_trainable") and is_main:
+    if tc.get("save_trainable"):  # every process: the leaves are gathered across hosts
         from vlmjax.train.params_io import save_params
 
         save_params(trainable, os.path.join(workdir, "trainable.safetensors"))

@@ -18,11 +18,21 @@ from vlmjax.train.optim import path_str
 
 
 def save_params(state: nnx.State, path: str) -> str:
-    """Write every leaf of `state` (gathered to host) to `path` atomically."""
+    """Write every leaf of `state` to `path` atomically. Multi-host: every process must call it (leaves are
+    gathered across hosts); process 0 writes."""
     from safetensors.numpy import save_file
 
-    tensors = {path_str(p): np.asarray(jax.device_get(v.get_value() if hasattr(v, "get_value") else v.value))
+    def host(x):
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    tensors = {path_str(p): host(v.get_value() if hasattr(v, "get_value") else v.value)
                for p, v in nnx.to_flat_state(state)}
+    if jax.process_index() != 0:
+        return path
     tmp = path + ".tmp"
     save_file(tensors, tmp, metadata={"format": "vlmjax-params"})
     os.replace(tmp, path)

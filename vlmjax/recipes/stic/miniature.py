@@ -327,7 +327,7 @@ def main(argv=None) -> int:
                     help="plain = the no-negatives ablation (rejected = a plain description of the clean image)")
     ap.add_argument("--quick", action="store_true", help="a few steps of everything (CI smoke run)")
     ap.add_argument("--n-eval", type=int, default=300)
-    ap.add_argument("--seed", type=int, default=0, help="data preparation and base training")
+    ap.add_argument("--seed", type=int, default=0, help="data preparation and base training (use a fresh --workdir)")
     ap.add_argument("--stic-seed", type=int, default=0, help="pair plans, sampling, STIC training (own folder if nonzero)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
