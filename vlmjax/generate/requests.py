@@ -52,6 +52,17 @@ def read_records(path) -> list[dict]:
     return data if isinstance(data, list) else list(data.values())
 
 
+def record_images(rec: dict) -> list:
+    """A LLaVA record's images ("images" list or one "image"), [] for a text-only record."""
+    imgs = rec.get("images", rec.get("image"))
+    return [] if imgs is None else list(imgs) if isinstance(imgs, (list, tuple)) else [imgs]
+
+
+def image_files(folder, *, limit: int | None = None) -> list[Path]:
+    """Every image under `folder` (recursive, sorted by path)."""
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTS)[:limit]
+
+
 def llava_requests(path, image_folder=None, *, limit: int | None = None) -> list[Request]:
     """LLaVA conversation records -> requests (see module docstring). Ids default to the record index."""
     out = []
@@ -59,8 +70,7 @@ def llava_requests(path, image_folder=None, *, limit: int | None = None) -> list
         turns = rec.get("conversations") or rec.get("messages") or []
         messages = [{"role": _ROLES[t.get("from", t.get("role"))], "content": t.get("value", t.get("content"))}
                     for t in turns]
-        imgs = rec.get("images", rec.get("image"))
-        imgs = [] if imgs is None else list(imgs) if isinstance(imgs, (list, tuple)) else [imgs]
+        imgs = record_images(rec)
         meta = {"image": rec["image"]} if isinstance(rec.get("image"), str) else {}
         if imgs and not any("<image>" in m["content"] for m in messages):
             first = next(m for m in messages if m["role"] == "user")
@@ -74,7 +84,7 @@ def llava_requests(path, image_folder=None, *, limit: int | None = None) -> list
 def folder_requests(image_folder, prompt: str, *, limit: int | None = None) -> list[Request]:
     """Every image under `image_folder` (sorted, recursive) with the same prompt."""
     root = Path(image_folder)
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS)[:limit]
+    files = image_files(root, limit=limit)
     content = prompt if "<image>" in prompt else "<image>\n" + prompt
     return [Request(str(p.relative_to(root)), [{"role": "user", "content": content}], [str(p)],
                     {"image": str(p.relative_to(root))}) for p in files]

@@ -23,16 +23,11 @@ from typing import Sequence
 from vlmjax.generate.dataset import generate_dataset
 from vlmjax.generate.engine import GenerationConfig
 from vlmjax.generate.jsonl import read_jsonl
-from vlmjax.generate.requests import Encoder, Request, read_records, default_eos_ids
+from vlmjax.generate.requests import Encoder, Request, default_eos_ids, read_records, record_images
 from vlmjax.generate.sampling import SamplingConfig
 from vlmjax.recipes.stic import prompts as P
 
 log = logging.getLogger(__name__)
-
-
-def _images(rec: dict) -> list:
-    imgs = rec.get("images", rec.get("image"))
-    return [] if imgs is None else list(imgs) if isinstance(imgs, (list, tuple)) else [imgs]
 
 
 def describe_requests(records: Sequence[dict], image_folder, simple: Sequence[str] = P.SIMPLE, seed: int = 0
@@ -40,7 +35,7 @@ def describe_requests(records: Sequence[dict], image_folder, simple: Sequence[st
     """One description request per sample with an image (its first image), prompt = a simple prompt by id."""
     out = []
     for i, rec in enumerate(records):
-        imgs = _images(rec)
+        imgs = record_images(rec)
         if not imgs:
             continue
         sid = str(rec.get("id", i))
@@ -75,7 +70,7 @@ def make_infused_sft(model, tokenizer, records: Sequence[dict], image_folder, ou
              "failed": 0, "empty": 0}
     out = []
     for i, rec in enumerate(records):
-        if not _images(rec):
+        if not record_images(rec):
             stats["text_only"] += 1
             out.append(rec)
             continue
@@ -86,7 +81,7 @@ def make_infused_sft(model, tokenizer, records: Sequence[dict], image_folder, ou
         if not d["output"].strip():
             stats["empty"] += 1
             continue
-        stats["multi_image_first_described"] += len(_images(rec)) > 1
+        stats["multi_image_first_described"] += len(record_images(rec)) > 1
         out.append(infuse(rec, d["output"]))
         stats["infused"] += 1
     tmp = os.fspath(out_path) + ".tmp"

@@ -31,7 +31,7 @@ import numpy as np
 from vlmjax.generate.dataset import generate_dataset
 from vlmjax.generate.engine import GenerationConfig
 from vlmjax.generate.jsonl import read_jsonl
-from vlmjax.generate.requests import IMAGE_EXTS, Encoder, Request, default_eos_ids
+from vlmjax.generate.requests import Encoder, Request, default_eos_ids, image_files
 from vlmjax.generate.sampling import SamplingConfig
 from vlmjax.recipes.stic import corrupt as corrupt_lib
 from vlmjax.recipes.stic import prompts as P
@@ -83,7 +83,7 @@ class CorruptingEncoder(Encoder):
 def image_list(folder, *, limit: int | None = None) -> list[tuple[str, str]]:
     """(id, path relative to folder) for every image under `folder`, sorted; id = the relative path."""
     root = Path(folder)
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS)[:limit]
+    files = image_files(root, limit=limit)
     return [(str(p.relative_to(root)), str(p.relative_to(root))) for p in files]
 
 
