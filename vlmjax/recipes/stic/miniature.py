@@ -23,7 +23,6 @@ import argparse
 import importlib.util
 import json
 import logging
-import os
 import time
 import zlib
 from pathlib import Path
