@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vlmjax.generate.jsonl import read_jsonl
 from vlmjax.recipes.stic import prompts as P
 
 REPO = Path(__file__).resolve().parents[3]
@@ -56,7 +57,7 @@ def prepare_data(root: Path, *, n_base: int, n_unlabeled: int, seed: int = 0) ->
         return json.loads(done.read_text())
     easy_vqa.build(str(data), splits=("train",))
     records = json.loads((data / "train.json").read_text())
-    captions = {r["id"]: r for r in map(json.loads, (data / "train_captions.jsonl").read_text().splitlines())}
+    captions = read_jsonl(data / "train_captions.jsonl")
     if n_base + n_unlabeled > len(records):
         raise ValueError(f"n_base + n_unlabeled = {n_base + n_unlabeled} > {len(records)} easy-vqa train images")
     base, unlabeled = records[:n_base], records[n_base: n_base + n_unlabeled]
@@ -203,9 +204,9 @@ def pair_report(pairs_path: Path, captions_path: Path) -> dict:
     from vlmjax.data.easy_vqa import COLORS, SHAPES
     from vlmjax.eval.answers import first_vocab_answer
 
-    truth = {r["id"]: r for r in map(json.loads, captions_path.read_text().splitlines())}
+    truth = read_jsonl(captions_path)
     out: dict[str, dict] = {}
-    for r in map(json.loads, pairs_path.read_text().splitlines()):
+    for r in read_jsonl(pairs_path, key=None):
         t = truth.get(r["id"])
         if t is None or not (t.get("color") and t.get("shape")):
             continue
