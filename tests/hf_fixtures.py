@@ -52,6 +52,26 @@ def make_llava(tmp_path, family: str, vision: str, seed: int = 0, **llava_kw):
     return model
 
 
+# LLaVA-1.6 grid for the 28 px tiny tower, HF order [height, width]
+NEXT_PINPOINTS = [[28, 56], [56, 28], [56, 56], [28, 84]]
+
+
+def make_llava_next(tmp_path, family: str = "mistral", seed: int = 0, vocab: int = V, image_token: int = IMAGE_TOKEN,
+                    **kw):
+    """Tiny LlavaNextForConditionalGeneration (CLIP tower, 4x4 feature grid per 28 px tile), random weights."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlavaNextConfig(vision_config=vision_config("clip").to_dict(),
+                                       text_config=text_config(family, vocab_size=vocab).to_dict(),
+                                       image_token_index=image_token, image_grid_pinpoints=NEXT_PINPOINTS, **kw)
+    model = transformers.LlavaNextForConditionalGeneration(cfg).eval()
+    _randomize(model)
+    model.save_pretrained(tmp_path)
+    return model
+
+
 def make_causal_lm(tmp_path, family: str, seed: int = 0):
     import torch
     import transformers

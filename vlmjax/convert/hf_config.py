@@ -86,8 +86,14 @@ def vision_config_from_hf(d: dict[str, Any]) -> VisionConfig:
 
 
 def vlm_config_from_hf(d: dict[str, Any]) -> VLMConfig:
-    if d.get("model_type") != "llava":
-        raise UnsupportedModel(f"model_type {d.get('model_type')!r} is not a LLaVA model (expected 'llava')")
+    """LlavaForConditionalGeneration or LlavaNextForConditionalGeneration (LLaVA-1.6: anyres + image_newline)."""
+    mt = d.get("model_type")
+    if mt not in ("llava", "llava_next"):
+        raise UnsupportedModel(f"model_type {mt!r} is not a LLaVA model (expected 'llava' or 'llava_next')")
+    layout = {}
+    if mt == "llava_next":  # HF pinpoints are [height, width]; ours (width, height), same order
+        layout = dict(image_layout="llava_next",
+                      image_grid_pinpoints=tuple((int(w), int(h)) for h, w in d["image_grid_pinpoints"]))
     if not d.get("multimodal_projector_bias", True):
         raise UnsupportedModel("multimodal_projector_bias=False is not supported")
     fl = d.get("vision_feature_layer", -2)
@@ -101,6 +107,7 @@ def vlm_config_from_hf(d: dict[str, Any]) -> VLMConfig:
         vision_feature_layer=fl,
         vision_feature_select=d.get("vision_feature_select_strategy", "default"),
         image_token_id=d.get("image_token_index", d.get("image_token_id", 32000)),
+        **layout,
     )
 
 
@@ -152,7 +159,7 @@ def vlm_config_to_hf(cfg: VLMConfig):
         )
     if cfg.image_token_id >= cfg.llm.vocab_size:
         raise UnsupportedModel(f"image_token_id {cfg.image_token_id} must be < vocab_size {cfg.llm.vocab_size} for HF")
-    out = transformers.LlavaConfig(
+    kw = dict(
         vision_config=vision_config_to_hf(cfg.vision).to_dict(),
         text_config=llm_config_to_hf(cfg.llm).to_dict(),
         image_token_index=cfg.image_token_id,
@@ -162,5 +169,11 @@ def vlm_config_to_hf(cfg: VLMConfig):
         image_seq_length=cfg.tokens_per_image,
         tie_word_embeddings=cfg.llm.tie_word_embeddings,
     )
+    if cfg.image_layout == "llava_next":
+        pinpoints = [[h, w] for w, h in cfg.image_grid_pinpoints]
+        out = transformers.LlavaNextConfig(image_grid_pinpoints=pinpoints, **kw)
+        out.architectures = ["LlavaNextForConditionalGeneration"]
+        return out
+    out = transformers.LlavaConfig(**kw)
     out.architectures = ["LlavaForConditionalGeneration"]
     return out

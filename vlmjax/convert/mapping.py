@@ -151,6 +151,7 @@ LEGACY_RENAMES = (
     ("vision_tower.vision_model.", "vision_tower."),
     ("model.vision_tower.", "vision_tower."),
     ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("model.image_newline", "image_newline"),
     ("model.language_model.", "language_model.model."),
     ("lm_head.", "language_model.lm_head."),
 )
@@ -162,6 +163,7 @@ def vlm_rules(cfg: VLMConfig) -> list[Rule]:
         vision_rules(cfg.vision, ("vision",), p["vision"])
         + projector_rules(cfg, ("projector",), p["projector"])
         + llm_rules(cfg.llm, ("llm",), p["llm"], p["lm_head"])
+        + ([Rule(("image_newline",), "image_newline")] if cfg.image_layout == "llava_next" else [])
     )
 
 

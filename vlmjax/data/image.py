@@ -35,6 +35,10 @@ class ImageSpec:
     tiling: "none" (one tile per image), "anyres" (LLaVA-1.6; `grid_pinpoints` as (width, height)), or "catty"
       (POINTS; up to `max_tiles` tiles plus a thumbnail when `thumbnail`). The global view/thumbnail is the whole
       image processed with `resize_mode`.
+    feature_layout: how tile features become image tokens. "tiles": every tile's `tokens_per_image` features in
+      order (LLaVA-1.5, POINTS, VILA). "llava_next": HF LLaVA-1.6 (global view, then the stitched grid cropped to
+      the image's aspect ratio with a newline token per row; needs tiling="anyres" and `feature_grid`, the side of
+      one tile's square feature map), so the token count depends on the image size; see `image_positions`.
     """
 
     image_size: int = 336
@@ -48,6 +52,8 @@ class ImageSpec:
     min_tiles: int = 1
     thumbnail: bool = True
     resample: Literal["bicubic", "bilinear", "lanczos"] = "bicubic"
+    feature_layout: Literal["tiles", "llava_next"] = "tiles"
+    feature_grid: int = 0
 
     def __post_init__(self):
         if self.resize_mode not in ("pad_to_square_mean", "resize", "crop"):
@@ -56,6 +62,13 @@ class ImageSpec:
             raise ValueError(f"unknown tiling {self.tiling!r}")
         if self.tiling == "anyres" and any(w % self.image_size or h % self.image_size for w, h in self.grid_pinpoints):
             raise ValueError(f"grid_pinpoints {self.grid_pinpoints} must be multiples of image_size {self.image_size}")
+        if self.feature_layout not in ("tiles", "llava_next"):
+            raise ValueError(f"unknown feature_layout {self.feature_layout!r}")
+        if self.feature_layout == "llava_next" and (
+                self.tiling != "anyres" or self.feature_grid ** 2 != self.tokens_per_image):
+            raise ValueError("feature_layout='llava_next' needs tiling='anyres' and feature_grid**2 == tokens_per_image"
+                             f" (got tiling={self.tiling!r}, feature_grid={self.feature_grid}, "
+                             f"tokens_per_image={self.tokens_per_image})")
 
     @property
     def max_tiles_per_image(self) -> int:
@@ -165,11 +178,24 @@ def normalize(tiles, spec: ImageSpec) -> np.ndarray:
     return arr
 
 
-def image_to_uint8_tiles(data, spec: ImageSpec, name: str | None = None) -> np.ndarray:
-    """Anything `decode_image` accepts -> uint8 tiles (k, H, W, 3), not yet normalised. The pipeline moves images
-    between processes in this form (4x less than float32) and normalises them in the consumer."""
+def image_positions(spec: ImageSpec, size: tuple[int, int]) -> np.ndarray | None:
+    """For layouts whose token count depends on the image, which tile feature each image token takes (-1: the
+    image newline), from the original (width, height); None for "tiles" (k tiles -> k * tokens_per_image)."""
+    if spec.feature_layout == "tiles":
+        return None
+    return tiles_lib.llava_next_positions(size, spec.image_size, spec.grid_pinpoints, spec.feature_grid)
+
+
+def load_image(data, spec: ImageSpec, name: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Anything `decode_image` accepts -> (uint8 tiles (k, H, W, 3), `image_positions` or None). The pipeline moves
+    images between processes as uint8 (4x less than float32) and normalises them in the consumer."""
     img = to_rgb(decode_image(data, name))
-    return np.stack([np.asarray(t, dtype=np.uint8) for t in image_tiles(img, spec)])
+    tiles = np.stack([np.asarray(t, dtype=np.uint8) for t in image_tiles(img, spec)])
+    return tiles, image_positions(spec, img.size)
+
+
+def image_to_uint8_tiles(data, spec: ImageSpec, name: str | None = None) -> np.ndarray:
+    return load_image(data, spec, name)[0]
 
 
 def process_image(data, spec: ImageSpec, name: str | None = None) -> np.ndarray:

@@ -31,6 +31,7 @@ class Unit:
     seqs: tuple[tuple[np.ndarray, np.ndarray], ...]
     pixels: np.ndarray
     sample_id: str | None = None
+    image_pos: np.ndarray | None = None  # per image token, the tile feature it takes (see data.text.Encoded)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +43,7 @@ class BatchShape:
     parts: int = 1  # 1 SFT, 2 DPO
     pack: bool = True
     image_token_id: int | None = None  # targets that would be this id are written as 0
+    tokens_per_tile: int = 0  # > 0: also write `image_pos` (layouts whose token count depends on the image)
 
 
 class BatchBuilder:
@@ -90,12 +92,15 @@ class BatchBuilder:
             "pixel_values": np.zeros((shape.max_images, shape.image_size, shape.image_size, 3), np.uint8),
             "image_rows": np.full((shape.max_images,), -1, np.int32),
         }
+        if shape.tokens_per_tile:
+            out["image_pos"] = np.zeros((n_rows, shape.seq_len), np.int32)
         slot = 0
         ids_list = []
         for part in range(shape.parts):
             for r, units in enumerate(self.rows):
                 row = part * shape.rows + r
                 offset = 0
+                n_pos, tiles_before = 0, 0  # the row's image tokens and tiles so far
                 for segment, unit in enumerate(units, start=1):
                     ids, trained = unit.seqs[part]
                     end = offset + len(ids)
@@ -108,7 +113,13 @@ class BatchBuilder:
                     out["segment_ids"][row, offset:end] = segment
                     out["positions"][row, offset:end] = np.arange(len(ids))
                     offset = end
+                    if shape.tokens_per_tile and unit.image_pos is not None:
+                        pos, n = unit.image_pos, len(unit.image_pos)
+                        first = tiles_before * shape.tokens_per_tile
+                        out["image_pos"][row, n_pos:n_pos + n] = np.where(pos >= 0, pos + first, -1)
+                        n_pos += n
                     k = len(unit.pixels)
+                    tiles_before += k
                     out["pixel_values"][slot:slot + k] = unit.pixels
                     out["image_rows"][slot:slot + k] = row
                     slot += k

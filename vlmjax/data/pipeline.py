@@ -105,7 +105,8 @@ def batch_shapes(config: DataConfig) -> dict[str, tuple[tuple[int, ...], np.dtyp
     seq = ((rows, s), np.dtype(np.int32))
     return {"input_ids": seq, "targets": seq, "loss_mask": ((rows, s), np.dtype(np.float32)), "segment_ids": seq,
             "positions": seq, "pixel_values": ((n, size, size, 3), np.dtype(np.float32)),
-            "image_rows": ((n,), np.dtype(np.int32))}
+            "image_rows": ((n,), np.dtype(np.int32)),
+            **({"image_pos": seq} if config.image.feature_layout != "tiles" else {})}
 
 
 def _with_index(index, record):
@@ -159,7 +160,8 @@ def make_dataset(config: DataConfig, tokenizer) -> tuple[grain.IterDataset, Text
                                               prefetch_buffer_size=max(4, 2 * config.read_threads)))
     shape = BatchShape(rows=config.batch_size, seq_len=config.seq_len, max_images=config.max_images,
                        image_size=config.image.image_size, parts=config.parts, pack=config.pack,
-                       image_token_id=text.image_token_id)
+                       image_token_id=text.image_token_id,
+                       tokens_per_tile=config.image.tokens_per_image if config.image.feature_layout != "tiles" else 0)
     it = PackedBatchIterDataset(it, shape)
     if config.num_workers > 0:
         ensure_absl_flags_parsed()

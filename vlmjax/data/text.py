@@ -59,6 +59,9 @@ class Encoded:
     ids: np.ndarray  # int32 (L,)
     trained: np.ndarray  # bool (L,): this token is a trained prediction target
     num_images: int  # images kept (fewer than given only for documents cut by truncation)
+    # With per-image positions given to `encode`: for each image token in order, the tile feature it takes,
+    # counted from the sample's first tile (-1: the image newline). None otherwise.
+    image_pos: np.ndarray | None = None
 
 
 class TextProcessor:
@@ -89,10 +92,13 @@ class TextProcessor:
                           system_prompt=self.spec.system_prompt)
 
     def encode(self, messages, image_tiles: Sequence[int], *, template: str | None = None,
-               loss_on: str | None = None, document: bool = False, untrained_replies: int = 0) -> Encoded:
+               loss_on: str | None = None, document: bool = False, untrained_replies: int = 0,
+               image_positions: Sequence[np.ndarray] | None = None) -> Encoded:
         """messages -> ids with `tokens_per_image * tiles` image ids per placeholder, and per-token trained flags.
 
-        `untrained_replies`: leave the first n assistant replies untrained (DPO: replies inside the prompt)."""
+        `image_positions`: per image, the tile feature each of its tokens takes (`data.image.image_positions`);
+        an image then gets len(positions) ids instead. `untrained_replies`: leave the first n assistant replies
+        untrained (DPO: replies inside the prompt)."""
         loss_on = loss_on or self.spec.loss_on
         pieces, flags, slots = [], [], []  # slots: None for text pieces, image index for placeholders
         n_images = 0
@@ -113,6 +119,12 @@ class TextProcessor:
         if n_images != len(image_tiles):
             raise BadSample(IMAGE_COUNT,
                             f"{n_images} {self.spec.placeholder} placeholders for {len(image_tiles)} images")
+        if image_positions is not None:
+            first_tile = np.cumsum([0, *image_tiles[:-1]]) * self.tokens_per_image
+            image_positions = [np.where(p >= 0, p + t0, -1).astype(np.int32)
+                               for p, t0 in zip(image_positions, first_tile)]
+        counts = ([len(p) for p in image_positions] if image_positions is not None
+                  else [self.tokens_per_image * t for t in image_tiles])
         token_lists = iter(self.tokenizer(pieces, add_special_tokens=False)["input_ids"] if pieces else [])
         flag_iter = iter(flags)
         ids_parts, trained_parts, image_spans = [], [], []
@@ -123,7 +135,7 @@ class TextProcessor:
                 ids_parts.append(toks)
                 trained_parts.append(np.full(len(toks), next(flag_iter), bool))
             else:
-                n = self.tokens_per_image * image_tiles[slot]
+                n = counts[slot]
                 toks = np.full(n, self.image_token_id, np.int32)
                 ids_parts.append(toks)
                 trained_parts.append(np.zeros(n, bool))
@@ -132,15 +144,18 @@ class TextProcessor:
         ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.int32)
         trained = np.concatenate(trained_parts) if trained_parts else np.zeros(0, bool)
         n_image_tokens = int((ids == self.image_token_id).sum())
-        if n_image_tokens != self.tokens_per_image * sum(image_tiles):
+        if n_image_tokens != sum(counts):
             raise BadSample(IMAGE_COUNT, f"text tokenises to the image token id {self.image_token_id} "
-                                         f"({n_image_tokens} image ids for {sum(image_tiles)} tiles)")
+                                         f"({n_image_tokens} image ids for {sum(counts)} image tokens)")
         kept = len(image_tiles)
         if len(ids) > self.max_length:
             ids, trained, kept = self._truncate(ids, trained, image_spans, document)
         if not trained[1:].any():  # position 0 is never a target
             raise BadSample(BAD_TURNS if len(ids) < self.max_length else TOO_LONG, "no trained tokens")
-        return Encoded(ids, trained, kept)
+        pos = None
+        if image_positions is not None:
+            pos = np.concatenate([np.zeros(0, np.int32), *image_positions[:kept]])
+        return Encoded(ids, trained, kept, pos)
 
     def _truncate(self, ids, trained, image_spans, document):
         limit = self.max_length

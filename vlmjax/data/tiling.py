@@ -9,12 +9,14 @@ Two published schemes, both returning PIL tiles of `tile x tile` pixels in the o
     `cols x rows` overlapping crops whose stride spreads them evenly over the image, so no tile is distorted or
     padded; a global thumbnail goes last (none when the grid is 1x1).
 The geometry is in pure functions of sizes so that tests can check it against hand-computed numbers.
+`llava_next_positions` says how LLaVA-1.6 then arranges the tiles' features into image tokens.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 from PIL import Image
 
 # LLaVA-1.6 grid for a 336 px tower, as (width, height).
@@ -110,3 +112,32 @@ def catty_tiles(img: Image.Image, tile: int, max_tiles: int, min_tiles: int, thu
     if thumbnail is not None and len(tiles) > 1:
         tiles.append(thumbnail)
     return tiles
+
+
+def llava_next_positions(size: tuple[int, int], tile: int, resolutions, grid: int) -> np.ndarray:
+    """Where each of an anyres image's feature tokens comes from, as HF `LlavaNextModel.pack_image_features` lays
+    them out: indices into the image's tile features (tile-major, grid*grid per tile; tile 0 = the global view),
+    -1 for the learned `image_newline`.
+
+    Order: the global view's grid*grid features, then the grid tiles' features stitched into one
+    (rows*grid, cols*grid) map, cropped back to the image's aspect ratio (the letterbox rows or columns removed,
+    as HF `unpad_image`), read row by row with an `image_newline` closing each row. The token count therefore
+    depends on the image's size, which is why the data pipeline, not the model, computes it."""
+    width, height = size
+    res_w, res_h = select_best_resolution(size, resolutions)
+    cols, rows = res_w // tile, res_h // tile
+    h_cur, w_cur = rows * grid, cols * grid
+    ys, xs = np.arange(h_cur), np.arange(w_cur)
+    if width / height > w_cur / h_cur:  # letterboxed top and bottom
+        new_h = int(round(height * (w_cur / width), 7))
+        pad = (h_cur - new_h) // 2
+        ys = ys[pad:h_cur - pad]
+    else:
+        new_w = int(round(width * (h_cur / height), 7))
+        pad = (w_cur - new_w) // 2
+        xs = xs[pad:w_cur - pad]
+    t = grid * grid
+    tile_yx = 1 + (ys[:, None] // grid) * cols + xs[None, :] // grid
+    feat_yx = tile_yx * t + (ys[:, None] % grid) * grid + xs[None, :] % grid
+    with_newline = np.concatenate([feat_yx, np.full((len(ys), 1), -1)], axis=1)
+    return np.concatenate([np.arange(t), with_newline.reshape(-1)]).astype(np.int32)

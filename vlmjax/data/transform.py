@@ -12,7 +12,7 @@ import numpy as np
 
 from vlmjax.data import formats
 from vlmjax.data.errors import BAD_RECORD, TOO_MANY_IMAGES, BadSample, BadSamplePolicy, Skipped
-from vlmjax.data.image import ImageSpec, image_to_uint8_tiles
+from vlmjax.data.image import ImageSpec, load_image
 from vlmjax.data.image_store import open_image_store, resolve_image
 from vlmjax.data.packing import Unit
 from vlmjax.data.text import TextProcessor
@@ -53,27 +53,30 @@ class SampleTransform:
             raise
 
     def _unit(self, example: formats.Example, sample_id: str) -> Unit:
-        pixels = []
+        pixels, positions = [], []
         for j, ref in enumerate(example.images):
             name = ref if isinstance(ref, str) else f"image {j}"
-            pixels.append(image_to_uint8_tiles(resolve_image(ref, self.store), self.image_spec, name))
+            tiles_j, pos_j = load_image(resolve_image(ref, self.store), self.image_spec, name)
+            pixels.append(tiles_j)
+            positions.append(pos_j)
         tiles = [len(p) for p in pixels]
         if self.parts * sum(tiles) > self.max_images:
             raise BadSample(TOO_MANY_IMAGES, f"{sum(tiles)} image tiles x {self.parts} > {self.max_images} "
                                              "image slots per batch")
-        kw = dict(template=example.template, loss_on=example.loss_on, document=example.document)
+        kw = dict(template=example.template, loss_on=example.loss_on, document=example.document,
+                  image_positions=positions if self.image_spec.feature_layout != "tiles" else None)
         if self.parts == 1:
             enc = self.text.encode(example.messages, tiles, **kw)
             seqs = ((enc.ids, enc.trained),)
-            kept = enc.num_images
+            kept, image_pos = enc.num_images, enc.image_pos
         else:
             kw["untrained_replies"] = sum(m["role"] == "assistant" for m in example.messages)
             kw["loss_on"] = "assistant"  # DPO scores the replies only, whatever the SFT setting
             chosen = self.text.encode(example.messages + example.chosen, tiles, **kw)
             rejected = self.text.encode(example.messages + example.rejected, tiles, **kw)
             seqs = ((chosen.ids, chosen.trained), (rejected.ids, rejected.trained))
-            kept = len(tiles)
+            kept, image_pos = len(tiles), chosen.image_pos  # same images, so the same positions
         pixels = pixels[:kept]
         size = self.image_spec.image_size
         stacked = np.concatenate(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8)
-        return Unit(seqs, stacked, sample_id)
+        return Unit(seqs, stacked, sample_id, image_pos)

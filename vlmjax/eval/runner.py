@@ -18,7 +18,7 @@ from vlmjax.eval.tasks import MAX_NEW_TOKENS, Task
 from vlmjax.generate.dataset import generate_dataset, iter_batches
 from vlmjax.generate.engine import GenerationConfig, generate
 from vlmjax.generate.jsonl import read_jsonl
-from vlmjax.generate.requests import Encoder, Request, collate_images, default_eos_ids
+from vlmjax.generate.requests import Encoder, Request, collate_images, default_eos_ids, image_pos_of, image_slots
 
 
 def requests_for(task: Task) -> list[Request]:
@@ -42,9 +42,9 @@ def predict(model, tokenizer, task: Task, *, out_dir=None, batch_size: int = 16,
     for batch, enc, _failed in iter_batches(reqs, batch_size, encoder.prompt, desc=task.name, progress=progress):
         if not batch:
             continue
-        px, rows = collate_images([e.pixels for e in enc], slots=batch_size)
-        gens = generate(model, [e.ids for e in enc], config, pixel_values=px, image_rows=rows, tokenizer=tokenizer,
-                        batch_size=batch_size, mesh=mesh)
+        px, rows = collate_images([e.pixels for e in enc], slots=image_slots(batch_size, enc))
+        gens = generate(model, [e.ids for e in enc], config, pixel_values=px, image_rows=rows,
+                        image_pos=image_pos_of(enc), tokenizer=tokenizer, batch_size=batch_size, mesh=mesh)
         preds.update((r.id, g.text) for r, g in zip(batch, gens))
     return preds
 

@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Sequence
 
 from vlmjax.generate.engine import GenerationConfig, generate
 from vlmjax.generate.jsonl import ResumableJsonl
-from vlmjax.generate.requests import Encoder, Request, collate_images
+from vlmjax.generate.requests import Encoder, Request, collate_images, image_pos_of, image_slots
 
 log = logging.getLogger(__name__)
 
@@ -100,16 +100,12 @@ def generate_dataset(
             out.write(error_records(failed))
             if not batch:
                 continue
-            px, rows = collate_images([e.pixels for e in enc], slots=_image_slots(batch_size, enc))
+            px, rows = collate_images([e.pixels for e in enc], slots=image_slots(batch_size, enc))
             gens = generate(model, [e.ids for e in enc], config, pixel_values=px, image_rows=rows,
+                            image_pos=image_pos_of(enc),
                             tokenizer=tokenizer, row_seeds=[row_seed(r.id) for r in batch], batch_size=batch_size,
                             mesh=mesh)
             out.write({"id": r.id, **r.meta, "prompt": r.prompt_messages()[-1]["content"], "output": g.text,
                        "finish_reason": g.finish_reason, "num_tokens": len(g.tokens)} for r, g in zip(batch, gens))
     return {"written": len(todo), "skipped_done": skipped}
 
-
-def _image_slots(batch_size: int, enc) -> int:
-    """Fixed image slots (one per row for single-image data) so the last batch does not recompile."""
-    per_row = max((len(e.pixels) if e.pixels is not None else 0) for e in enc)
-    return batch_size * max(per_row, 1)

@@ -76,9 +76,9 @@ def llm_of(model):
     return model.llm if hasattr(model, "llm") else model
 
 
-def embed_inputs(model, ids_bt, pixel_values=None, image_rows=None):
+def embed_inputs(model, ids_bt, pixel_values=None, image_rows=None, image_pos=None):
     if hasattr(model, "llm"):
-        return model.embed(ids_bt, pixel_values, image_rows)
+        return model.embed(ids_bt, pixel_values, image_rows, image_pos)
     return model.embed(ids_bt)
 
 
@@ -111,12 +111,12 @@ def _no_early_eos(logits_bv, eos_ids, step, min_new: int):
     return jnp.where(is_eos_v & (step < min_new), jnp.finfo(logits_bv.dtype).min, logits_bv)
 
 
-def _prefill(graphdef, state, ids_bp, lens_b, pixel_values, image_rows, row_seeds_b, done0_b, eos_ids, base_key, *,
-             sampling: SamplingConfig, max_new: int, cache_len: int, min_new: int = 0):
+def _prefill(graphdef, state, ids_bp, lens_b, pixel_values, image_rows, row_seeds_b, done0_b, eos_ids, base_key,
+             image_pos=None, *, sampling: SamplingConfig, max_new: int, cache_len: int, min_new: int = 0):
     model = nnx.merge(graphdef, state)
     llm = llm_of(model)
     b, p = ids_bp.shape
-    x_bpd = embed_inputs(model, ids_bp, pixel_values, image_rows)
+    x_bpd = embed_inputs(model, ids_bp, pixel_values, image_rows, image_pos)
     cache = llm.init_cache(b, cache_len)
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
     h_bpd, cache = llm.hidden_states_cached(x_bpd, positions, cache, jnp.zeros((b,), jnp.int32), prefill=True)
@@ -173,6 +173,7 @@ def generate(
     *,
     pixel_values=None,
     image_rows=None,
+    image_pos: Sequence[np.ndarray | None] | None = None,
     tokenizer=None,
     row_seeds: Sequence[int] | None = None,
     batch_size: int | None = None,
@@ -182,6 +183,7 @@ def generate(
     """Continue every prompt (lists of ids, image placeholders already expanded) in one batch.
 
     pixel_values (N, H, W, 3) / image_rows (N,) as for the model (row = prompt index, -1 = padding slot).
+    image_pos: per prompt, its image tokens' feature positions (`Encoded.image_pos`; LLaVA-1.6 layouts only).
     tokenizer: needed for stop strings; when given, `Generation.text` is filled. row_seeds: per-prompt sampling
     streams (default: the prompt index). batch_size: pad the batch to this many rows (stable shapes for the last
     batch of a dataset; padding rows cost compute but never run the loop longer). on_chunk(step) after each chunk.
@@ -210,13 +212,13 @@ def generate(
         [np.asarray(row_seeds, np.int64), np.arange(n, b, dtype=np.int64)])
     seeds = (seeds % (2**32)).astype(np.uint32)
     if pixel_values is not None:
-        from vlmjax.models.vlm import check_image_tokens
+        from vlmjax.models.vlm import host_image_inputs
 
         if image_rows is None and n > 1:
             raise ValueError("image_rows is required with pixel_values for more than one prompt")
-        rows = np.zeros((pixel_values.shape[0],), np.int32) if image_rows is None else np.asarray(image_rows, np.int32)
-        check_image_tokens(ids, rows, model.cfg.image_token_id, model.cfg.tokens_per_image)
-        image_rows = rows
+        if image_rows is None:
+            image_rows = np.zeros((pixel_values.shape[0],), np.int32)
+        image_rows, image_pos = host_image_inputs(model.cfg, ids, pixel_values, image_rows, image_pos)
     # padded to a multiple of 8 with -1 (never a token) so changing the EOS set does not recompile
     eos_ids = np.full((-(-len(cfg.eos_token_ids) // 8) * 8,), -1, np.int32)
     eos_ids[: len(cfg.eos_token_ids)] = cfg.eos_token_ids
@@ -235,7 +237,7 @@ def generate(
     stopped: dict[int, tuple[int, str]] = {}
     with ctx:
         loop = prefill(graphdef, state, put(ids), put(lens_b), put(pixel_values), put(image_rows), put(seeds),
-                       put(done0), eos_ids, jax.random.key(cfg.seed), sampling=cfg.sampling, max_new=cfg.max_new_tokens, min_new=cfg.min_new_tokens,
+                       put(done0), eos_ids, jax.random.key(cfg.seed), put(image_pos), sampling=cfg.sampling, max_new=cfg.max_new_tokens, min_new=cfg.min_new_tokens,
                        cache_len=-(-(p + cfg.max_new_tokens) // cfg.cache_bucket) * cfg.cache_bucket)
         step = 1
         while True:

@@ -105,19 +105,26 @@ def default_eos_ids(tokenizer, cfg=None) -> tuple[int, ...]:
 
 
 def image_spec_for(cfg, resize_mode: str = "pad_to_square_mean"):
-    """The preprocessing a VLM config implies (one tile per image, the tower's size and mean/std)."""
+    """The preprocessing a VLM config implies: the tower's size and mean/std; one tile per image, or LLaVA-1.6
+    anyres tiles (whose global view is stretched to a square, as HF's processor does)."""
     from vlmjax.data.image import ImageSpec
 
     v = cfg.vision
+    layout = {}
+    if cfg.image_layout == "llava_next":
+        layout = dict(tiling="anyres", grid_pinpoints=cfg.image_grid_pinpoints, feature_layout="llava_next",
+                      feature_grid=cfg.feature_grid)
+        resize_mode = "resize"
     return ImageSpec(image_size=v.image_size, mean=tuple(v.image_mean), std=tuple(v.image_std),
-                     resize_mode=resize_mode, tokens_per_image=cfg.tokens_per_image)
+                     resize_mode=resize_mode, tokens_per_image=cfg.tokens_per_image, **layout)
 
 
 @dataclasses.dataclass
 class Encoded:
     ids: list[int]
-    pixels: np.ndarray | None  # (k, H, W, 3) float32, k images, or None
+    pixels: np.ndarray | None  # (k, H, W, 3) float32, k image tiles, or None
     target: np.ndarray | None = None  # bool (len(ids),): scored tokens
+    image_pos: np.ndarray | None = None  # LLaVA-1.6 layouts: each image token's feature (see data.text.Encoded)
 
 
 class Encoder:
@@ -135,37 +142,50 @@ class Encoder:
         self.text = TextProcessor(tokenizer, spec, tpi, 1 << 30)
         self.image_spec = image_spec_for(cfg, resize_mode) if self.is_vlm else None
 
-    def pixels(self, req: Request) -> np.ndarray | None:
+    def source_image(self, req: Request, image):
+        """The image to encode for `req` (a hook: STIC's rejected side corrupts it here)."""
+        return image
+
+    def images(self, req: Request):
+        """(float32 tiles (k, H, W, 3), tiles per image, per-image feature positions or None); (None, [], None)
+        without images."""
         if not req.images:
-            return None
+            return None, [], None
         if not self.is_vlm:
             raise ValueError(f"sample {req.id} has images but the model is text-only")
-        from vlmjax.data.image import process_image
+        from vlmjax.data.image import load_image, normalize
 
-        return np.concatenate([process_image(img, self.image_spec, name=f"{req.id}") for img in req.images])
+        loaded = [load_image(self.source_image(req, img), self.image_spec, name=f"{req.id}") for img in req.images]
+        pixels = np.concatenate([normalize(t, self.image_spec) for t, _ in loaded])
+        positions = [p for _, p in loaded] if self.image_spec.feature_layout != "tiles" else None
+        return pixels, [len(t) for t, _ in loaded], positions
 
-    def _encode(self, messages, n_images: int):
-        return self.text.encode(messages, [1] * n_images)
+    def pixels(self, req: Request) -> np.ndarray | None:
+        return self.images(req)[0]
+
+    def _encode(self, messages, req: Request):
+        pixels, tiles, positions = self.images(req)
+        return self.text.encode(messages, tiles, image_positions=positions), pixels
 
     def prompt(self, req: Request) -> Encoded:
         """Generation prompt: the first user turn(s) plus the assistant header."""
         msgs = req.prompt_messages()
-        enc = self._encode(msgs + [{"role": "assistant", "content": "x"}], len(req.images))
+        enc, pixels = self._encode(msgs + [{"role": "assistant", "content": "x"}], req)
         start = _last_run_start(enc.trained)
-        return Encoded(enc.ids[:start].tolist(), self.pixels(req))
+        return Encoded(enc.ids[:start].tolist(), pixels, image_pos=enc.image_pos)
 
     def scored(self, req: Request, which: str = "last") -> Encoded:
         """Whole conversation; target = the last assistant reply (+ its end-of-turn), or every reply ("all")."""
-        enc = self._encode(req.messages, len(req.images))
+        enc, pixels = self._encode(req.messages, req)
         target = enc.trained.copy()
         if which == "last":
             target[: _last_run_start(target)] = False
-        return Encoded(enc.ids.tolist(), self.pixels(req), target)
+        return Encoded(enc.ids.tolist(), pixels, target, enc.image_pos)
 
     def full(self, req: Request) -> Encoded:
         """Whole conversation as trained on (feature capture)."""
-        enc = self._encode(req.messages, len(req.images))
-        return Encoded(enc.ids.tolist(), self.pixels(req))
+        enc, pixels = self._encode(req.messages, req)
+        return Encoded(enc.ids.tolist(), pixels, image_pos=enc.image_pos)
 
 
 def _last_run_start(flags: np.ndarray) -> int:
@@ -176,6 +196,18 @@ def _last_run_start(flags: np.ndarray) -> int:
     while i > 0 and flags[i - 1]:
         i -= 1
     return i
+
+
+def image_slots(batch_size: int, enc: Sequence[Encoded]) -> int:
+    """Fixed image-tile slots for a batch (the most tiles any row has, per row) so the last batch does not
+    recompile."""
+    per_row = max((len(e.pixels) if e.pixels is not None else 0) for e in enc)
+    return batch_size * max(per_row, 1)
+
+
+def image_pos_of(enc: Sequence[Encoded]) -> list | None:
+    """Per-row image positions for the model, or None when the layout has none."""
+    return [e.image_pos for e in enc] if any(e.image_pos is not None for e in enc) else None
 
 
 def collate_images(pixels: Sequence[np.ndarray | None], slots: int | None = None):

@@ -96,6 +96,11 @@ class VLMConfig:
     vision_feature_layer: int = -2  # index into [embeddings, layer_1, ..., layer_L] as in HF hidden_states
     vision_feature_select: str = "default"  # default: drop the first (class) token; full: keep all
     image_token_id: int = 32000
+    # How tile features become image tokens: "tiles" (each tile's features in order) or "llava_next" (HF LLaVA-1.6:
+    # anyres tiles over `image_grid_pinpoints` (width, height), the grid cropped to the image's aspect ratio, a
+    # learned `image_newline` per row; the data pipeline sends the layout as `image_pos`).
+    image_layout: str = "tiles"
+    image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
     # Execution knobs.
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -135,7 +140,23 @@ class VLMConfig:
         vision = dict(d.pop("vision"))
         for k in ("image_mean", "image_std"):
             vision[k] = tuple(vision[k])
+        if "image_grid_pinpoints" in d:
+            d["image_grid_pinpoints"] = tuple(tuple(p) for p in d["image_grid_pinpoints"])
         return cls(llm=llm, vision=VisionConfig(**vision), **d)
+
+    def __post_init__(self):
+        if self.image_layout not in ("tiles", "llava_next"):
+            raise ValueError(f"image_layout must be 'tiles' or 'llava_next', got {self.image_layout!r}")
+        if self.image_layout == "llava_next" and not self.image_grid_pinpoints:
+            raise ValueError("image_layout='llava_next' needs image_grid_pinpoints")
+
+    @property
+    def feature_grid(self) -> int:
+        """Side of one tile's square feature map (LLaVA-1.6 stitches tiles by it)."""
+        g = int(round(self.tokens_per_image ** 0.5))
+        if g * g != self.tokens_per_image:
+            raise ValueError(f"{self.tokens_per_image} tokens per image is not a square feature map")
+        return g
 
 
 def with_dtypes(cfg: VLMConfig, dtype: str, param_dtype: str = "float32") -> VLMConfig:

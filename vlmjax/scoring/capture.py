@@ -36,10 +36,10 @@ def group_weights(ids_bs, lengths_b, image_token_id: int | None):
 
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("layers", "parts"))
-def _features(graphdef, state, ids_bs, lengths_b, pixel_values, image_rows, *, layers, parts):
+def _features(graphdef, state, ids_bs, lengths_b, pixel_values, image_rows, image_pos, *, layers, parts):
     model = nnx.merge(graphdef, state)
     llm = llm_of(model)
-    x_bsd = embed_inputs(model, ids_bs, pixel_values, image_rows)
+    x_bsd = embed_inputs(model, ids_bs, pixel_values, image_rows, image_pos)
     image_token_id = model.cfg.image_token_id if hasattr(model, "llm") else None
     w = group_weights(ids_bs, lengths_b, image_token_id)
     _, stats = llm.hidden_states_reduced(x_bsd, w, parts=parts)
@@ -49,7 +49,7 @@ def _features(graphdef, state, ids_bs, lengths_b, pixel_values, image_rows, *, l
 
 
 def features(model, ids_bs, lengths_b, pixel_values=None, image_rows=None, *,
-             layers: Sequence[int], parts: Sequence[str] = ("attn", "resid")) -> np.ndarray:
+             layers: Sequence[int], parts: Sequence[str] = ("attn", "resid"), image_pos=None) -> np.ndarray:
     """(B, len(parts), len(layers), 2, D) fp32 means over image / text positions (rows right-padded)."""
     bad = [p for p in parts if p not in PARTS]
     if bad:
@@ -60,12 +60,10 @@ def features(model, ids_bs, lengths_b, pixel_values=None, image_rows=None, *,
         raise ValueError(f"layers {list(layers)} out of range for {n_layers} layers")
     ids_bs = np.asarray(ids_bs, np.int32)
     if pixel_values is not None:
-        from vlmjax.models.vlm import check_image_tokens
+        from vlmjax.models.vlm import host_image_inputs
 
-        rows = np.zeros(len(pixel_values), np.int32) if image_rows is None else np.asarray(image_rows, np.int32)
-        check_image_tokens(ids_bs, rows, model.cfg.image_token_id, model.cfg.tokens_per_image)
-        image_rows = rows
+        image_rows, image_pos = host_image_inputs(model.cfg, ids_bs, pixel_values, image_rows, image_pos)
     graphdef, state = nnx.split(model)
-    out = _features(graphdef, state, ids_bs, np.asarray(lengths_b, np.int32), pixel_values, image_rows,
+    out = _features(graphdef, state, ids_bs, np.asarray(lengths_b, np.int32), pixel_values, image_rows, image_pos,
                     layers=norm, parts=tuple(parts))
     return np.asarray(out)

@@ -40,10 +40,10 @@ def _label_logprobs(llm, h_bsd, labels_bs, chunk: int):
 
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("chunk",))
-def _token_logprobs(graphdef, state, ids_bs, target_bs, pixel_values, image_rows, *, chunk: int):
+def _token_logprobs(graphdef, state, ids_bs, target_bs, pixel_values, image_rows, image_pos, *, chunk: int):
     model = nnx.merge(graphdef, state)
     llm = llm_of(model)
-    x_bsd = embed_inputs(model, ids_bs, pixel_values, image_rows)
+    x_bsd = embed_inputs(model, ids_bs, pixel_values, image_rows, image_pos)
     h_bsd = llm.hidden_states(x_bsd)
     # position s predicts token s+1; row padding is on the right, so causal attention never sees it
     lp = _label_logprobs(llm, h_bsd[:, :-1], ids_bs[:, 1:], chunk)
@@ -51,26 +51,28 @@ def _token_logprobs(graphdef, state, ids_bs, target_bs, pixel_values, image_rows
     return jnp.pad(lp, ((0, 0), (1, 0)))
 
 
-def token_logprobs(model, ids_bs, target_bs, pixel_values=None, image_rows=None, *, chunk: int = 128) -> np.ndarray:
+def token_logprobs(model, ids_bs, target_bs, pixel_values=None, image_rows=None, *, chunk: int = 128,
+                   image_pos=None) -> np.ndarray:
     """(B, S) log p(token s | tokens < s, images) where target[b, s], else 0. Rows right-padded; token 0 is never
-    a target. Arrays are model-layout (`image_token_id` expanded; pixel_values NHWC; image_rows, -1 = padding)."""
+    a target. Arrays are model-layout (`image_token_id` expanded; pixel_values NHWC; image_rows, -1 = padding;
+    image_pos per row for LLaVA-1.6 layouts)."""
     ids_bs, target_bs = np.asarray(ids_bs, np.int32), np.asarray(target_bs, bool)
     if target_bs[:, 0].any():
         raise ValueError("token 0 has no prefix and cannot be a target")
     if pixel_values is not None:
-        from vlmjax.models.vlm import check_image_tokens
+        from vlmjax.models.vlm import host_image_inputs
 
-        rows = np.zeros(len(pixel_values), np.int32) if image_rows is None else np.asarray(image_rows, np.int32)
-        check_image_tokens(ids_bs, rows, model.cfg.image_token_id, model.cfg.tokens_per_image)
-        image_rows = rows
+        image_rows, image_pos = host_image_inputs(model.cfg, ids_bs, pixel_values, image_rows, image_pos)
     graphdef, state = nnx.split(model)
     chunk = min(chunk, max(ids_bs.shape[1] - 1, 1))
-    return np.asarray(_token_logprobs(graphdef, state, ids_bs, target_bs, pixel_values, image_rows, chunk=chunk))
+    return np.asarray(_token_logprobs(graphdef, state, ids_bs, target_bs, pixel_values, image_rows, image_pos,
+                                      chunk=chunk))
 
 
-def sequence_scores(model, ids_bs, target_bs, pixel_values=None, image_rows=None, *, chunk: int = 128) -> dict:
+def sequence_scores(model, ids_bs, target_bs, pixel_values=None, image_rows=None, *, chunk: int = 128,
+                    image_pos=None) -> dict:
     """Per row: sum_logprob, num_tokens, mean_logprob and perplexity = exp(-mean_logprob) over the target."""
-    lp = token_logprobs(model, ids_bs, target_bs, pixel_values, image_rows, chunk=chunk)
+    lp = token_logprobs(model, ids_bs, target_bs, pixel_values, image_rows, chunk=chunk, image_pos=image_pos)
     n = np.asarray(target_bs, bool).sum(1)
     total = lp.sum(1, dtype=np.float64)
     mean = np.where(n > 0, total / np.maximum(n, 1), np.nan)

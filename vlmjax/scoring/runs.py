@@ -15,15 +15,10 @@ import numpy as np
 
 from vlmjax.generate.dataset import error_records, iter_batches, pending
 from vlmjax.generate.jsonl import ResumableJsonl
-from vlmjax.generate.requests import Encoder, Request, collate_images
+from vlmjax.generate.requests import Encoder, Request, collate_images, image_pos_of, image_slots
 from vlmjax.scoring.capture import GROUPS, features
 from vlmjax.scoring.loglik import pad_rows, sequence_scores
 from vlmjax.scoring.shards import ShardWriter
-
-
-def _slots(batch_size: int, enc) -> int:
-    per_row = max((len(e.pixels) if e.pixels is not None else 0) for e in enc)
-    return batch_size * max(per_row, 1)
 
 
 def score_dataset(model, tokenizer, requests: Sequence[Request], out_path, *, batch_size: int = 16,
@@ -39,8 +34,8 @@ def score_dataset(model, tokenizer, requests: Sequence[Request], out_path, *, ba
             if not batch:
                 continue
             ids, tgt = pad_rows([e.ids for e in enc], [e.target for e in enc], pad_to=pad_to, batch_size=batch_size)
-            px, rows = collate_images([e.pixels for e in enc], slots=_slots(batch_size, enc))
-            s = sequence_scores(model, ids, tgt, px, rows)
+            px, rows = collate_images([e.pixels for e in enc], slots=image_slots(batch_size, enc))
+            s = sequence_scores(model, ids, tgt, px, rows, image_pos=image_pos_of(enc))
             out.write({"id": r.id, **r.meta, "sum_logprob": float(s["sum_logprob"][i]),
                        "num_tokens": int(s["num_tokens"][i]), "mean_logprob": float(s["mean_logprob"][i]),
                        "perplexity": float(s["perplexity"][i])} for i, r in enumerate(batch))
@@ -65,7 +60,7 @@ def capture_dataset(model, tokenizer, requests: Sequence[Request], out_dir, *, l
             ids, _ = pad_rows([e.ids for e in enc], pad_to=pad_to, batch_size=batch_size)
             lengths = np.zeros(len(ids), np.int32)
             lengths[: len(enc)] = [len(e.ids) for e in enc]
-            px, rows = collate_images([e.pixels for e in enc], slots=_slots(batch_size, enc))
-            feats = features(model, ids, lengths, px, rows, layers=layers, parts=parts)
+            px, rows = collate_images([e.pixels for e in enc], slots=image_slots(batch_size, enc))
+            feats = features(model, ids, lengths, px, rows, layers=layers, parts=parts, image_pos=image_pos_of(enc))
             out.add([r.id for r in batch], feats[: len(batch)])
     return {"written": len(todo), "skipped_done": len(requests) - len(todo)}

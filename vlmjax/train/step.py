@@ -26,7 +26,7 @@ def unembedding(model) -> jax.Array:
 
 def token_logps(model, batch: Batch, chunk_size: int):
     h = model.hidden_states(batch["input_ids"], batch.get("pixel_values"), batch.get("image_rows"),
-                            batch.get("positions"), batch.get("segment_ids"))
+                            batch.get("positions"), batch.get("segment_ids"), image_pos=batch.get("image_pos"))
     return token_logprobs(h, unembedding(model), batch["targets"], chunk_size=chunk_size)
 
 

@@ -69,15 +69,14 @@ def plan(image_id: str, seed: int = 0, prompts: PromptSet = PromptSet(), negativ
 class CorruptingEncoder(Encoder):
     """Encodes a request's images with the corruption its meta names (meta["corruption"], meta["seed"])."""
 
-    def pixels(self, req: Request):
+    def source_image(self, req: Request, image):
         kind = req.meta.get("corruption")
-        if kind is None or not req.images:
-            return super().pixels(req)
-        from vlmjax.data.image import decode_image, process_image
+        if kind is None:
+            return image
+        from vlmjax.data.image import decode_image
 
-        out = [process_image(corrupt_lib.corrupt(decode_image(img, name=req.id), kind, req.meta["seed"]),
-                             self.image_spec, name=req.id) for img in req.images]
-        return np.concatenate(out)
+        # LLaVA-1.6 layouts then lay out the corrupted image's own size (the 20 px one has fewer tokens)
+        return corrupt_lib.corrupt(decode_image(image, name=req.id), kind, req.meta["seed"])
 
 
 def image_list(folder, *, limit: int | None = None) -> list[tuple[str, str]]:
