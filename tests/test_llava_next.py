@@ -19,6 +19,16 @@ from vlmjax.data import tiling  # noqa: E402
 from vlmjax.data.image import ImageSpec, load_image, normalize  # noqa: E402
 
 TOL = 1e-4
+VOCAB, IMG = 320, 310  # tiny text models for the tokenizer below (<= 300 ids): the image token lies past them
+
+
+@pytest.fixture(scope="module")
+def tiny_tok(tmp_path_factory):
+    """A byte-level BPE fitted to a few words (ChatML template): keeps the LM head small, so tests stay fast."""
+    from vlmjax.data.tokenizer import train_tokenizer
+
+    words = "what is this hi answer 0 1 2 3 It is red green blue yellow. What colour is this?"
+    return train_tokenizer([words] * 4, tmp_path_factory.mktemp("tok"), vocab_size=300)
 # (width, height): wide, tall (letterboxed left/right), near-square, and one that picks the 3x1 grid
 SIZES = [(40, 20), (20, 50), (31, 29), (90, 25)]
 
@@ -141,20 +151,17 @@ def test_export_round_trip_and_hf_loads(tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_greedy_generation_matches_transformers(tmp_path):
+def test_greedy_generation_matches_transformers(tmp_path, tiny_tok):
     """Our engine (prompt built by the generation Encoder: tiles, positions, chat template) vs HF generate."""
     from vlmjax.generate import GenerationConfig, generate
     from vlmjax.generate.requests import Encoder, Request
 
-    from vlmjax.data.assets import smollm2_tokenizer
-
-    tok = smollm2_tokenizer()  # 49152 ids; the image token goes past them
-    ref_model = F.make_llava_next(tmp_path, vocab=49216, image_token=49152)
+    ref_model = F.make_llava_next(tmp_path, vocab=VOCAB, image_token=IMG)
     model, cfg = hfconv.load_vlm(tmp_path)
-    enc_obj = Encoder(tok, cfg)
+    enc_obj = Encoder(tiny_tok, cfg)
     img = Image.fromarray(np.random.default_rng(2).integers(0, 256, (25, 60, 3), dtype=np.uint8))
     enc = enc_obj.prompt(Request("r0", [{"role": "user", "content": "<image>\nhi"}], [img]))
-    assert enc.image_pos is not None and len(enc.image_pos) == int((np.array(enc.ids) == 49152).sum())
+    assert enc.image_pos is not None and len(enc.image_pos) == int((np.array(enc.ids) == IMG).sum())
     n_new = 8
     ours = generate(model, [enc.ids], GenerationConfig(max_new_tokens=n_new, eos_token_ids=()),
                     pixel_values=enc.pixels, image_rows=np.zeros(len(enc.pixels), np.int32), image_pos=[enc.image_pos])
@@ -165,19 +172,18 @@ def test_greedy_generation_matches_transformers(tmp_path):
     assert ours[0].tokens == out[0, len(enc.ids):].tolist()
 
 
-def test_packed_pipeline_batch_matches_per_sample(tmp_path):
+def test_packed_pipeline_batch_matches_per_sample(tmp_path, tiny_tok):
     """Training batches (grain pipeline, first-fit packing, several images per row) carry `image_pos`, and the
     model on a packed batch gives each sample the logits it gets alone through the generation Encoder (whose
     layout is checked against transformers above)."""
     import json
 
-    from vlmjax.data.assets import smollm2_tokenizer
     from vlmjax.data.pipeline import DataConfig, SourceSpec, batch_shapes, make_iterator
     from vlmjax.data.text import TextSpec
     from vlmjax.generate.requests import Encoder, Request, image_spec_for
 
-    tok = smollm2_tokenizer()
-    F.make_llava_next(tmp_path / "m", vocab=49216, image_token=49152)
+    tok = tiny_tok
+    F.make_llava_next(tmp_path / "m", vocab=VOCAB, image_token=IMG)
     model, cfg = hfconv.load_vlm(tmp_path / "m")
     rng = np.random.default_rng(3)
     (tmp_path / "img").mkdir()
@@ -217,17 +223,15 @@ def test_packed_pipeline_batch_matches_per_sample(tmp_path):
     assert seen == len(SIZES)
 
 
-def test_lora_dpo_on_imported_llava_next_and_export(tmp_path):
+def test_lora_dpo_on_imported_llava_next_and_export(tmp_path, tiny_tok):
     """STIC stage 1's path on a LLaVA-1.6 import: LoRA DPO (reference = adapter off) through the real pipeline
     (anyres tiles, image_pos), then the merged export loads in transformers as LlavaNext with our logits."""
     from train_utils import tiny_config, write_dataset
 
     from vlmjax.train.loop import train
 
-    from vlmjax.data.assets import smollm2_tokenizer
-
-    F.make_llava_next(tmp_path / "m", vocab=49216, image_token=49152)
-    smollm2_tokenizer().save_pretrained(tmp_path / "m")
+    F.make_llava_next(tmp_path / "m", vocab=VOCAB, image_token=IMG)
+    tiny_tok.save_pretrained(tmp_path / "m")
     data = write_dataset(tmp_path / "data", n=4)
     cfg = tiny_config(data, "dpo", **{"train.steps": 3, "train.trainable": ["lora_", "^projector/"],
                                       "lora.rank": 4, "lora.alpha": 8.0, "dpo.loss": "stic", "train.save_every": 100,

@@ -1,6 +1,6 @@
 """STIC reproduced in miniature on offline easy-vqa: the `make demo` pipeline, composed from library pieces.
 
-    python -m vlmjax.recipes.stic.miniature [--workdir runs/stic_mini] [--negatives plain] [--quick]
+    python -m vlmjax.recipes.stic.miniature [--workdir runs/stic_mini] [--negatives plain] [--quick] [--llm smollm2]
 
 1. data: easy-vqa train images split into a labelled base set and held-out *unlabeled* images (only their pixels
    are used); a BPE tokenizer fitted to the corpus (`vlmjax.data.tokenizer`).
@@ -36,7 +36,10 @@ REPO = Path(__file__).resolve().parents[3]
 DESCRIBE_PROMPTS = P.SIMPLE + (P.DETAILED, P.DAR_DESCRIBE)
 
 
-def stage_config(stage: str, config_file: Path = REPO / "configs" / "stic" / "mini.py"):
+CONFIGS = {"scratch": REPO / "configs" / "stic" / "mini.py", "smollm2": REPO / "configs" / "stic" / "mini_smollm2.py"}
+
+
+def stage_config(stage: str, config_file: Path = CONFIGS["scratch"]):
     spec = importlib.util.spec_from_file_location("_stic_mini_config", config_file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -94,14 +97,15 @@ def sft_turns(turns: list[dict], rng: np.random.Generator) -> list[dict]:
 
 
 def train_stage(stage: str, workdir: Path, *, model_path: str | None = None, source: str | None = None,
-                image_root: str, load_params: str | None = None, steps_scale: float = 1.0, over=None):
+                image_root: str, load_params: str | None = None, steps_scale: float = 1.0, over=None,
+                config_file: Path = CONFIGS["scratch"], over_extra=None):
     """Train one stage (resumes from its checkpoints); returns the export folder. Skipped if already exported."""
     from vlmjax.train.loop import train
 
     export = workdir / "export"
     if (export / "config.json").exists():
         return export
-    c = stage_config(stage)
+    c = stage_config(stage, config_file)
     if c.model.init == "random":
         c.model.tokenizer = str(workdir.parent / "tokenizer")  # written by prepare_data
     if model_path is not None:
@@ -113,7 +117,7 @@ def train_stage(stage: str, workdir: Path, *, model_path: str | None = None, sou
     c.data.sources = (src,)
     c.train.steps = max(2, int(round(c.train.steps * steps_scale)))
     c.export_dir = str(export)
-    for k, v in (over or {}).items():
+    for k, v in {**(over or {}), **(over_extra or {})}.items():
         node = c
         *parents, leaf = k.split(".")
         for p in parents:
@@ -242,9 +246,15 @@ def hf_reload_check(model_dir: Path, image) -> float:
 
 
 def run(root: Path, *, negatives: str = "generated", quick: bool = False, n_eval: int = 300, seed: int = 0,
-        stic_seed: int = 0) -> dict:
+        stic_seed: int = 0, llm: str = "scratch") -> dict:
     """seed: data preparation and base training; stic_seed: pair plans, sampling and STIC training (a nonzero
-    stic_seed gets its own folder, so several STIC runs share one base model)."""
+    stic_seed gets its own folder, so several STIC runs share one base model). llm: "scratch" (the miniature's
+    own decoder) or "smollm2" (configs/stic/mini_smollm2.py)."""
+    import functools
+
+    train_stage_ = functools.partial(train_stage, config_file=CONFIGS[llm])
+    if quick and llm != "scratch":  # a smoke run: 2 rows per batch keeps SmolLM2 steps to seconds
+        train_stage_ = functools.partial(train_stage_, over_extra={"data.batch_size": 2})
     from vlmjax.generate.loading import load_model
     from vlmjax.recipes.stic.make_infused_sft import make_infused_sft
     from vlmjax.recipes.stic.make_preferences import make_preferences
@@ -260,9 +270,9 @@ def run(root: Path, *, negatives: str = "generated", quick: bool = False, n_eval
 
     print("[2/6] base model: caption pre-training, then SFT", flush=True)
     base_over = {"train.seed": seed, "model.seed": seed}
-    align = train_stage("align", root / "align", image_root=images, source=str(data / "base_captions.jsonl"),
+    align = train_stage_("align", root / "align", image_root=images, source=str(data / "base_captions.jsonl"),
                         steps_scale=scale, over=base_over)
-    base = train_stage("sft", root / "sft", model_path=str(align), image_root=images, source=str(data / "base_sft.json"),
+    base = train_stage_("sft", root / "sft", model_path=str(align), image_root=images, source=str(data / "base_sft.json"),
                        steps_scale=scale, over=base_over)
     results = {"base": evaluate(base, root / "results" / "base.json", n=n_eval, dar=False),
                "base_dar": evaluate(base, root / "results" / "base_dar.json", n=n_eval, dar=True)}
@@ -280,7 +290,7 @@ def run(root: Path, *, negatives: str = "generated", quick: bool = False, n_eval
         (stic / "pairs_stats.json").write_text(json.dumps(stats))
     pair_stats = json.loads((stic / "pairs_stats.json").read_text())
     print(f"[4/6] STIC stage 1 ({negatives} negatives): {pair_stats}", flush=True)
-    s1 = train_stage("stage1", stic / "stage1", model_path=str(base), image_root=images, source=str(stic / "pairs.jsonl"),
+    s1 = train_stage_("stage1", stic / "stage1", model_path=str(base), image_root=images, source=str(stic / "pairs.jsonl"),
                      steps_scale=scale, over={"data.seq_len": 96, "train.seed": stic_seed})
     results["stage1"] = evaluate(s1, stic / "results" / "stage1.json", n=n_eval, dar=False)
 
@@ -290,7 +300,7 @@ def run(root: Path, *, negatives: str = "generated", quick: bool = False, n_eval
         (stic / "infused_stats.json").write_text(json.dumps(
             make_infused_sft(model, tok, subset, images, stic / "infused.json", seed=stic_seed, **gen)))
     print(f"[5/6] STIC stage 2: {json.loads((stic / 'infused_stats.json').read_text())}", flush=True)
-    s2 = train_stage("stage2", stic / "stage2", model_path=str(base), image_root=images, source=str(stic / "infused.json"),
+    s2 = train_stage_("stage2", stic / "stage2", model_path=str(base), image_root=images, source=str(stic / "infused.json"),
                      load_params=str(stic / "stage1" / "trainable.safetensors"), steps_scale=scale,
                      over={"train.seed": stic_seed})
     results["stic"] = evaluate(s2, stic / "results" / "stic.json", n=n_eval, dar=False)
@@ -326,13 +336,15 @@ def main(argv=None) -> int:
     ap.add_argument("--negatives", default="generated", choices=["generated", "plain"],
                     help="plain = the no-negatives ablation (rejected = a plain description of the clean image)")
     ap.add_argument("--quick", action="store_true", help="a few steps of everything (CI smoke run)")
+    ap.add_argument("--llm", default="scratch", choices=sorted(CONFIGS),
+                    help="smollm2: the same pipeline on the pretrained SmolLM2-135M (configs/stic/mini_smollm2.py)")
     ap.add_argument("--n-eval", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0, help="data preparation and base training (use a fresh --workdir)")
     ap.add_argument("--stic-seed", type=int, default=0, help="pair plans, sampling, STIC training (own folder if nonzero)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     r = run(args.workdir, negatives=args.negatives, quick=args.quick, n_eval=args.n_eval, seed=args.seed,
-            stic_seed=args.stic_seed)
+            stic_seed=args.stic_seed, llm=args.llm)
     return 0 if r["hf_reload_max_abs_logit_diff"] < 1e-3 else 1
 
 
