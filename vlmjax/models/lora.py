@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import re
 import zlib
 
@@ -94,7 +95,7 @@ def add_lora(model: nnx.Module, *, rank: int, alpha: float, dropout: float = 0.0
         names = kernel.get_metadata()["out_sharding"]
         lead_names, in_names = names[: len(lead)], names[len(lead) : len(lead) + len(node.in_shape)]
         out_names = names[len(lead) + len(node.in_shape) :]
-        fan_in = int(jnp.prod(jnp.array(node.in_shape)))
+        fan_in = math.prod(node.in_shape)  # a Python int: add_lora also runs under nnx.eval_shape / jit
         key, sub = jax.random.split(key)
         a = jax.random.normal(sub, lead + node.in_shape + (rank,), jnp.float32) / jnp.sqrt(fan_in)
         b = jnp.zeros(lead + (rank,) + node.out_shape, jnp.float32)

@@ -101,7 +101,7 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
         ref_params = jax.tree.map(jnp.copy, trainable)
     steps = tc.steps
     tx, scheds = opt_lib.make_optimizer(config.optim, trainable, steps)
-    opt_state = _on_mesh(jax.jit(tx.init)(trainable), mesh)
+    opt_state = opt_lib.init_state(tx, trainable, mesh)  # moments sharded like their params
     key = jax.random.key(tc.seed)
 
     data_cfg = data_config(config.data, vcfg, tokenizer, mode=tc.objective, seed=tc.seed)

@@ -85,3 +85,28 @@ def make_optimizer(optim_cfg, trainable: nnx.State, total_steps: int) -> tuple[o
         parts.append(optax.clip_by_global_norm(optim_cfg.clip_norm))
     parts.append(optax.multi_transform(txs, labels) if len(groups) > 1 else txs["default"])
     return optax.chain(*parts), scheds
+
+
+def state_shardings(tx: optax.GradientTransformation, params, mesh):
+    """Shardings for `tx.init(params)`: a leaf that mirrors a parameter (Adam's mu and nu: its key path ends with
+    the parameter's path, same shape) gets that parameter's sharding; the rest (step counts) are replicated.
+
+    Needed because `jax.jit(tx.init)(params)` alone replicates the whole state: init reads only shapes, so jit
+    prunes the params from its inputs and the zeros carry no sharding (every device would hold full moments)."""
+    keystr = jax.tree_util.keystr
+    by_path = {keystr(kp): x for kp, x in jax.tree_util.tree_leaves_with_path(params)}
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def pick(kp, x):
+        for i in range(len(kp)):
+            p = by_path.get(keystr(kp[i:]))
+            if p is not None and p.shape == x.shape and isinstance(p.sharding, jax.sharding.NamedSharding):
+                return p.sharding
+        return rep
+
+    return jax.tree_util.tree_map_with_path(pick, jax.eval_shape(tx.init, params))
+
+
+def init_state(tx: optax.GradientTransformation, params, mesh):
+    """`tx.init(params)` laid out like the params (see `state_shardings`)."""
+    return jax.jit(tx.init, out_shardings=state_shardings(tx, params, mesh))(params)
