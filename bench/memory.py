@@ -1,0 +1,208 @@
+"""Per-device memory of the real train steps at LLaVA-1.5-7B scale, without GPUs and without weights.
+
+Model: llava-hf/llava-1.5-7b-hf's config.json (CLIP ViT-L/14-336, 24 layers, feature layer -2; Vicuna-7B, 32
+layers of 4096, text vocab 32064 with <image> = 32000; mlp2x_gelu projector), mapped by vlmjax.convert's
+`vlm_config_from_hf`, with the STIC configs' execution knobs (bf16 compute, fp32 params, remat full on the LLM,
+attention_impl auto). `vlmjax.train.aot.aot_memory` builds it with nnx.eval_shape, gives every parameter,
+optimizer-state leaf and batch array the sharding the training loop gives it, jits the step as the loop does
+(params + optimizer state donated) and reads `compiled.memory_analysis()` on 8 forced CPU devices:
+  peak/device = arguments + outputs - aliased (donated, reused) + temps          (GiB = 2**30 bytes)
+
+Cases (configs/stic/llava15_7b.py unless said otherwise; global batch 8 as there: one pair / sample per device
+group and micro-batch, i.e. data.batch_size = data x fsdp devices, train.grad_accum = 8 / that, max_images 2 per
+pair / sample, seq 2048; the step is compiled with that grad_accum, so it holds one micro-batch's activations):
+  dpo_lora       stage1: STIC DPO (beta 0.1, alpha 1/1024), LoRA r128/alpha 256 on every LLM linear + projector
+                 trainable, reference = adapter off, 2 rows (chosen, rejected) per pair
+  dpo_lora_bf16  the same with model.param_dtype=bfloat16 (the library's one knob: frozen base, adapters and
+                 Adam moments all bf16)
+  sft_lora       stage2: description-infused SFT, same adapter, packed rows
+  sft_full       stage2 with lora.rank=0 and train.trainable=(^llm/, ^projector/): full fine-tune, AdamW fp32
+Meshes: fsdp1 (one device: the shipped config as is, batch 1 x grad_accum 8), fsdp4 (the first 4 devices: the
+"4x A6000" target), fsdp8, fsdp4_tp2 (fsdp 4 x tensor 2).
+Budget: 48 GiB per device (RTX A6000). XLA:CPU is a proxy for XLA:GPU (other fusion and scheduling, xla_flash
+attention where a GPU picks pallas_gpu / cuDNN); see the printed caveats.
+
+    python bench/memory.py                               # every case x mesh (16 compiles, ~25 s each)
+    python bench/memory.py --cases dpo_lora --meshes fsdp4
+    python bench/memory.py --no-licm                     # the same without XLA's loop-invariant code motion
+    python bench/memory.py --model tiny                  # a scaled-down model: seconds (tests/test_memory_aot.py)
+
+Ends with one RESULT line per case: value = peak GiB/device, baseline = 48 (A6000 GiB), ratio = value / baseline.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if "jax" in sys.modules and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    raise RuntimeError("bench/memory.py must set XLA_FLAGS before jax is imported; run it as a script")
+NO_LICM = "--xla_disable_hlo_passes=while-loop-invariant-code-motion"
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+    # buffer assignment is decided on HLO, before LLVM: skipping LLVM's optimisations halves compile time and left
+    # every byte of memory_analysis unchanged (checked on all 16 cases at 7B)
+    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+if "--no-licm" in sys.argv:  # read before argparse: XLA flags are fixed when jax initialises its backend
+    os.environ["XLA_FLAGS"] += " " + NO_LICM
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+import jax  # noqa: E402
+
+GIB = 2**30
+BUDGET_GIB = 48.0  # RTX A6000
+GLOBAL_BATCH = 8  # STIC: pairs (stage 1) / samples (stage 2) per optimizer step
+# llava-hf/llava-1.5-7b-hf config.json (fields the HF file leaves at their Llama/CLIP defaults written out)
+LLAVA15_7B = {
+    "model_type": "llava", "image_token_index": 32000, "projector_hidden_act": "gelu",
+    "vision_feature_layer": -2, "vision_feature_select_strategy": "default",
+    "text_config": {"model_type": "llama", "vocab_size": 32064, "hidden_size": 4096, "intermediate_size": 11008,
+                    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+                    "rms_norm_eps": 1e-5, "max_position_embeddings": 4096, "hidden_act": "silu"},
+    "vision_config": {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
+                      "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 336, "patch_size": 14,
+                      "hidden_act": "quick_gelu", "projection_dim": 768},
+}
+# same structure, toy sizes (every sharded dim divisible by 8; LoRA rank TINY_LORA_RANK): the test's model
+TINY = {
+    **LLAVA15_7B, "image_token_index": 255,
+    "text_config": {**LLAVA15_7B["text_config"], "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+                    "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 8},
+    "vision_config": {**LLAVA15_7B["vision_config"], "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                      "num_attention_heads": 4, "image_size": 28, "patch_size": 7},
+}
+TINY_LORA_RANK = 8
+MESHES = {"fsdp1": (1, 1, 1), "fsdp4": (1, 4, 1), "fsdp8": (1, 8, 1), "fsdp4_tp2": (1, 4, 2)}
+CASES = ("dpo_lora", "dpo_lora_bf16", "sft_lora", "sft_full")
+DEFAULT_MESHES = ("fsdp1", "fsdp4", "fsdp8", "fsdp4_tp2")
+
+
+CAVEATS = """caveats: XLA:CPU's buffer assignment stands in for XLA:GPU's. Arguments/outputs/aliases are exact (the analytic
+shard sizes to the byte, less the tower's unused post-layernorm, which jit prunes); temps are a proxy: XLA:CPU
+upcasts bf16 work to f32 and keeps f32 copies (with bf16 params, loop-invariant code motion hoists f32 copies of
+whole stacked weights out of the layer loop: see --no-licm), GPU fuses and schedules differently, and the LLM's
+attention here is xla_flash where an A6000 runs pallas_gpu (tower: cuDNN). Not counted: CUDA context and
+cuBLAS/cuDNN workspaces, fragmentation, the eval step, checkpoint copies. JAX preallocates 75% of GPU memory
+unless XLA_PYTHON_CLIENT_MEM_FRACTION is raised."""
+
+
+def train_config(case: str, mesh_axes: tuple[int, int, int], *, seq_len: int = 2048, lora_rank: int | None = None):
+    """The STIC stage config for `case`, with the batch split over the mesh (see the module docstring).
+    lora_rank: another adapter rank (alpha scaled with it), for the tiny model whose dims are below 128."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("llava15_7b", REPO / "configs" / "stic" / "llava15_7b.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config("stage1" if case.startswith("dpo") else "stage2")
+    if case == "dpo_lora_bf16":
+        c.model.param_dtype = "bfloat16"
+    if lora_rank is not None and c.lora.rank:
+        c.lora.update(rank=lora_rank, alpha=c.lora.alpha * lora_rank / c.lora.rank)
+    if case == "sft_full":
+        c.lora.rank = 0
+        c.train.trainable = ("^llm/", "^projector/")
+        c.optim.groups = ()
+    groups = mesh_axes[0] * mesh_axes[1]  # devices the batch rows are split over
+    c.data.batch_size = groups
+    c.data.max_images = 2 * groups
+    c.data.seq_len = seq_len
+    c.train.grad_accum = max(1, GLOBAL_BATCH // groups)
+    return c
+
+
+def model_config(c, hf: dict):
+    from vlmjax.convert.hf_config import vlm_config_from_hf
+    from vlmjax.train.aot import with_execution
+
+    return with_execution(vlm_config_from_hf(hf), dtype=c.model.dtype, param_dtype=c.model.param_dtype,
+                          remat=c.model.remat)
+
+
+def run_case(case: str, mesh_name: str, hf: dict, seq_len: int, lora_rank: int | None = None) -> dict:
+    from vlmjax import sharding as shd
+    from vlmjax.train.aot import aot_memory
+
+    axes = MESHES[mesh_name]
+    n = axes[0] * axes[1] * axes[2]
+    mesh = shd.make_mesh(*axes, devices=jax.devices()[:n])
+    c = train_config(case, axes, seq_len=seq_len, lora_rank=lora_rank)
+    r = aot_memory(c, model_config(c, hf), mesh)
+    return {**r, "case": case, "mesh": mesh_name, "rows_per_device": r["rows_per_micro"] // (axes[0] * axes[1])}
+
+
+def attention_impls(hf: dict, seq_len: int) -> str:
+    """What attention_impl='auto' compiles to here (CPU) for the LLM and the tower's shapes."""
+    import jax.numpy as jnp
+
+    from vlmjax.ops.attention import select_impl
+
+    t, v = hf["text_config"], hf["vision_config"]
+    n = (v["image_size"] // v["patch_size"]) ** 2 + 1
+    hd = t["hidden_size"] // t["num_attention_heads"]
+    q = jax.ShapeDtypeStruct((2, seq_len, t["num_attention_heads"], hd), jnp.bfloat16)
+    qv = jax.ShapeDtypeStruct((2, n, v["num_attention_heads"], v["hidden_size"] // v["num_attention_heads"]), jnp.bfloat16)
+    return (f"LLM (S={seq_len}, segment ids): {select_impl(q, q, segment_ids=True)}; "
+            f"tower (S={n}): {select_impl(qv, qv)}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=("7b", "tiny"), default="7b")
+    ap.add_argument("--cases", nargs="*", choices=CASES, help="default: all; runs = cases x meshes")
+    ap.add_argument("--meshes", nargs="*", choices=tuple(MESHES), help="default: DEFAULT_MESHES")
+    ap.add_argument("--runs", nargs="*", metavar="CASE@MESH", help="explicit runs instead of cases x meshes")
+    ap.add_argument("--seq", type=int, default=None, help="seq_len (default 2048; 64 for --model tiny)")
+    ap.add_argument("--no-licm", action="store_true", help=f"add {NO_LICM}: XLA:CPU upcasts bf16 weights to f32 "
+                    "and hoists those copies of whole stacked params out of the layer loop (a CPU-only artifact)")
+    ap.add_argument("--json", action="store_true", help="also print each case's full dict as a CASE {json} line")
+    a = ap.parse_args()
+    hf = LLAVA15_7B if a.model == "7b" else TINY
+    seq = a.seq or (2048 if a.model == "7b" else 64)
+    runs = [(c, m) for c in (a.cases or CASES) for m in (a.meshes or DEFAULT_MESHES)]
+    if a.runs:
+        runs = [tuple(r.split("@")) for r in a.runs]
+        bad = [r for r in runs if len(r) != 2 or r[0] not in CASES or r[1] not in MESHES]
+        if bad:
+            ap.error(f"--runs {bad}: use CASE@MESH with CASE in {CASES}, MESH in {tuple(MESHES)}")
+    print(f"{jax.device_count()} {jax.default_backend()} devices (forced); model {a.model}, seq {seq}; "
+          f"{'LICM off; ' if a.no_licm else ''}"
+          f"attention_impl auto -> {attention_impls(hf, seq)}", flush=True)
+    results = []
+    for case, mesh_name in runs:
+        t0 = time.perf_counter()
+        r = run_case(case, mesh_name, hf, seq, lora_rank=None if a.model == "7b" else TINY_LORA_RANK)
+        results.append(r)
+        print(f"  {case:14s} {mesh_name:10s} compiled in {r['compile_s']:.0f} s (lower {r['lower_s']:.0f} s, "
+              f"total {time.perf_counter() - t0:.0f} s); peak {r['peak'] / GIB:.2f} GiB/device", flush=True)
+        if a.json:
+            print("CASE " + json.dumps(r), flush=True)
+    hdr = (f"{'case':14s} {'mesh':10s} {'trainable':>10s} {'rows/dev x k':>12s} {'args':>7s} {'(params':>8s} {'opt':>6s} "
+           f"{'batch)':>7s} {'output':>7s} {'temp':>7s} {'alias':>7s} {'peak':>7s}  fits 48G  fits 36G  compile")
+    print("\nper-device GiB (params = trainable + frozen shards; opt = AdamW moments; 36G = JAX's default 75% "
+          "preallocation of 48G)")
+    print(hdr)
+    g = lambda b: b / GIB  # noqa: E731
+    for r in results:
+        print(f"{r['case']:14s} {r['mesh']:10s} {r['trainable_params'] / 1e6:9.0f}M {r['rows_per_device']:>8d} x {r['grad_accum']:<2d}"
+              f"{g(r['argument']):7.2f} {g(r['trainable_bytes'] + r['frozen_bytes']):8.2f} {g(r['opt_bytes']):6.2f} "
+              f"{g(r['batch_bytes']):7.3f} {g(r['output']):7.2f} {g(r['temp']):7.2f} {g(r['alias']):7.2f} "
+              f"{g(r['peak']):7.2f}  {'yes' if g(r['peak']) <= BUDGET_GIB else 'NO':8s}  "
+              f"{'yes' if g(r['peak']) <= 0.75 * BUDGET_GIB else 'NO':8s}  {r['compile_s']:5.0f} s")
+    print(CAVEATS)
+    for r in results:
+        v = round(g(r["peak"]), 3)
+        print("RESULT " + json.dumps(dict(case=f"{r['case']}@{r['mesh']}", value=v, baseline=BUDGET_GIB,
+                                          ratio=round(v / BUDGET_GIB, 4))))
+
+
+if __name__ == "__main__":
+    main()
