@@ -193,7 +193,7 @@ def vlmjax_case(model, cfg_base, batch_np: dict, *, objective: str, steps: int, 
     trainable = jax.tree.map(jnp.copy, trainable)  # the step donates it; keep the model's own arrays alive
     ref_params = jax.tree.map(jnp.copy, trainable) if objective == "dpo" and config.dpo.reference == "frozen_copy" else None
     tx, _ = opt_lib.make_optimizer(config.optim, trainable, config.train.steps)
-    opt_state = _on_mesh(jax.jit(tx.init)(trainable), mesh)
+    opt_state = opt_lib.init_state(tx, trainable, mesh)  # as loop.py: moments sharded like their params
     shardings = jax.tree.map(lambda x: x.sharding, (trainable, opt_state))
     step_fn = jax.jit(make_train_step(graphdef, tx, config), donate_argnums=(0, 2),
                       out_shardings=(shardings[0], shardings[1], None))
@@ -343,7 +343,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.torch_threads)
     print(f"start: {load()}; jax {jax.__version__} {jax.devices()[0].platform} x{jax.device_count()}, torch "
           f"{torch.__version__} threads {torch.get_num_threads()}, OMP_WAIT_POLICY="
-          f"{os.environ.get('OMP_WAIT_POLICY', '(unset)')}", flush=True)
+          f"{os.environ.get('OMP_WAIT_POLICY', '(unset)')}, GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}",
+          flush=True)
     tower = DEMO_TOWER if args.tower == "demo" else VisionConfig(
         kind="siglip", image_size=224, patch_size=16, hidden_size=192, intermediate_size=768, num_layers=4, num_heads=3,
         layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh", image_mean=(0.5,) * 3, image_std=(0.5,) * 3)
@@ -435,4 +436,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from vlmjax.runtime import tune_process
+
+    tune_process()  # huge pages for malloc (see vlmjax/runtime.py); re-execs once
     raise SystemExit(main())

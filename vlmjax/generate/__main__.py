@@ -77,4 +77,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from vlmjax.runtime import tune_process
+
+    tune_process()  # huge pages for malloc (see vlmjax/runtime.py); re-execs once
     raise SystemExit(main())

@@ -32,7 +32,7 @@ from flax import nnx
 
 from vlmjax import sharding
 from vlmjax.generate.sampling import SamplingConfig, row_keys, sample
-from vlmjax.models.llm import KVCache
+from vlmjax.models.llm import KVCache, stack_cache, unstack_cache
 
 RUNNING, EOS, STOP, LENGTH = 0, 1, 2, 3
 FINISH_NAMES = {EOS: "eos", STOP: "stop", LENGTH: "length"}
@@ -49,7 +49,9 @@ class GenerationConfig:
     chunk_steps: int = 32  # decode steps per device call when stop strings need host checks
     pad_to: int = 32  # prompt lengths round up to a multiple of this (fewer prefill compiles)
     cache_bucket: int = 128  # cache length (prompt bucket + max_new_tokens) rounds up to this (fewer decode compiles)
-    unroll_decode: bool = True  # static per-layer loop in decode: faster steps, compile time grows with depth
+    # static per-layer loop in decode over weights split per layer once per call: faster steps (no per-step weight
+    # copies), compile time grows with depth, the decoder's weights are held twice during the call
+    unroll_decode: bool = True
 
 
 @dataclasses.dataclass
@@ -129,7 +131,8 @@ def _prefill(graphdef, state, ids_bp, lens_b, pixel_values, image_rows, row_seed
     return _record(loop, tok_b, eos_ids)
 
 
-def _decode(graphdef, state, loop: _Loop, end_step, eos_ids, *, sampling: SamplingConfig, unroll: bool, min_new: int = 0):
+def _decode(graphdef, state, loop: _Loop, end_step, eos_ids, layer_states=None, *, sampling: SamplingConfig,
+            unroll: bool, min_new: int = 0):
     model = nnx.merge(graphdef, state)
     llm = llm_of(model)
 
@@ -138,11 +141,17 @@ def _decode(graphdef, state, loop: _Loop, end_step, eos_ids, *, sampling: Sampli
 
     def body(lp: _Loop):
         x_b1d = llm.embed(lp.last[:, None])
-        h_b1d, cache = llm.hidden_states_cached(x_b1d, lp.pos[:, None], lp.cache, lp.pos, unroll=unroll)
+        h_b1d, cache = llm.hidden_states_cached(x_b1d, lp.pos[:, None], lp.cache, lp.pos, unroll=unroll,
+                                                layer_states=layer_states)
         tok_b = sample(_no_early_eos(llm.logits(h_b1d)[:, 0], eos_ids, lp.step, min_new), sampling, lp.keys, lp.step)
         return _record(lp._replace(cache=cache, pos=lp.pos + 1), tok_b, eos_ids)
 
-    return jax.lax.while_loop(cond, body, loop)
+    if not unroll:
+        return jax.lax.while_loop(cond, body, loop)
+    # the unrolled loop carries one cache array per layer: a stacked cache's static slices would be copied
+    # every step (XLA:CPU materialises them), costing more than the attention itself
+    out = jax.lax.while_loop(cond, body, loop._replace(cache=unstack_cache(loop.cache)))
+    return out._replace(cache=stack_cache(out.cache))
 
 
 @functools.lru_cache(maxsize=None)
@@ -235,6 +244,7 @@ def generate(
     ctx = sharding.use_mesh(mesh) if mesh is not None else contextlib.nullcontext()
     chunk = cfg.chunk_steps if (cfg.stop_strings or on_chunk) else cfg.max_new_tokens
     stopped: dict[int, tuple[int, str]] = {}
+    layer_states = None  # per-layer weights for the unrolled decode, split once per call (see split_layers)
     with ctx:
         loop = prefill(graphdef, state, put(ids), put(lens_b), put(pixel_values), put(image_rows), put(seeds),
                        put(done0), eos_ids, jax.random.key(cfg.seed), put(image_pos), sampling=cfg.sampling, max_new=cfg.max_new_tokens, min_new=cfg.min_new_tokens,
@@ -248,8 +258,10 @@ def generate(
                 on_chunk(step)
             if step >= cfg.max_new_tokens or all_done:
                 break
+            if layer_states is None and cfg.unroll_decode:
+                layer_states = llm_of(model).split_layers()
             loop = decode(graphdef, state, loop, jnp.int32(min(step + chunk, cfg.max_new_tokens)), eos_ids,
-                          sampling=cfg.sampling, unroll=cfg.unroll_decode, min_new=cfg.min_new_tokens)
+                          layer_states, sampling=cfg.sampling, unroll=cfg.unroll_decode, min_new=cfg.min_new_tokens)
             step = int(loop.step)
     tokens, lengths, finish = jax.device_get((loop.tokens, loop.lengths, loop.finish))
     out = []

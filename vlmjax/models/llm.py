@@ -6,6 +6,8 @@ Shape suffixes: b batch, t/s sequence, d model dim, h query heads, k kv heads, f
 
 from __future__ import annotations
 
+import functools
+
 from typing import NamedTuple, Sequence
 
 import jax
@@ -19,7 +21,8 @@ from vlmjax.ops.attention import DECODE_IMPLS, attention, decode_attention
 
 
 class KVCache(NamedTuple):
-    """Keys and values of every layer, stacked like the layer params: (layers, B, S_max, kv_heads, head_dim).
+    """Keys and values of every layer, stacked like the layer params: (layers, B, S_max, kv_heads, head_dim);
+    inside the unrolled decode loop, a tuple of per-layer (B, S_max, kv_heads, head_dim) arrays instead.
 
     Slot s of row b holds the token at RoPE position s (each row's sequence starts at slot 0), so a row's valid
     entries are exactly its first `length` slots: the layout `decode_attention`'s `kv_lengths` describes.
@@ -30,6 +33,13 @@ class KVCache(NamedTuple):
 
 
 CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+
+
+def _write_layer(cache_bskd, write_pos_b, new_btkd):
+    """`_write_cache` for one layer's own array."""
+    b, t = new_btkd.shape[:2]
+    cols = write_pos_b[:, None] + jnp.arange(t)[None, :]
+    return cache_bskd.at[jnp.arange(b)[:, None], cols].set(new_btkd.astype(cache_bskd.dtype), mode="drop")
 
 
 def _write_cache(cache_lbskd, layer, write_pos_b, new_btkd):
@@ -71,15 +81,39 @@ class Attention(nnx.Module):
         its own write_pos and attend to the cache through `decode_attention`.
         """
         q_bthd, k_btkd, v_btkd = self._qkv(x_btd, positions_bt, inv_freq)
-        k_all = constrain(_write_cache(cache.k, layer, write_pos_b, k_btkd), CACHE_AXES)
-        v_all = constrain(_write_cache(cache.v, layer, write_pos_b, v_btkd), CACHE_AXES)
+        if isinstance(cache.k, tuple):  # one array per layer (unrolled decode, `layer` static): no slice copies
+            k_layer = _write_layer(cache.k[layer], write_pos_b, k_btkd)
+            v_layer = _write_layer(cache.v[layer], write_pos_b, v_btkd)
+            new_cache = KVCache(_replace_at(cache.k, layer, k_layer), _replace_at(cache.v, layer, v_layer))
+        else:
+            k_all = constrain(_write_cache(cache.k, layer, write_pos_b, k_btkd), CACHE_AXES)
+            v_all = constrain(_write_cache(cache.v, layer, write_pos_b, v_btkd), CACHE_AXES)
+            k_layer, v_layer, new_cache = k_all[layer], v_all[layer], KVCache(k_all, v_all)
         if prefill:
             out_bthd = attention(q_bthd, k_btkd, v_btkd, causal=True, impl=self.impl)
         else:
             impl = self.impl if self.impl in DECODE_IMPLS else "auto"
             kv_lengths = write_pos_b + x_btd.shape[1]
-            out_bthd = decode_attention(q_bthd, k_all[layer], v_all[layer], kv_lengths=kv_lengths, impl=impl)
-        return self.o_proj(out_bthd), KVCache(k_all, v_all)
+            out_bthd = decode_attention(q_bthd, k_layer, v_layer, kv_lengths=kv_lengths, impl=impl)
+        return self.o_proj(out_bthd), new_cache
+
+
+def _replace_at(xs: tuple, i: int, x) -> tuple:
+    return xs[:i] + (x,) + xs[i + 1:]
+
+
+def unstack_cache(cache: KVCache) -> KVCache:
+    """Stacked (layers, ...) cache -> one array per layer (what the unrolled decode carries)."""
+    return KVCache(tuple(cache.k), tuple(cache.v))
+
+
+def stack_cache(cache: KVCache) -> KVCache:
+    return KVCache(jnp.stack(cache.k), jnp.stack(cache.v)) if isinstance(cache.k, tuple) else cache
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _split_layers(state, n: int) -> tuple:
+    return tuple(jax.tree.map(lambda a, i=i: a[i], state) for i in range(n))
 
 
 class MLP(nnx.Module):
@@ -166,7 +200,8 @@ class LLM(nnx.Module):
         return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
     def hidden_states_cached(
-        self, x_btd, positions_bt, cache: KVCache, write_pos_b, *, prefill: bool = False, unroll: bool = False
+        self, x_btd, positions_bt, cache: KVCache, write_pos_b, *, prefill: bool = False, unroll: bool = False,
+        layer_states=None,
     ):
         """Decoder stack with a KV cache: T new tokens per row written at slots write_pos[b].. (see KVCache).
 
@@ -175,14 +210,17 @@ class LLM(nnx.Module):
         unroll: a Python loop over layers with static indices instead of the scan. In the scan each layer's weights
         are a dynamic slice that XLA (CPU) copies before use, which triples weight traffic in memory-bound decoding;
         static slices are not copied (SmolLM2-135M decode: 1.5x faster at B=1, 1.3x at B=8) but compile time grows
-        with depth.
+        with depth. layer_states: the layers' weights already split per layer (`split_layers`, outside the jitted
+        call), used by the unrolled loop instead of slicing the stacked ones: XLA (CPU) materialises even a static
+        slice, so slicing in the loop copies every weight once per decode step.
         """
         inv_freq = rope_inv_freq(self.cfg.dim_per_head, self.cfg.rope_theta, self.cfg.rope_scaling)
         graphdef, state = nnx.split(self.layers)
         write_pos_b = jnp.asarray(write_pos_b, jnp.int32)
-        if unroll:
+        if unroll or layer_states is not None:
             for i in range(self.cfg.num_layers):
-                layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+                layer_state = layer_states[i] if layer_states is not None else jax.tree.map(lambda a: a[i], state)
+                layer = nnx.merge(graphdef, layer_state)
                 x_btd, cache = layer.cached(x_btd, positions_bt, inv_freq, cache, i, write_pos_b, prefill)
             return self.norm(x_btd), cache
 
@@ -196,6 +234,11 @@ class LLM(nnx.Module):
 
         (x_btd, k, v), _ = jax.lax.scan(step, (x_btd, cache.k, cache.v), (state, jnp.arange(self.cfg.num_layers)))
         return self.norm(x_btd), KVCache(k, v)
+
+    def split_layers(self) -> tuple:
+        """The stacked layer weights as one state per layer (copies: 2x the decoder's weight memory while held)."""
+        n = self.cfg.num_layers
+        return _split_layers(nnx.state(self.layers), n)
 
     def hidden_states_reduced(
         self,

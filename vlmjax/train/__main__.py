@@ -72,4 +72,7 @@ def run() -> None:
 
 
 if __name__ == "__main__":
+    from vlmjax.runtime import tune_process
+
+    tune_process()  # huge pages for malloc (see vlmjax/runtime.py); re-execs once
     run()

@@ -99,26 +99,33 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg) -> Callable
     def step(trainable, rest, opt_state, batches, key, ref_params=None):
         k = jax.tree.leaves(batches)[0].shape[0]
         keys = jax.random.split(key, k)
+        if k == 1:  # no accumulator: saves a zero-fill, an add and a divide pass over every gradient
+            (_, metrics), grads = grad_fn(trainable, rest, jax.tree.map(lambda x: x[0], batches), keys[0], ref_params)
+        else:
+            def micro(acc, xs):
+                batch, mkey = xs
+                (loss, metrics), grads = grad_fn(trainable, rest, batch, mkey, ref_params)
+                acc = jax.tree.map(jnp.add, acc, grads)
+                return acc, metrics
 
-        def micro(acc, xs):
-            batch, mkey = xs
-            (loss, metrics), grads = grad_fn(trainable, rest, batch, mkey, ref_params)
-            acc = jax.tree.map(jnp.add, acc, grads)
-            return acc, metrics
-
-        zeros = jax.tree.map(jnp.zeros_like, trainable)
-        grads, metrics = jax.lax.scan(micro, zeros, (batches, keys))
-        grads = jax.tree.map(lambda g: g / k, grads)
-        metrics = jax.tree.map(jnp.mean, metrics)
-        metrics["tokens"] = metrics["tokens"] * k
+            zeros = jax.tree.map(jnp.zeros_like, trainable)
+            grads, metrics = jax.lax.scan(micro, zeros, (batches, keys))
+            grads = jax.tree.map(lambda g: g / k, grads)
+            metrics = jax.tree.map(jnp.mean, metrics)
+            metrics["tokens"] = metrics["tokens"] * k
         gnorm = optax.global_norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(gnorm)
-        updates, new_opt = tx.update(grads, opt_state, trainable)
-        new_params = optax.apply_updates(trainable, updates)
-        # a non-finite step never touches params or optimizer state
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+
+        def update(args):
+            params, opt, grads = args
+            updates, new_opt = tx.update(grads, opt, params)
+            return optax.apply_updates(params, updates), new_opt
+
+        # a non-finite step never touches params or optimizer state; a cond (not a select of new vs old) so a
+        # finite step costs no extra pass over them
+        new_params, new_opt = jax.lax.cond(finite, update, lambda args: args[:2], (trainable, opt_state, grads))
         metrics.update(grad_norm=gnorm, finite=finite)
-        return keep(new_params, trainable), keep(new_opt, opt_state), metrics
+        return new_params, new_opt, metrics
 
     return step
 
