@@ -11,7 +11,9 @@ and the faster one is the baseline (2 threads is ~10x slower when other processe
     python bench/generate.py                              # B = 1, 8, 32; prompt 64, 128 new tokens
     python bench/generate.py --batches 1 8 --new 64 --reps 1
 
-Ends with one `RESULT {json}` line per measured case (value = ours, baseline = transformers, ratio = ours / theirs).
+The batch-1 roofline is the weights' bytes (all read once per token) over the read bandwidth of a jitted sum over
+1 GiB, measured in the same run. Ends with one `RESULT {json}` line per measured case (value = ours, baseline =
+transformers, ratio = ours / theirs) and one for the batch-1 decode's fraction of the roofline.
 """
 
 from __future__ import annotations
@@ -33,6 +35,22 @@ def ours_timings(model, prompts, new: int) -> tuple[float, float]:
     out = generate(model, prompts, cfg, on_chunk=lambda step: marks.append(time.perf_counter()))
     assert all(len(o.tokens) == new for o in out)
     return marks[0] - t0, marks[-1] - marks[0]
+
+
+def read_bandwidth(gib: float = 1.0, reps: int = 5) -> float:
+    """Bytes/s of a jitted sum over a `gib` GiB fp32 array (bigger than any cache): the roofline's memory speed."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((int(gib * (1 << 30)) // 4,), jnp.float32)
+    f = jax.jit(jnp.sum)
+    f(x).block_until_ready()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f(x).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return x.nbytes / statistics.median(times)
 
 
 def hf_timings(ref, ids, new: int, threads: int) -> tuple[float, float]:
@@ -63,6 +81,7 @@ def main(argv=None) -> int:
 
     import jax
     import torch
+    from flax import nnx
     from transformers import AutoModelForCausalLM
 
     from vlmjax.convert.gguf import load_gguf, smollm2_gguf_path
@@ -72,6 +91,11 @@ def main(argv=None) -> int:
     ref = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     rng = np.random.default_rng(0)
     rows = []
+    # every decode step reads all weights once (the tied embedding doubles as the LM head)
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
+    bw = read_bandwidth()
+    print(f"read bandwidth (jitted sum over 1 GiB): {bw / 1e9:.1f} GB/s; weights {weight_bytes / 1e6:.0f} MB -> "
+          f"batch-1 roofline {bw / weight_bytes:.1f} tok/s", flush=True)
     for b in args.batches:
         new = args.new_at_32 if (b >= 32 and args.new_at_32) else args.new
         ids = rng.integers(100, 40000, size=(b, args.prompt)).astype(np.int64)
@@ -98,6 +122,14 @@ def main(argv=None) -> int:
         print(f"{r['batch']:>5} {r['new']:>4} | {r['ours_prefill']:>12.0f} {r['hf_prefill']:>10.0f} "
               f"{r['ours_prefill'] / r['hf_prefill']:>5.2f} | {r['ours_decode']:>11.1f} {r['hf_decode']:>9.1f} "
               f"{r['ours_decode'] / r['hf_decode']:>5.2f}")
+    roof = bw / weight_bytes
+    for r in rows:
+        if r["batch"] == 1:
+            print(f"batch 1 decode: {r['ours_decode']:.1f} tok/s = {r['ours_decode'] / roof:.0%} of the {roof:.1f} tok/s "
+                  f"roofline (transformers: {r['hf_decode'] / roof:.0%})")
+            print("RESULT " + json.dumps(dict(case="smollm2_135m_fp32_decode_b1_roofline_fraction",
+                                              value=round(r["ours_decode"] / roof, 3), baseline=1.0,
+                                              ratio=round(r["ours_decode"] / roof, 3))))
     for r in rows:
         for kind in ("prefill", "decode"):
             v, base = r[f"ours_{kind}"], r[f"hf_{kind}"]

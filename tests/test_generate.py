@@ -262,3 +262,28 @@ def test_generation_on_a_mesh_equals_single_device():
     proc = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"dp_tp": True}
+
+
+def test_split_layer_cache_follows_the_weights():
+    """The unrolled decode's per-layer weight copies are reused for the same arrays and dropped with them."""
+    import gc
+
+    from flax import nnx
+
+    from vlmjax.generate import engine
+    from vlmjax.models.llm import LLM
+    from vlmjax.models.config import LLMConfig
+
+    model = LLM(LLMConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
+                          num_kv_heads=1), rngs=nnx.Rngs(0))
+    a = engine._layer_states(model)
+    assert engine._layer_states(model) is a and len(a) == 2
+    np.testing.assert_array_equal(np.asarray(a[1]["mlp"]["up_proj"]["kernel"][...]),
+                                  np.asarray(model.layers.mlp.up_proj.kernel[...])[1])
+    model.layers.mlp.up_proj.kernel.value = model.layers.mlp.up_proj.kernel[...] + 1.0  # old array freed
+    gc.collect()
+    assert not engine._SPLIT
+    b = engine._layer_states(model)
+    assert b is not a
+    np.testing.assert_array_equal(np.asarray(b[0]["mlp"]["up_proj"]["kernel"][...]),
+                                  np.asarray(model.layers.mlp.up_proj.kernel[...])[0])

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import weakref
 from typing import Callable, NamedTuple, Sequence
 
 import jax
@@ -114,14 +115,16 @@ def _no_early_eos(logits_bv, eos_ids, step, min_new: int):
 
 
 def _prefill(graphdef, state, ids_bp, lens_b, pixel_values, image_rows, row_seeds_b, done0_b, eos_ids, base_key,
-             image_pos=None, *, sampling: SamplingConfig, max_new: int, cache_len: int, min_new: int = 0):
+             image_pos=None, layer_states=None, *, sampling: SamplingConfig, max_new: int, cache_len: int,
+             min_new: int = 0):
     model = nnx.merge(graphdef, state)
     llm = llm_of(model)
     b, p = ids_bp.shape
     x_bpd = embed_inputs(model, ids_bp, pixel_values, image_rows, image_pos)
     cache = llm.init_cache(b, cache_len)
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-    h_bpd, cache = llm.hidden_states_cached(x_bpd, positions, cache, jnp.zeros((b,), jnp.int32), prefill=True)
+    h_bpd, cache = llm.hidden_states_cached(x_bpd, positions, cache, jnp.zeros((b,), jnp.int32), prefill=True,
+                                            layer_states=layer_states)
     h_bd = jnp.take_along_axis(h_bpd, (lens_b - 1)[:, None, None], axis=1)[:, 0]
     logits_bv = _no_early_eos(llm.logits(h_bd[:, None])[:, 0], eos_ids, 0, min_new)
     keys = row_keys(base_key, row_seeds_b)
@@ -152,6 +155,28 @@ def _decode(graphdef, state, loop: _Loop, end_step, eos_ids, layer_states=None, 
     # every step (XLA:CPU materialises them), costing more than the attention itself
     out = jax.lax.while_loop(cond, body, loop._replace(cache=unstack_cache(loop.cache)))
     return out._replace(cache=stack_cache(out.cache))
+
+
+_SPLIT: list = []  # at most one (weakrefs to the stacked layer weights, their per-layer copies)
+
+
+def _layer_states(llm):
+    """`llm.split_layers()`, reused while the same weight arrays are alive (a dataset run calls `generate` per
+    batch; splitting copies every weight). Dropped as soon as any of those arrays is freed (e.g. donated by a
+    train step), so a stale copy is not held."""
+    leaves = jax.tree.leaves(nnx.state(llm.layers))
+    if _SPLIT:
+        refs, split, _ = _SPLIT[0]
+        if len(refs) == len(leaves) and all(r() is x for r, x in zip(refs, leaves)):
+            return split
+    split, token = llm.split_layers(), object()
+
+    def drop(_):
+        if _SPLIT and _SPLIT[0][2] is token:
+            _SPLIT.clear()
+
+    _SPLIT[:] = [([weakref.ref(x, drop) for x in leaves], split, token)]
+    return split
 
 
 @functools.lru_cache(maxsize=None)
@@ -244,10 +269,11 @@ def generate(
     ctx = sharding.use_mesh(mesh) if mesh is not None else contextlib.nullcontext()
     chunk = cfg.chunk_steps if (cfg.stop_strings or on_chunk) else cfg.max_new_tokens
     stopped: dict[int, tuple[int, str]] = {}
-    layer_states = None  # per-layer weights for the unrolled decode, split once per call (see split_layers)
     with ctx:
+        # per-layer weights for the unrolled decode (and prefill), split once per call (see LLM.split_layers)
+        layer_states = _layer_states(llm_of(model)) if cfg.unroll_decode else None
         loop = prefill(graphdef, state, put(ids), put(lens_b), put(pixel_values), put(image_rows), put(seeds),
-                       put(done0), eos_ids, jax.random.key(cfg.seed), put(image_pos), sampling=cfg.sampling, max_new=cfg.max_new_tokens, min_new=cfg.min_new_tokens,
+                       put(done0), eos_ids, jax.random.key(cfg.seed), put(image_pos), layer_states, sampling=cfg.sampling, max_new=cfg.max_new_tokens, min_new=cfg.min_new_tokens,
                        cache_len=-(-(p + cfg.max_new_tokens) // cfg.cache_bucket) * cfg.cache_bucket)
         step = 1
         while True:
@@ -258,8 +284,6 @@ def generate(
                 on_chunk(step)
             if step >= cfg.max_new_tokens or all_done:
                 break
-            if layer_states is None and cfg.unroll_decode:
-                layer_states = llm_of(model).split_layers()
             loop = decode(graphdef, state, loop, jnp.int32(min(step + chunk, cfg.max_new_tokens)), eos_ids,
                           layer_states, sampling=cfg.sampling, unroll=cfg.unroll_decode, min_new=cfg.min_new_tokens)
             step = int(loop.step)
