@@ -13,20 +13,21 @@ def np_log_softmax(x):
     return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
 
 
-@pytest.mark.parametrize("t,chunk", [(13, 4), (16, 16), (7, 256)])
-def test_chunked_token_logprobs_match_full_softmax(t, chunk):
+@pytest.mark.parametrize("t,chunk,remat", [(13, 4, True), (16, 16, True), (7, 256, True), (13, 4, False)])
+def test_chunked_token_logprobs_match_full_softmax(t, chunk, remat):
     rng = np.random.default_rng(0)
     h, w = rng.normal(size=(3, t, 8)), rng.normal(size=(50, 8))
     y = rng.integers(0, 50, (3, t))
-    logp, lse = token_logprobs(jnp.asarray(h, jnp.float32), jnp.asarray(w, jnp.float32), jnp.asarray(y), chunk_size=chunk)
+    logp, lse = token_logprobs(jnp.asarray(h, jnp.float32), jnp.asarray(w, jnp.float32), jnp.asarray(y), chunk_size=chunk,
+                               remat=remat)
     full = np_log_softmax(h @ w.T)
     np.testing.assert_allclose(np.asarray(logp), np.take_along_axis(full, y[..., None], -1)[..., 0], atol=1e-4)
     logits = h @ w.T
     np.testing.assert_allclose(np.asarray(lse), np.log(np.exp(logits).sum(-1)), atol=1e-4)
     # gradient w.r.t. hidden states equals the dense formula: (softmax - onehot) @ W, masked
     mask = (rng.random((3, t)) > 0.3).astype(np.float32)
-    g = jax.grad(lambda hh: cross_entropy(token_logprobs(hh, jnp.asarray(w, jnp.float32), jnp.asarray(y), chunk_size=chunk)[0],
-                                          jnp.asarray(mask))[0])(jnp.asarray(h, jnp.float32))
+    g = jax.grad(lambda hh: cross_entropy(token_logprobs(hh, jnp.asarray(w, jnp.float32), jnp.asarray(y), chunk_size=chunk,
+                                                         remat=remat)[0], jnp.asarray(mask))[0])(jnp.asarray(h, jnp.float32))
     p = np.exp(full)
     p[np.arange(3)[:, None], np.arange(t)[None], y] -= 1
     ref = (p * mask[..., None] / mask.sum()) @ w
@@ -133,3 +134,14 @@ def test_pair_mask_equals_dropping_pairs():
         sub, ms = preference_loss(name, pc[keep], pr[keep], rc[keep], rr[keep])
         np.testing.assert_allclose(full, sub, rtol=1e-6)
         np.testing.assert_allclose(mf["rewards/margin"], ms["rewards/margin"], rtol=1e-6)
+
+
+def test_remat_logits_auto_keeps_logits_within_budget():
+    from ml_collections import ConfigDict
+
+    from vlmjax.train.step import remat_logits
+
+    batch = {"targets": np.zeros((4, 256), np.int32)}  # x 49216 vocab x 4 bytes = 192 MiB of logits
+    assert not remat_logits(ConfigDict(dict(remat_logits="auto", logits_budget_mb=1024)), batch, 49216)
+    assert remat_logits(ConfigDict(dict(remat_logits="auto", logits_budget_mb=100)), batch, 49216)
+    assert remat_logits(ConfigDict(dict(remat_logits=True)), batch, 10)

@@ -21,7 +21,8 @@ def base() -> ConfigDict:
     c.optim = ConfigDict(dict(lr=1e-4, schedule="cosine", warmup_frac=0.03, weight_decay=0.0, b1=0.9, b2=0.999,
                               eps=1e-8, clip_norm=1.0, end_factor=0.0, groups=()))
     c.optim.warmup_steps = None  # overrides warmup_frac when set
-    c.loss = ConfigDict(dict(chunk_size=256, z_loss=0.0, reduction="token", max_segments=32))
+    c.loss = ConfigDict(dict(chunk_size=256, z_loss=0.0, reduction="token", max_segments=32,
+                             remat_logits="auto", logits_budget_mb=1024))
     c.dpo = ConfigDict(dict(loss="dpo", beta=0.1, alpha=1.0 / 1024, label_smoothing=0.0, gamma=0.5, reference="lora_off"))
     c.data = ConfigDict(dict(sources=(), batch_size=4, seq_len=512, max_images=8, pack=True, num_workers=0,
                              num_epochs=None, image=ConfigDict(), text=ConfigDict()))

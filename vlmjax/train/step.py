@@ -24,14 +24,24 @@ def unembedding(model) -> jax.Array:
     return llm.embed_tokens[...] if llm.lm_head is None else llm.lm_head.kernel[...].T
 
 
-def token_logps(model, batch: Batch, chunk_size: int):
+def remat_logits(loss_cfg, batch: Batch, vocab: int) -> bool:
+    """loss.remat_logits: True / False, or "auto": recompute the logits in the backward pass only when keeping
+    them (B x T x V fp32) would take more than loss.logits_budget_mb."""
+    mode = loss_cfg.get("remat_logits", "auto")
+    if mode != "auto":
+        return bool(mode)
+    b, t = batch["targets"].shape
+    return b * t * vocab * 4 > loss_cfg.get("logits_budget_mb", 1024) * 2**20
+
+
+def token_logps(model, batch: Batch, chunk_size: int, remat: bool = True):
     h = model.hidden_states(batch["input_ids"], batch.get("pixel_values"), batch.get("image_rows"),
                             batch.get("positions"), batch.get("segment_ids"), image_pos=batch.get("image_pos"))
-    return token_logprobs(h, unembedding(model), batch["targets"], chunk_size=chunk_size)
+    return token_logprobs(h, unembedding(model), batch["targets"], chunk_size=chunk_size, remat=remat)
 
 
 def sft_loss(model, batch: Batch, cfg) -> tuple[jax.Array, dict]:
-    logp, lse = token_logps(model, batch, cfg.loss.chunk_size)
+    logp, lse = token_logps(model, batch, cfg.loss.chunk_size, remat_logits(cfg.loss, batch, model.llm.cfg.vocab_size))
     return cross_entropy(logp, batch["loss_mask"], lse_bt=lse, z_loss=cfg.loss.z_loss, reduction=cfg.loss.reduction,
                          segment_ids_bt=batch.get("segment_ids"), max_segments=cfg.loss.max_segments)
 
@@ -49,7 +59,7 @@ def pair_logps(logp_bt, batch: Batch, max_segments: int):
 def dpo_loss(model, batch: Batch, cfg, ref_model=None) -> tuple[jax.Array, dict]:
     """Policy chosen+rejected in one forward; reference with the LoRA adapter off (or a frozen copy)."""
     d, m = cfg.dpo, cfg.loss.max_segments
-    logp, _ = token_logps(model, batch, cfg.loss.chunk_size)
+    logp, _ = token_logps(model, batch, cfg.loss.chunk_size, remat_logits(cfg.loss, batch, model.llm.cfg.vocab_size))
     pc, pr, lc, lr = pair_logps(logp, batch, m)
     valid = ((lc > 0) & (lr > 0)).astype(jnp.float32)
     rc = rr = None
