@@ -14,12 +14,9 @@ per image, so 10 image slots per DPO pair. Trained: the LoRA adapter and the pro
 frozen, as LLaVA's LoRA recipe leaves it).
 """
 
-import importlib.util
-import os
+from vlmjax.train.defaults import sibling_config
 
-_spec = importlib.util.spec_from_file_location("stic_llava15", os.path.join(os.path.dirname(__file__), "llava15_7b.py"))
-_llava15 = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_llava15)
+_llava15 = sibling_config(__file__, "llava15_7b.py")
 
 STAGES = _llava15.STAGES
 

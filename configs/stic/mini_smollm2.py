@@ -9,12 +9,9 @@ projector are aligned with the LLM frozen (LLaVA's stage 1, plus the tower since
 trains everything at a fine-tuning learning rate, and the text uses SmolLM2's own tokenizer and ChatML template.
 """
 
-import importlib.util
-import os
+from vlmjax.train.defaults import sibling_config
 
-_spec = importlib.util.spec_from_file_location("stic_mini", os.path.join(os.path.dirname(__file__), "mini.py"))
-_mini = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_mini)
+_mini = sibling_config(__file__, "mini.py")
 
 STAGES = _mini.STAGES
 

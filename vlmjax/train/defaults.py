@@ -1,5 +1,8 @@
 """Defaults shared by every training config (configs/*.py call `base()` and override what their stage needs)."""
 
+import importlib.util
+import os
+
 from ml_collections import ConfigDict
 
 LLAMA_LINEAR = r"llm/layers/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)$"
@@ -30,3 +33,13 @@ def base() -> ConfigDict:
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.export_dir = ""
     return c
+
+
+def sibling_config(config_file: str, name: str):
+    """The config module `name` next to `config_file` (config files are not a package; a variant config builds
+    on its base this way: `_base = sibling_config(__file__, "mini.py")`)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(config_file)), name)
+    spec = importlib.util.spec_from_file_location(f"_vlmjax_config_{os.path.splitext(name)[0]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
