@@ -166,8 +166,8 @@ def vlmjax_case(model, cfg_base, batch_np: dict, *, objective: str, steps: int, 
 
     from vlmjax import sharding as shd
     from vlmjax.train import optim as opt_lib
-    from vlmjax.train.loop import _on_mesh, _place, _stack
-    from vlmjax.train.step import make_train_step
+    from vlmjax.train.loop import _place, _stack
+    from vlmjax.train.step import jit_train_step
 
     config = cfg_base()
     config.train.objective = objective
@@ -194,9 +194,7 @@ def vlmjax_case(model, cfg_base, batch_np: dict, *, objective: str, steps: int, 
     ref_params = jax.tree.map(jnp.copy, trainable) if objective == "dpo" and config.dpo.reference == "frozen_copy" else None
     tx, _ = opt_lib.make_optimizer(config.optim, trainable, config.train.steps)
     opt_state = opt_lib.init_state(tx, trainable, mesh)  # as loop.py: moments sharded like their params
-    shardings = jax.tree.map(lambda x: x.sharding, (trainable, opt_state))
-    step_fn = jax.jit(make_train_step(graphdef, tx, config), donate_argnums=(0, 2),
-                      out_shardings=(shardings[0], shardings[1], None))
+    step_fn = jit_train_step(graphdef, tx, config, trainable, opt_state)
     batch = _place(_stack([batch_np]), mesh)
     key = jax.random.key(0)
     n_trainable = sum(int(x.size) for x in jax.tree.leaves(trainable))

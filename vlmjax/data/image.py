@@ -194,10 +194,19 @@ def load_image(data, spec: ImageSpec, name: str | None = None) -> tuple[np.ndarr
     return tiles, image_positions(spec, img.size)
 
 
-def image_to_uint8_tiles(data, spec: ImageSpec, name: str | None = None) -> np.ndarray:
-    return load_image(data, spec, name)[0]
-
-
 def process_image(data, spec: ImageSpec, name: str | None = None) -> np.ndarray:
     """Anything `decode_image` accepts -> normalised float32 tiles (k, H, W, 3)."""
-    return normalize(image_to_uint8_tiles(data, spec, name), spec)
+    return normalize(load_image(data, spec, name)[0], spec)
+
+
+def model_image_spec(cfg, **over) -> ImageSpec:
+    """The preprocessing a VLM config implies (the tower's size and mean/std, its tokens per tile; for LLaVA-1.6,
+    the anyres tiling and feature layout its checkpoint was trained with, global view stretched to a square as
+    HF's processor does), with `over` on top."""
+    v = cfg.vision
+    kw = dict(image_size=v.image_size, mean=tuple(v.image_mean), std=tuple(v.image_std),
+              tokens_per_image=cfg.tokens_per_image)
+    if cfg.image_layout == "llava_next":
+        kw.update(tiling="anyres", grid_pinpoints=cfg.image_grid_pinpoints, resize_mode="resize",
+                  feature_layout="llava_next", feature_grid=cfg.feature_grid)
+    return ImageSpec(**{**kw, **over})

@@ -250,8 +250,6 @@ def generate(
 
         if image_rows is None and n > 1:
             raise ValueError("image_rows is required with pixel_values for more than one prompt")
-        if image_rows is None:
-            image_rows = np.zeros((pixel_values.shape[0],), np.int32)
         image_rows, image_pos = host_image_inputs(model.cfg, ids, pixel_values, image_rows, image_pos)
     # padded to a multiple of 8 with -1 (never a token) so changing the EOS set does not recompile
     eos_ids = np.full((-(-len(cfg.eos_token_ids) // 8) * 8,), -1, np.int32)

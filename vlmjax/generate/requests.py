@@ -105,18 +105,10 @@ def default_eos_ids(tokenizer, cfg=None) -> tuple[int, ...]:
 
 
 def image_spec_for(cfg, resize_mode: str = "pad_to_square_mean"):
-    """The preprocessing a VLM config implies: the tower's size and mean/std; one tile per image, or LLaVA-1.6
-    anyres tiles (whose global view is stretched to a square, as HF's processor does)."""
-    from vlmjax.data.image import ImageSpec
+    """`data.image.model_image_spec` with this `resize_mode` (LLaVA-1.6 keeps the stretch its layout implies)."""
+    from vlmjax.data.image import model_image_spec
 
-    v = cfg.vision
-    layout = {}
-    if cfg.image_layout == "llava_next":
-        layout = dict(tiling="anyres", grid_pinpoints=cfg.image_grid_pinpoints, feature_layout="llava_next",
-                      feature_grid=cfg.feature_grid)
-        resize_mode = "resize"
-    return ImageSpec(image_size=v.image_size, mean=tuple(v.image_mean), std=tuple(v.image_std),
-                     resize_mode=resize_mode, tokens_per_image=cfg.tokens_per_image, **layout)
+    return model_image_spec(cfg, **({} if cfg.image_layout == "llava_next" else {"resize_mode": resize_mode}))
 
 
 @dataclasses.dataclass

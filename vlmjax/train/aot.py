@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from vlmjax import sharding as shd
 from vlmjax.models.config import VLMConfig
 from vlmjax.train import optim as opt_lib
-from vlmjax.train.step import make_train_step
+from vlmjax.train.step import jit_train_step
 
 
 
@@ -102,9 +102,7 @@ def aot_memory(config, vcfg: VLMConfig, mesh, *, rules=shd.DEFAULT_RULES) -> dic
                              jax.eval_shape(tx.init, trainable), opt_lib.state_shardings(tx, trainable, mesh))
     batches = abstract_batches(config, vcfg, mesh)
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=NamedSharding(mesh, P()))
-    shardings = jax.tree.map(lambda x: x.sharding, (trainable, opt_state))
-    step_fn = jax.jit(make_train_step(graphdef, tx, config), donate_argnums=(0, 2),
-                      out_shardings=(shardings[0], shardings[1], None))
+    step_fn = jit_train_step(graphdef, tx, config, trainable, opt_state)
     t0 = time.perf_counter()
     with shd.use_mesh(mesh, rules):
         lowered = step_fn.lower(trainable, rest, opt_state, batches, key, ref_params)

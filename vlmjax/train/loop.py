@@ -22,7 +22,7 @@ from vlmjax.train import optim as opt_lib
 from vlmjax.train.checkpoint import Checkpointer
 from vlmjax.train.metrics import MetricsWriter
 from vlmjax.train.setup import build_model, data_config
-from vlmjax.train.step import eval_loss_fn, make_train_step, param_count
+from vlmjax.train.step import eval_loss_fn, jit_train_step, param_count
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +39,6 @@ def flops_per_token(cfg, seq_len: int) -> float:
     dense = l.num_layers * per_layer + d * l.vocab_size
     attn = 12 * l.num_layers * l.num_heads * hd * seq_len / 2  # causal: half the score matrix on average
     return 6.0 * dense + attn
-
-
-def _on_mesh(tree, mesh):
-    """Leaves not yet on the mesh (optimizer step counts) -> replicated on it, so the step's input shardings
-    equal its pinned output shardings and the second call does not recompile."""
-    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    on = lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding) else jax.device_put(x, rep)  # noqa: E731
-    return jax.tree.map(on, tree)
 
 
 def _stack(batches: list[dict]) -> dict:
@@ -124,9 +116,7 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
         key = jax.random.wrap_key_data(jnp.asarray(state["rng"]))
         log.info("resumed from step %d", start)
 
-    shardings = jax.tree.map(lambda x: x.sharding, (trainable, opt_state))
-    step_fn = jax.jit(make_train_step(graphdef, tx, config), donate_argnums=(0, 2),
-                      out_shardings=(shardings[0], shardings[1], None))
+    step_fn = jit_train_step(graphdef, tx, config, trainable, opt_state)
     eval_fn = jax.jit(eval_loss_fn(graphdef, config)) if eval_it is not None else None
     is_main = jax.process_index() == 0
     writer = MetricsWriter(workdir, steps, start, enabled=is_main)

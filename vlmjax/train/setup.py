@@ -96,16 +96,12 @@ def _with_remat(model, cfg: VLMConfig, mc) -> VLMConfig:
 
 def data_config(dc, cfg: VLMConfig, tokenizer, *, mode: str, seed: int):
     """ml_collections data section -> vlmjax.data.DataConfig, with image settings taken from the model."""
-    from vlmjax.data import BadSamplePolicy, DataConfig, ImageSpec, SourceSpec, TextSpec
+    from vlmjax.data import BadSamplePolicy, DataConfig, SourceSpec, TextSpec
+    from vlmjax.data.image import model_image_spec
 
     d = dc.to_dict() if hasattr(dc, "to_dict") else dict(dc)
     sources = tuple(SourceSpec(**s) for s in d.pop("sources"))
-    image_over = d.pop("image", {}) or {}
-    if cfg.image_layout == "llava_next":  # the model's layout fixes the tiling (as HF's LLaVA-1.6 processor)
-        image_over = dict(tiling="anyres", grid_pinpoints=cfg.image_grid_pinpoints, resize_mode="resize",
-                          feature_layout="llava_next", feature_grid=cfg.feature_grid, **image_over)
-    image = ImageSpec(image_size=cfg.vision.image_size, mean=tuple(cfg.vision.image_mean),
-                      std=tuple(cfg.vision.image_std), tokens_per_image=cfg.tokens_per_image, **image_over)
+    image = model_image_spec(cfg, **(d.pop("image", {}) or {}))
     text = TextSpec(image_token_id=cfg.image_token_id, **(d.pop("text", {}) or {}))
     bad = BadSamplePolicy(**(d.pop("bad_samples", {}) or {}))
     return DataConfig(sources=sources, image=image, text=text, bad_samples=bad, mode=mode, seed=seed, **d)

@@ -34,14 +34,15 @@ def remat_logits(loss_cfg, batch: Batch, vocab: int) -> bool:
     return b * t * vocab * 4 > loss_cfg.get("logits_budget_mb", 1024) * 2**20
 
 
-def token_logps(model, batch: Batch, chunk_size: int, remat: bool = True):
+def token_logps(model, batch: Batch, loss_cfg):
     h = model.hidden_states(batch["input_ids"], batch.get("pixel_values"), batch.get("image_rows"),
                             batch.get("positions"), batch.get("segment_ids"), image_pos=batch.get("image_pos"))
-    return token_logprobs(h, unembedding(model), batch["targets"], chunk_size=chunk_size, remat=remat)
+    return token_logprobs(h, unembedding(model), batch["targets"], chunk_size=loss_cfg.chunk_size,
+                          remat=remat_logits(loss_cfg, batch, model.llm.cfg.vocab_size))
 
 
 def sft_loss(model, batch: Batch, cfg) -> tuple[jax.Array, dict]:
-    logp, lse = token_logps(model, batch, cfg.loss.chunk_size, remat_logits(cfg.loss, batch, model.llm.cfg.vocab_size))
+    logp, lse = token_logps(model, batch, cfg.loss)
     return cross_entropy(logp, batch["loss_mask"], lse_bt=lse, z_loss=cfg.loss.z_loss, reduction=cfg.loss.reduction,
                          segment_ids_bt=batch.get("segment_ids"), max_segments=cfg.loss.max_segments)
 
@@ -59,16 +60,16 @@ def pair_logps(logp_bt, batch: Batch, max_segments: int):
 def dpo_loss(model, batch: Batch, cfg, ref_model=None) -> tuple[jax.Array, dict]:
     """Policy chosen+rejected in one forward; reference with the LoRA adapter off (or a frozen copy)."""
     d, m = cfg.dpo, cfg.loss.max_segments
-    logp, _ = token_logps(model, batch, cfg.loss.chunk_size, remat_logits(cfg.loss, batch, model.llm.cfg.vocab_size))
+    logp, _ = token_logps(model, batch, cfg.loss)
     pc, pr, lc, lr = pair_logps(logp, batch, m)
     valid = ((lc > 0) & (lr > 0)).astype(jnp.float32)
     rc = rr = None
     if d.loss not in ("simpo", "orpo"):
         if d.reference == "lora_off":
             with lora_disabled():
-                ref_logp, _ = token_logps(model, batch, cfg.loss.chunk_size)
+                ref_logp, _ = token_logps(model, batch, cfg.loss)
         elif d.reference == "frozen_copy":
-            ref_logp, _ = token_logps(ref_model, batch, cfg.loss.chunk_size)
+            ref_logp, _ = token_logps(ref_model, batch, cfg.loss)
         else:
             raise ValueError(f"dpo.reference={d.reference!r}: use lora_off or frozen_copy")
         rc, rr, _, _ = pair_logps(jax.lax.stop_gradient(ref_logp), batch, m)
@@ -138,6 +139,15 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg) -> Callable
         return new_params, new_opt, metrics
 
     return step
+
+
+def jit_train_step(graphdef, tx: optax.GradientTransformation, cfg, trainable, opt_state):
+    """`make_train_step` jitted as every caller runs it (loop, bench, AOT memory check): params and optimizer
+    state donated, their output shardings pinned to those of `trainable` / `opt_state` (concrete or abstract), so
+    the second call neither copies them nor recompiles."""
+    shardings = jax.tree.map(lambda x: x.sharding, (trainable, opt_state))
+    return jax.jit(make_train_step(graphdef, tx, cfg), donate_argnums=(0, 2),
+                   out_shardings=(shardings[0], shardings[1], None))
 
 
 def eval_loss_fn(graphdef, cfg) -> Callable:

@@ -98,7 +98,7 @@ def sft_turns(turns: list[dict], rng: np.random.Generator) -> list[dict]:
 
 def train_stage(stage: str, workdir: Path, *, model_path: str | None = None, source: str | None = None,
                 image_root: str, load_params: str | None = None, steps_scale: float = 1.0, over=None,
-                config_file: Path = CONFIGS["scratch"], over_extra=None):
+                config_file: Path = CONFIGS["scratch"]):
     """Train one stage (resumes from its checkpoints); returns the export folder. Skipped if already exported."""
     from vlmjax.train.loop import train
 
@@ -117,7 +117,7 @@ def train_stage(stage: str, workdir: Path, *, model_path: str | None = None, sou
     c.data.sources = (src,)
     c.train.steps = max(2, int(round(c.train.steps * steps_scale)))
     c.export_dir = str(export)
-    for k, v in {**(over or {}), **(over_extra or {})}.items():
+    for k, v in (over or {}).items():
         node = c
         *parents, leaf = k.split(".")
         for p in parents:
@@ -250,14 +250,15 @@ def run(root: Path, *, negatives: str = "generated", quick: bool = False, n_eval
     """seed: data preparation and base training; stic_seed: pair plans, sampling and STIC training (a nonzero
     stic_seed gets its own folder, so several STIC runs share one base model). llm: "scratch" (the miniature's
     own decoder) or "smollm2" (configs/stic/mini_smollm2.py)."""
-    import functools
-
-    train_stage_ = functools.partial(train_stage, config_file=CONFIGS[llm])
-    if quick and llm != "scratch":  # a smoke run: 2 rows per batch keeps SmolLM2 steps to seconds
-        train_stage_ = functools.partial(train_stage_, over_extra={"data.batch_size": 2})
     from vlmjax.generate.loading import load_model
     from vlmjax.recipes.stic.make_infused_sft import make_infused_sft
     from vlmjax.recipes.stic.make_preferences import make_preferences
+
+    # a smoke run of SmolLM2: 2 rows per batch keeps its steps to seconds
+    quick_over = {"data.batch_size": 2} if quick and llm != "scratch" else {}
+
+    def train_stage_(stage, workdir, *, over=None, **kw):
+        return train_stage(stage, workdir, config_file=CONFIGS[llm], over={**(over or {}), **quick_over}, **kw)
 
     scale = 0.02 if quick else 1.0  # quick: 2-6 steps per stage, a smoke run of every step of the pipeline
     n_base, n_unlabeled, n_subset = (64, 12, 12) if quick else (3000, 480, 480)
