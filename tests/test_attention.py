@@ -203,8 +203,9 @@ def test_block_table_is_conservative_and_skips():
     assert table.mean() < 0.5
 
 
-@pytest.mark.parametrize("impl", ["reference", "xla_flash", "pallas_gpu", "pallas_tpu"])
-def test_decode_equals_last_rows_of_causal_attention(impl):
+@pytest.mark.parametrize("impl,kv_layout", [("reference", "bskd"), ("xla_flash", "bskd"), ("pallas_gpu", "bskd"),
+                                            ("pallas_tpu", "bskd"), ("reference", "bksd"), ("xla_flash", "bksd")])
+def test_decode_equals_last_rows_of_causal_attention(impl, kv_layout):
     b, s, t, h, kv, d = 3, 48, 3, 4, 2, 16
     rng = np.random.default_rng(70)
     q_full, k_full, v_full = (jnp.asarray(rng.standard_normal((b, s, n, d)), jnp.float32) for n in (h, kv, kv))
@@ -222,8 +223,11 @@ def test_decode_equals_last_rows_of_causal_attention(impl):
     garbage = jnp.where(seg[:, :, None, None] == 1, 0.0, 1e3)  # stale cache slots must be ignored
     opts = {"xla_flash": dict(block_q=8, block_k=16), "pallas_gpu": dict(block_q=16, block_k=16),
             "pallas_tpu": dict(block_q=8, block_k=16)}.get(impl, {})  # Pallas: interpreted on CPU
-    got = decode_attention(jnp.asarray(q_new), k_full + garbage, v_full + garbage, kv_lengths=jnp.asarray(lengths),
-                           impl=impl, **opts)
+    k_cache, v_cache = k_full + garbage, v_full + garbage
+    if kv_layout == "bksd":  # the model's cache layout: heads before slots
+        k_cache, v_cache = k_cache.transpose(0, 2, 1, 3), v_cache.transpose(0, 2, 1, 3)
+    got = decode_attention(jnp.asarray(q_new), k_cache, v_cache, kv_lengths=jnp.asarray(lengths), impl=impl,
+                           kv_layout=kv_layout, **opts)
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=2e-5)
 
 

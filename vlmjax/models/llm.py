@@ -21,8 +21,10 @@ from vlmjax.ops.attention import DECODE_IMPLS, attention, decode_attention
 
 
 class KVCache(NamedTuple):
-    """Keys and values of every layer, stacked like the layer params: (layers, B, S_max, kv_heads, head_dim);
-    inside the unrolled decode loop, a tuple of per-layer (B, S_max, kv_heads, head_dim) arrays instead.
+    """Keys and values of every layer, stacked like the layer params: (layers, B, kv_heads, S_max, head_dim);
+    inside the unrolled decode loop, a tuple of per-layer (B, kv_heads, S_max, head_dim) arrays instead. Heads
+    before slots: decode attention's batched matmuls over (b, k) then read the cache in place (see
+    `decode_attention`'s kv_layout).
 
     Slot s of row b holds the token at RoPE position s (each row's sequence starts at slot 0), so a row's valid
     entries are exactly its first `length` slots: the layout `decode_attention`'s `kv_lengths` describes.
@@ -32,22 +34,23 @@ class KVCache(NamedTuple):
     v: jax.Array
 
 
-CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+CACHE_AXES = ("layers", "batch", "kv_heads", "length", "head_dim")
 
 
-def _write_layer(cache_bskd, write_pos_b, new_btkd):
+def _write_layer(cache_bksd, write_pos_b, new_btkd):
     """`_write_cache` for one layer's own array."""
     b, t = new_btkd.shape[:2]
     cols = write_pos_b[:, None] + jnp.arange(t)[None, :]
-    return cache_bskd.at[jnp.arange(b)[:, None], cols].set(new_btkd.astype(cache_bskd.dtype), mode="drop")
+    # (b, t) index arrays around the head slice: the indexed block is (b, t, k, d), the new entries' own layout
+    return cache_bksd.at[jnp.arange(b)[:, None], :, cols].set(new_btkd.astype(cache_bksd.dtype), mode="drop")
 
 
-def _write_cache(cache_lbskd, layer, write_pos_b, new_btkd):
+def _write_cache(cache_lbksd, layer, write_pos_b, new_btkd):
     """Scatter T new entries per row at slots write_pos[b] .. write_pos[b]+T-1 of one layer (in place in a loop)."""
     b, t = new_btkd.shape[:2]
     rows = jnp.arange(b)[:, None]
     cols = write_pos_b[:, None] + jnp.arange(t)[None, :]
-    return cache_lbskd.at[layer, rows, cols].set(new_btkd.astype(cache_lbskd.dtype), mode="drop")
+    return cache_lbksd.at[layer, rows, :, cols].set(new_btkd.astype(cache_lbksd.dtype), mode="drop")
 
 
 class Attention(nnx.Module):
@@ -94,7 +97,7 @@ class Attention(nnx.Module):
         else:
             impl = self.impl if self.impl in DECODE_IMPLS else "auto"
             kv_lengths = write_pos_b + x_btd.shape[1]
-            out_bthd = decode_attention(q_bthd, k_layer, v_layer, kv_lengths=kv_lengths, impl=impl)
+            out_bthd = decode_attention(q_bthd, k_layer, v_layer, kv_lengths=kv_lengths, impl=impl, kv_layout="bksd")
         return self.o_proj(out_bthd), new_cache
 
 
@@ -195,7 +198,7 @@ class LLM(nnx.Module):
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
         """Zeroed cache for `batch` rows of up to `max_len` tokens, in the compute dtype by default."""
         cfg = self.cfg
-        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.dim_per_head)
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.dim_per_head)
         dtype = to_dtype(cfg.dtype) if dtype is None else dtype
         return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 

@@ -92,18 +92,25 @@ def reference_attention(
     return out.reshape(b, t, h, d).astype(q_bthd.dtype)
 
 
-def _dense_spec_attention(q_bthd, k_bskd, v_bskd, spec: masking.MaskSpec, *, causal: bool, scale=None):
-    """Reference math for an arbitrary MaskSpec (used for decoding, where T is small so O(T*S) is cheap)."""
+def _dense_spec_attention(q_bthd, k_bskd, v_bskd, spec: masking.MaskSpec, *, causal: bool, scale=None,
+                          kv_layout: str = "bskd"):
+    """Reference math for an arbitrary MaskSpec (used for decoding, where T is small so O(T*S) is cheap).
+    kv_layout "bksd": K/V given as (B, K, S, D), so (b, k) already lead and the einsums need no transposed copy."""
     b, t, h, d = q_bthd.shape
-    k = k_bskd.shape[2]
+    k = k_bskd.shape[1 if kv_layout == "bksd" else 2]
     if h % k:
         raise ValueError(f"query heads ({h}) must be a multiple of kv heads ({k})")
     scale = d**-0.5 if scale is None else scale
     q = q_bthd.reshape(b, t, k, h // k, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k_bskd, preferred_element_type=jnp.float32) * scale
+    kv = "bksd" if kv_layout == "bksd" else "bskd"
+    logits = jnp.einsum(f"btkgd,{kv}->bkgts", q, k_bskd, preferred_element_type=jnp.float32) * scale
     mask = masking.dense_mask(spec, causal)[:, None, None]
     probs = jnp.where(mask, jax.nn.softmax(jnp.where(mask, logits, _NEG), axis=-1), 0.0)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v_bskd.dtype), v_bskd, preferred_element_type=jnp.float32)
+    if kv_layout == "bksd":  # batch dims leading in the output too, then move the small result
+        out = jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v_bskd.dtype), v_bskd, preferred_element_type=jnp.float32)
+        out = out.transpose(0, 3, 1, 2, 4)
+    else:
+        out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v_bskd.dtype), v_bskd, preferred_element_type=jnp.float32)
     return out.reshape(b, t, h, d).astype(q_bthd.dtype)
 
 
@@ -204,12 +211,13 @@ def attention(
 
 def decode_attention(
     q_bthd: jax.Array,
-    k_cache_bskd: jax.Array,
-    v_cache_bskd: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
     *,
     kv_lengths: jax.Array,
     scale: float | None = None,
     impl: str = "auto",
+    kv_layout: str = "bskd",
     **options,
 ) -> jax.Array:
     """Attention of T new queries against a KV cache, for generation.
@@ -220,17 +228,29 @@ def decode_attention(
     (kv_length < T) see nothing and output zeros. Equals the last T rows of causal `attention` over each
     row's first kv_lengths[b] tokens. `auto`: the dense path for short query blocks (O(T*S) memory is
     small and one fused einsum is fastest), otherwise the backend's flash kernel.
+    kv_layout: "bskd" (B, S, K, D) or "bksd" (B, K, S, D), the layout the model's cache uses: the dense path's
+    batched matmuls want (b, k) leading, and in "bskd" XLA copies the whole cache into that order every step
+    (SmolLM2 B=8 decode over 256 slots: 19.6 -> 8.5 ms per step for 30 layers). The flash kernels take "bskd";
+    a "bksd" cache is transposed for them.
     """
+    if kv_layout not in ("bskd", "bksd"):
+        raise ValueError(f"unknown kv_layout {kv_layout!r}; known: bskd, bksd")
     b, t = q_bthd.shape[:2]
-    s = k_cache_bskd.shape[1]
+    s = k_cache.shape[2 if kv_layout == "bksd" else 1]
     backend = jax.default_backend()
     if impl == "auto":
-        impl = "reference" if t <= 16 else select_impl(q_bthd, k_cache_bskd, backend=backend)
+        impl = "reference" if t <= 16 else select_impl(q_bthd, _as_bskd(k_cache, kv_layout), backend=backend)
         impl = "xla_flash" if impl == "cudnn" else impl
         _log_once(backend, "decode:" + impl, "auto")
     spec = masking.decode_spec(b, t, s, kv_lengths)
     fn = _impl_fn(impl, decode=True)
     if fn is None:
-        return _dense_spec_attention(q_bthd, k_cache_bskd, v_cache_bskd, spec, causal=True, scale=scale, **options)
+        return _dense_spec_attention(q_bthd, k_cache, v_cache, spec, causal=True, scale=scale, kv_layout=kv_layout,
+                                     **options)
     options = _pallas_options(impl, backend, options)
-    return fn(q_bthd, k_cache_bskd, v_cache_bskd, spec, causal=True, scale=scale, **options)
+    return fn(q_bthd, _as_bskd(k_cache, kv_layout), _as_bskd(v_cache, kv_layout), spec, causal=True, scale=scale,
+              **options)
+
+
+def _as_bskd(x, layout: str):
+    return jnp.swapaxes(x, 1, 2) if layout == "bksd" else x
