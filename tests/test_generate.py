@@ -276,14 +276,39 @@ def test_split_layer_cache_follows_the_weights():
 
     model = LLM(LLMConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
                           num_kv_heads=1), rngs=nnx.Rngs(0))
-    a = engine._layer_states(model)
-    assert engine._layer_states(model) is a and len(a) == 2
-    np.testing.assert_array_equal(np.asarray(a[1]["mlp"]["up_proj"]["kernel"][...]),
+    a = engine._layer_states(model, False)
+    assert engine._layer_states(model, False) is a and len(a) == 2
+    np.testing.assert_array_equal(np.asarray(a[1][0]["mlp"]["up_proj"]["kernel"][...]),
                                   np.asarray(model.layers.mlp.up_proj.kernel[...])[1])
     model.layers.mlp.up_proj.kernel.value = model.layers.mlp.up_proj.kernel[...] + 1.0  # old array freed
     gc.collect()
     assert not engine._SPLIT
-    b = engine._layer_states(model)
+    b = engine._layer_states(model, False)
     assert b is not a
-    np.testing.assert_array_equal(np.asarray(b[0]["mlp"]["up_proj"]["kernel"][...]),
+    np.testing.assert_array_equal(np.asarray(b[0][0]["mlp"]["up_proj"]["kernel"][...]),
                                   np.asarray(model.layers.mlp.up_proj.kernel[...])[0])
+    fused = engine._layer_states(model, True)  # asking for the other form re-splits
+    assert fused is not b and fused[0][1] is not None and b[0][1] is None
+
+
+def test_fused_projections_generate_what_the_separate_ones_do():
+    """q|k|v and gate|up as one matmul each (with Qwen2-style q/k/v biases): same logits, same greedy tokens.
+    With LoRA adapters on those projections the split falls back to separate kernels."""
+    from vlmjax.models.lora import add_lora
+
+    cfg = LLMConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
+                    attention_bias=True)
+    model = random_model(lambda: LLM(cfg, rngs=nnx.Rngs(0)), seed=3)
+    prompts = [[5, 9, 17, 3, 44], [7, 2]]
+    runs = {f: generate(model, prompts, GenerationConfig(max_new_tokens=12, fuse_projections=f)) for f in (False, True)}
+    assert [g.tokens for g in runs[True]] == [g.tokens for g in runs[False]]
+    plain, fused = model.split_layers(), model.split_layers(fuse=True)
+    assert plain[0][1] is None and set(fused[0][1]) == {"qkv", "qkv_bias", "gate_up"}
+    assert fused[0][1]["qkv"].shape == (32, (4 + 2 + 2) * 8) and fused[0][0]["mlp"]["up_proj"]["kernel"][...].size == 0
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 5, 32)), jnp.float32)
+    pos = jnp.broadcast_to(jnp.arange(5), (2, 5))
+    outs = [model.hidden_states_cached(x, pos, model.init_cache(2, 8), jnp.zeros(2, jnp.int32), prefill=True,
+                                       layer_states=ls)[0] for ls in (plain, fused)]
+    np.testing.assert_allclose(np.asarray(outs[1]), np.asarray(outs[0]), atol=1e-5, rtol=1e-5)
+    add_lora(model, rank=2, alpha=4.0, targets="q_proj", seed=0)
+    assert model.split_layers(fuse=True)[0][1] is None

@@ -53,6 +53,9 @@ class GenerationConfig:
     # static per-layer loop in decode over weights split per layer once per call: faster steps (no per-step weight
     # copies), compile time grows with depth, the decoder's weights are held twice during the call
     unroll_decode: bool = True
+    # with unroll_decode on one device: q|k|v and gate|up as one matmul each over concatenated kernels (fewer,
+    # larger weight streams); not with LoRA adapters on them or with weights spread over several devices
+    fuse_projections: bool = True
 
 
 @dataclasses.dataclass
@@ -160,23 +163,24 @@ def _decode(graphdef, state, loop: _Loop, end_step, eos_ids, layer_states=None, 
 _SPLIT: list = []  # at most one (weakrefs to the stacked layer weights, their per-layer copies)
 
 
-def _layer_states(llm):
-    """`llm.split_layers()`, reused while the same weight arrays are alive (a dataset run calls `generate` per
+def _layer_states(llm, fuse: bool):
+    """`llm.split_layers(fuse)`, reused while the same weight arrays are alive (a dataset run calls `generate` per
     batch; splitting copies every weight). Dropped as soon as any of those arrays is freed (e.g. donated by a
     train step), so a stale copy is not held."""
     leaves = jax.tree.leaves(nnx.state(llm.layers))
     if _SPLIT:
         refs, split, _ = _SPLIT[0]
-        if len(refs) == len(leaves) and all(r() is x for r, x in zip(refs, leaves)):
-            return split
-    split, token = llm.split_layers(), object()
+        if len(refs) == len(leaves) and all(r() is x for r, x in zip(refs, leaves)) and split[1] == fuse:
+            return split[0]
+    single = all(len(x.sharding.device_set) == 1 for x in leaves)  # else a concatenation would reshard
+    split, token = (llm.split_layers(fuse=fuse and single), fuse), object()
 
     def drop(_):
         if _SPLIT and _SPLIT[0][2] is token:
             _SPLIT.clear()
 
     _SPLIT[:] = [([weakref.ref(x, drop) for x in leaves], split, token)]
-    return split
+    return split[0]
 
 
 @functools.lru_cache(maxsize=None)
@@ -269,7 +273,7 @@ def generate(
     stopped: dict[int, tuple[int, str]] = {}
     with ctx:
         # per-layer weights for the unrolled decode (and prefill), split once per call (see LLM.split_layers)
-        layer_states = _layer_states(llm_of(model)) if cfg.unroll_decode else None
+        layer_states = _layer_states(llm_of(model), cfg.fuse_projections) if cfg.unroll_decode else None
         loop = prefill(graphdef, state, put(ids), put(lens_b), put(pixel_values), put(image_rows), put(seeds),
                        put(done0), eos_ids, jax.random.key(cfg.seed), put(image_pos), layer_states, sampling=cfg.sampling, max_new=cfg.max_new_tokens, min_new=cfg.min_new_tokens,
                        cache_len=-(-(p + cfg.max_new_tokens) // cfg.cache_bucket) * cfg.cache_bucket)
