@@ -125,8 +125,8 @@ def main(argv=None) -> int:
     for b in args.decode_batches:
         tps, nbytes = decode_stream(b, args.reps)
         roof = b * bw / nbytes
-        print(f"decode weight stream B={b}: {tps:.1f} tok/s = {tps / b * nbytes / 1e9:.1f} GB/s of the {bw / 1e9:.1f} GB/s "
-              f"read bandwidth ({tps / roof:.0%} of the {roof:.1f} tok/s roofline)")
+        print(f"decode weight stream B={b}: {tps:.1f} tok/s = {tps / b * nbytes / 1e9:.1f} GB/s of the "
+              f"{bw / 1e9:.1f} GB/s read bandwidth ({tps / roof:.0%} of the {roof:.1f} tok/s roofline)")
         results.append(dict(case=f"decode_matmul_stream_b{b}", value=round(tps, 1), baseline=round(roof, 1),
                             ratio=round(tps / roof, 3)))
     for r in results:

@@ -160,7 +160,7 @@ def _decode(graphdef, state, loop: _Loop, end_step, eos_ids, layer_states=None, 
     return out._replace(cache=stack_cache(out.cache))
 
 
-_SPLIT: list = []  # at most one (weakrefs to the stacked layer weights, their per-layer copies)
+_SPLIT: list = []  # at most one (weakrefs to the stacked layer weights, fuse asked, per-layer copies, token)
 
 
 def _layer_states(llm, fuse: bool):
@@ -169,18 +169,18 @@ def _layer_states(llm, fuse: bool):
     train step), so a stale copy is not held."""
     leaves = jax.tree.leaves(nnx.state(llm.layers))
     if _SPLIT:
-        refs, split, _ = _SPLIT[0]
-        if len(refs) == len(leaves) and all(r() is x for r, x in zip(refs, leaves)) and split[1] == fuse:
-            return split[0]
+        refs, asked, split, _ = _SPLIT[0]
+        if asked == fuse and len(refs) == len(leaves) and all(r() is x for r, x in zip(refs, leaves)):
+            return split
     single = all(len(x.sharding.device_set) == 1 for x in leaves)  # else a concatenation would reshard
-    split, token = (llm.split_layers(fuse=fuse and single), fuse), object()
+    split, token = llm.split_layers(fuse=fuse and single), object()
 
     def drop(_):
-        if _SPLIT and _SPLIT[0][2] is token:
+        if _SPLIT and _SPLIT[0][3] is token:
             _SPLIT.clear()
 
-    _SPLIT[:] = [([weakref.ref(x, drop) for x in leaves], split, token)]
-    return split[0]
+    _SPLIT[:] = [([weakref.ref(x, drop) for x in leaves], fuse, split, token)]
+    return split
 
 
 @functools.lru_cache(maxsize=None)

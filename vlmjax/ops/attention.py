@@ -92,26 +92,23 @@ def reference_attention(
     return out.reshape(b, t, h, d).astype(q_bthd.dtype)
 
 
-def _dense_spec_attention(q_bthd, k_bskd, v_bskd, spec: masking.MaskSpec, *, causal: bool, scale=None,
+def _dense_spec_attention(q_bthd, k_cache, v_cache, spec: masking.MaskSpec, *, causal: bool, scale=None,
                           kv_layout: str = "bskd"):
     """Reference math for an arbitrary MaskSpec (used for decoding, where T is small so O(T*S) is cheap).
-    kv_layout "bksd": K/V given as (B, K, S, D), so (b, k) already lead and the einsums need no transposed copy."""
+    K/V in `kv_layout` ("bskd" or "bksd"); both einsums keep (b, k) leading, so a "bksd" cache is read in place
+    and only the small (B, K, G, T, D) result is transposed."""
     b, t, h, d = q_bthd.shape
-    k = k_bskd.shape[1 if kv_layout == "bksd" else 2]
+    k = k_cache.shape[kv_layout.index("k")]
     if h % k:
         raise ValueError(f"query heads ({h}) must be a multiple of kv heads ({k})")
     scale = d**-0.5 if scale is None else scale
     q = q_bthd.reshape(b, t, k, h // k, d)
-    kv = "bksd" if kv_layout == "bksd" else "bskd"
-    logits = jnp.einsum(f"btkgd,{kv}->bkgts", q, k_bskd, preferred_element_type=jnp.float32) * scale
+    logits = jnp.einsum(f"btkgd,{kv_layout}->bkgts", q, k_cache, preferred_element_type=jnp.float32) * scale
     mask = masking.dense_mask(spec, causal)[:, None, None]
     probs = jnp.where(mask, jax.nn.softmax(jnp.where(mask, logits, _NEG), axis=-1), 0.0)
-    if kv_layout == "bksd":  # batch dims leading in the output too, then move the small result
-        out = jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v_bskd.dtype), v_bskd, preferred_element_type=jnp.float32)
-        out = out.transpose(0, 3, 1, 2, 4)
-    else:
-        out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v_bskd.dtype), v_bskd, preferred_element_type=jnp.float32)
-    return out.reshape(b, t, h, d).astype(q_bthd.dtype)
+    out = jnp.einsum(f"bkgts,{kv_layout}->bkgtd", probs.astype(v_cache.dtype), v_cache,
+                     preferred_element_type=jnp.float32)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q_bthd.dtype)
 
 
 def _impl_fn(impl: str, *, decode: bool):
@@ -236,7 +233,7 @@ def decode_attention(
     if kv_layout not in ("bskd", "bksd"):
         raise ValueError(f"unknown kv_layout {kv_layout!r}; known: bskd, bksd")
     b, t = q_bthd.shape[:2]
-    s = k_cache.shape[2 if kv_layout == "bksd" else 1]
+    s = k_cache.shape[kv_layout.index("s")]
     backend = jax.default_backend()
     if impl == "auto":
         impl = "reference" if t <= 16 else select_impl(q_bthd, _as_bskd(k_cache, kv_layout), backend=backend)
