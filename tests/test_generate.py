@@ -188,7 +188,7 @@ def _write_dataset(root, n=6):
             {"from": "human", "value": f"<image>\nWhat is in picture {i}?"}, {"from": "gpt", "value": "Stuff."}]})
     recs.append({"id": "text_only", "conversations": [{"from": "human", "value": "Say something."}]})
     recs.append({"id": "broken", "image": "missing.png", "conversations": [{"from": "human", "value": "Hi?"}]})
-    recs.append(dict(recs[0]))  # duplicate id: generated once
+    recs.append(dict(recs[0]))  # a repeated id: every sample is then keyed by its row
     (root / "data.json").write_text(json.dumps(recs))
     return root / "data.json", root / "imgs"
 
@@ -203,21 +203,79 @@ def test_dataset_generation_resumes_after_a_crash(tmp_path, smol_tok):
     cfg = GenerationConfig(max_new_tokens=6, sampling=SamplingConfig(temperature=1.0), seed=1)
     full = tmp_path / "full.jsonl"
     stats = generate_dataset(model, smol_tok, reqs, full, cfg, batch_size=3, progress=False)
-    assert stats == {"written": 8, "skipped_done": 1}
+    assert {k: stats[k] for k in ("requests", "written", "failed", "skipped_done", "previous_errors")} == \
+        {"requests": 9, "written": 8, "failed": 1, "skipped_done": 0, "previous_errors": 0}
+    assert stats["out"] == stats["merged"] == str(full)
     ref = read_jsonl(full)
-    assert sorted(ref) == sorted([f"s{i}" for i in range(6)] + ["text_only", "broken"])
-    assert "image file not found" in ref["broken"]["error"] and "output" not in ref["broken"]
-    assert ref["s3"]["image"] == "sub/3.png" and ref["s3"]["prompt"] == "<image>\nWhat is in picture 3?"
+    assert sorted(ref) == sorted(f"row:{i}" for i in range(9))  # "s0" repeats: no sample is dropped
+    assert [ref[f"row:{i}"]["sample_id"] for i in (0, 6, 7, 8)] == ["s0", "text_only", "broken", "s0"]
+    assert "image file not found" in ref["row:7"]["error"] and "output" not in ref["row:7"]
+    assert ref["row:3"]["image"] == "sub/3.png" and ref["row:3"]["prompt"] == "<image>\nWhat is in picture 3?"
     # crash: two complete batches minus one record, and a torn half line
     lines = full.read_text().splitlines(keepends=True)
     part = tmp_path / "part.jsonl"
     part.write_text("".join(lines[:5]) + lines[5][: len(lines[5]) // 2])
     stats = generate_dataset(model, smol_tok, reqs, part, cfg, batch_size=3, progress=False)
-    assert stats["written"] == 3
+    assert (stats["written"], stats["failed"], stats["skipped_done"]) == (3, 1, 5)
     rows = [json.loads(line) for line in part.read_text().splitlines()]
-    assert sorted(r["id"] for r in rows) == sorted(ref)  # every id exactly once
-    assert {r["id"]: r.get("output") for r in rows} == {k: v.get("output") for k, v in ref.items()}  # seed = f(id)
-    assert generate_dataset(model, smol_tok, reqs, part, cfg, progress=False)["written"] == 0
+    assert sorted(r["id"] for r in rows) == sorted(ref)  # every key exactly once
+    assert {r["id"]: r.get("output") for r in rows} == {k: v.get("output") for k, v in ref.items()}  # seed = f(key)
+    # the failed sample is on disk as an error record: counted, not retried ...
+    stats = generate_dataset(model, smol_tok, reqs, part, cfg, progress=False)
+    assert (stats["written"], stats["failed"], stats["previous_errors"], stats["skipped_done"]) == (0, 0, 1, 8)
+    # ... unless asked: then it is tried again and its old record replaced, not duplicated
+    stats = generate_dataset(model, smol_tok, reqs, part, cfg, progress=False, retry_errors=True)
+    assert (stats["written"], stats["failed"], stats["previous_errors"]) == (0, 1, 0)
+    rows = [json.loads(line) for line in part.read_text().splitlines()]
+    assert len(rows) == 9 and sum("error" in r for r in rows) == 1
+
+
+def test_sample_keys_never_drop_a_repeated_id():
+    from vlmjax.generate import Request, sample_keys
+
+    reqs = [Request(i, []) for i in ("a", "b", "c")]
+    assert sample_keys(reqs) == ["a", "b", "c"]
+    reqs = [Request("x", [], meta={"source": "coco"}), Request("y", [], meta={"source": "coco"}),
+            Request("x", [], meta={"source": "ocr"}), Request("x", [])]
+    assert sample_keys(reqs) == ["coco:0", "coco:1", "ocr:0", "row:0"]
+
+
+def test_generation_shards_merge_to_the_single_host_output(tmp_path, smol_tok):
+    from vlmjax.generate import generate_dataset, llava_requests, merge_shards, sample_keys, shard_paths
+    from vlmjax.generate.jsonl import read_jsonl
+    from vlmjax.generate.shards import IncompleteShards
+
+    model = smol_vlm()
+    data, imgs = _write_dataset(tmp_path)
+    reqs = llava_requests(data, imgs)
+    cfg = GenerationConfig(max_new_tokens=6, sampling=SamplingConfig(temperature=1.0), seed=1)
+    single = tmp_path / "single.jsonl"
+    generate_dataset(model, smol_tok, reqs, single, cfg, batch_size=3, progress=False, shard_index=0, shard_count=1)
+    out = tmp_path / "out.jsonl"
+    paths = shard_paths(out, 2)
+    st = generate_dataset(model, smol_tok, reqs, out, cfg, batch_size=3, progress=False, shard_index=1,
+                          shard_count=2)
+    assert st["out"] == paths[1] and st["merged"] is None and st["requests"] == 4  # separate jobs: caller merges
+    with pytest.raises(IncompleteShards, match="does not exist"):
+        merge_shards(paths, out, ids=sample_keys(reqs))
+    generate_dataset(model, smol_tok, reqs, out, cfg, batch_size=3, progress=False, shard_index=0, shard_count=2)
+    assert merge_shards(paths, out, ids=sample_keys(reqs)) == {"records": 9, "errors": 1, "out": str(out)}
+    merged = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in merged] == sample_keys(reqs)  # input order
+    assert {r["id"]: r for r in merged} == read_jsonl(single)  # the single-host records, outputs included
+    # the merge refuses to lose or double a sample, and writes nothing then
+    lines = open(paths[0]).read().splitlines(keepends=True)
+    with open(paths[0], "w") as f:
+        f.writelines(lines[1:])
+    with pytest.raises(IncompleteShards, match="1 of 9 ids are missing.*'row:0'"):
+        merge_shards(paths, tmp_path / "m.jsonl", ids=sample_keys(reqs))
+    with open(paths[0], "a") as f:
+        f.write(open(paths[1]).readline())
+    with pytest.raises(ValueError, match="more than once across shards"):
+        merge_shards(paths, tmp_path / "m.jsonl")
+    assert not (tmp_path / "m.jsonl").exists()
+    with pytest.raises(ValueError, match="not expected"):
+        merge_shards(paths[1:], tmp_path / "m.jsonl", ids=["row:0"])
 
 
 def test_cli_on_a_folder_of_images_from_an_hf_llava_folder(tmp_path, smol_tok):

@@ -9,13 +9,14 @@
 `simple.greedy_generate` is the uncached reference loop the engine is tested against.
 """
 
-from vlmjax.generate.dataset import generate_dataset
+from vlmjax.generate.dataset import generate_dataset, sample_keys
 from vlmjax.generate.engine import Generation, GenerationConfig, generate, unpad_left
 from vlmjax.generate.loading import load_model, load_tokenizer
 from vlmjax.generate.requests import Encoder, Request, collate_images, default_eos_ids, folder_requests, llava_requests
 from vlmjax.generate.sampling import SamplingConfig
+from vlmjax.generate.shards import merge_shards, shard_path, shard_paths
 
 __all__ = [
-    "generate", "GenerationConfig", "Generation", "SamplingConfig", "unpad_left", "generate_dataset", "load_model",
+    "generate", "GenerationConfig", "Generation", "SamplingConfig", "unpad_left", "generate_dataset", "sample_keys", "merge_shards", "shard_path", "shard_paths", "load_model",
     "load_tokenizer", "Encoder", "Request", "collate_images", "default_eos_ids", "folder_requests", "llava_requests",
 ]

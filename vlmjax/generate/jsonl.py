@@ -2,7 +2,9 @@
 
 Long generation / scoring runs (hundreds of thousands of samples) must survive preemption: each batch is
 appended, flushed and fsynced, so a crash loses at most the batch in flight. On reopening, a torn last line (a
-crash mid-write) is cut off, and the ids already present are skipped by the caller.
+crash mid-write) is cut off, and the ids already present are skipped by the caller. Records with an "error"
+field (a sample that could not be encoded) count as done, so a rerun does not retry them forever;
+`retry_errors=True` removes them from the file (atomically) so that the run tries those samples again.
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ log = logging.getLogger(__name__)
 
 
 class ResumableJsonl:
-    def __init__(self, path, key: str = "id"):
+    def __init__(self, path, key: str = "id", *, retry_errors: bool = False):
         self.path, self.key = str(path), key
         self.done: set[str] = set()
+        self.errors: set[str] = set()  # ids whose record on disk is an error record
         if os.path.exists(self.path):
             self._recover()
+            if retry_errors and self.errors:
+                self._drop_errors()
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         self._f = open(self.path, "a", encoding="utf-8")
 
@@ -36,15 +41,32 @@ class ResumableJsonl:
             if not line.strip():
                 continue
             try:
-                self.done.add(str(json.loads(line)[self.key]))
+                rec = json.loads(line)
+                k = str(rec[self.key])
             except (ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"{self.path}:{n}: not a JSON record with {self.key!r}: {e}") from None
+            self.done.add(k)
+            (self.errors.add if "error" in rec else self.errors.discard)(k)
+
+    def _drop_errors(self) -> None:
+        with open(self.path, encoding="utf-8") as f:
+            keep = [line for line in f if line.strip() and "error" not in json.loads(line)]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(keep)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        self.done -= self.errors
+        self.errors = set()
 
     def write(self, records: Iterable[dict]) -> None:
         lines = []
         for r in records:
             lines.append(json.dumps(r, ensure_ascii=False) + "\n")
             self.done.add(str(r[self.key]))
+            if "error" in r:
+                self.errors.add(str(r[self.key]))
         if lines:
             self._f.write("".join(lines))
             self._f.flush()

@@ -300,6 +300,7 @@ class LLM(nnx.Module):
         segment_ids_bt=None,
         prefix_mask_bt=None,
         parts: Sequence[str] = ("attn", "resid"),
+        num_layers: int | None = None,
     ):
         """Decoder stack that also returns, for every layer, weighted sums over positions of chosen module outputs.
 
@@ -307,12 +308,19 @@ class LLM(nnx.Module):
         the layer, pre final norm). weights_btg: (B, T, G) fp32 weights per group (e.g. 1/count over image and over
         text positions gives per-group means). The scan emits only (B, G, D) per layer and part, never the
         (L, B, T, D) activations. Returns (final-norm hidden states, {part: (L, B, G, D) fp32}).
+        num_layers: run only the first n layers (the scan stops after the deepest layer a caller needs; the hidden
+        states returned are then layer n-1's residual output, not final-normed) and L = n.
         """
         b, t, _ = x_btd.shape
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         inv_freq = rope_inv_freq(self.cfg.dim_per_head, self.cfg.rope_theta, self.cfg.rope_scaling)
         graphdef, state = nnx.split(self.layers)
+        n = self.cfg.num_layers if num_layers is None else int(num_layers)
+        if not 1 <= n <= self.cfg.num_layers:
+            raise ValueError(f"num_layers={num_layers} not in [1, {self.cfg.num_layers}]")
+        if n < self.cfg.num_layers:
+            state = jax.tree.map(lambda a: a[:n], state)
         w = weights_btg.astype(jnp.float32)
 
         def step(x, layer_state):
@@ -322,7 +330,7 @@ class LLM(nnx.Module):
             return x, red
 
         x_btd, stats = jax.lax.scan(step, x_btd, state)
-        return self.norm(x_btd), stats
+        return (self.norm(x_btd) if n == self.cfg.num_layers else x_btd), stats
 
     def logits(self, h_btd: jax.Array) -> jax.Array:
         dtype = to_dtype(self.cfg.dtype)

@@ -9,6 +9,7 @@ O(B * chunk * V) instead of O(B * S * V) (a 150k vocabulary at S=600, B=32 would
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Sequence
@@ -18,7 +19,28 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vlmjax import sharding
 from vlmjax.generate.engine import embed_inputs, llm_of
+
+
+@contextlib.contextmanager
+def on_mesh(mesh):
+    """Inside: `put(*arrays)` places host arrays for a jitted call; with a mesh, their leading (batch) axis is
+    split over the data axes (replicated when they do not divide it) and the mesh's rules apply to activations."""
+    if mesh is None:
+        yield lambda *xs: xs
+        return
+
+    def put(*xs):
+        return tuple(None if x is None else jax.device_put(x, sharding.batch_sharding(mesh, np.shape(x))) for x in xs)
+
+    with sharding.use_mesh(mesh):
+        yield put
+
+
+def data_parallel(mesh) -> int:
+    """Rows the mesh splits a batch into (batch sizes are padded to a multiple of it)."""
+    return 1 if mesh is None else int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
 
 
 def _label_logprobs(llm, h_bsd, labels_bs, chunk: int):
@@ -52,10 +74,10 @@ def _token_logprobs(graphdef, state, ids_bs, target_bs, pixel_values, image_rows
 
 
 def token_logprobs(model, ids_bs, target_bs, pixel_values=None, image_rows=None, *, chunk: int = 128,
-                   image_pos=None) -> np.ndarray:
+                   image_pos=None, mesh=None) -> np.ndarray:
     """(B, S) log p(token s | tokens < s, images) where target[b, s], else 0. Rows right-padded; token 0 is never
     a target. Arrays are model-layout (`image_token_id` expanded; pixel_values NHWC; image_rows, -1 = padding;
-    image_pos per row for LLaVA-1.6 layouts)."""
+    image_pos per row for LLaVA-1.6 layouts). mesh: see `on_mesh` (the model placed by `sharding.shard_module`)."""
     ids_bs, target_bs = np.asarray(ids_bs, np.int32), np.asarray(target_bs, bool)
     if target_bs[:, 0].any():
         raise ValueError("token 0 has no prefix and cannot be a target")
@@ -65,14 +87,17 @@ def token_logprobs(model, ids_bs, target_bs, pixel_values=None, image_rows=None,
         image_rows, image_pos = host_image_inputs(model.cfg, ids_bs, pixel_values, image_rows, image_pos)
     graphdef, state = nnx.split(model)
     chunk = min(chunk, max(ids_bs.shape[1] - 1, 1))
-    return np.asarray(_token_logprobs(graphdef, state, ids_bs, target_bs, pixel_values, image_rows, image_pos,
-                                      chunk=chunk))
+    with on_mesh(mesh) as put:
+        lp = _token_logprobs(graphdef, state, *put(ids_bs, target_bs, pixel_values, image_rows, image_pos),
+                             chunk=chunk)
+        return np.asarray(jax.device_get(lp))
 
 
 def sequence_scores(model, ids_bs, target_bs, pixel_values=None, image_rows=None, *, chunk: int = 128,
-                    image_pos=None) -> dict:
+                    image_pos=None, mesh=None) -> dict:
     """Per row: sum_logprob, num_tokens, mean_logprob and perplexity = exp(-mean_logprob) over the target."""
-    lp = token_logprobs(model, ids_bs, target_bs, pixel_values, image_rows, chunk=chunk, image_pos=image_pos)
+    lp = token_logprobs(model, ids_bs, target_bs, pixel_values, image_rows, chunk=chunk, image_pos=image_pos,
+                        mesh=mesh)
     n = np.asarray(target_bs, bool).sum(1)
     total = lp.sum(1, dtype=np.float64)
     mean = np.where(n > 0, total / np.maximum(n, 1), np.nan)

@@ -1,66 +1,128 @@
-"""Dataset-level scoring and feature capture: batched, resumable, encoded exactly as in training.
+"""Dataset-level scoring and feature capture: batched, resumable, sharded by host, encoded exactly as in training.
 
     score_dataset(model, tok, llava_requests("captions.json", "images/"), "ppl.jsonl")      # POINTS filtering
-    capture_dataset(model, tok, requests, "feats/", layers=(3, 7, 11, 15, 19))               # COINCIDE features
+    capture_dataset(model, tok, requests, "feats/", layers=(3, 7, 11, 15, 19),               # COINCIDE features
+                    parts=("attn",), span="after_image", dtype="bfloat16")
 
 Both take `vlmjax.generate.Request`s (conversations + images); the scored span is the last assistant reply plus
-its end-of-turn token, tokenised by the training pipeline's template code.
+its end-of-turn token, tokenised by the training pipeline's template code. Like `generate_dataset`: outputs are
+keyed by `sample_keys` (ids, or source:index when ids repeat), each host (`shard_index` of `shard_count`, default
+the jax process) runs its share into its own output, merged with coverage checks when the hosts are one job's
+processes; samples that cannot be encoded become {"id", "error"} records, counted and not retried unless
+`retry_errors`.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import numpy as np
 
-from vlmjax.generate.dataset import error_records, iter_batches, pending
+from vlmjax.generate.dataset import (check_local_mesh, error_records, iter_batches, merge_hosts, record_head,
+                                     shard_work)
 from vlmjax.generate.jsonl import ResumableJsonl
 from vlmjax.generate.requests import Encoder, Request, collate_images, image_pos_of, image_slots
-from vlmjax.scoring.capture import GROUPS, features
-from vlmjax.scoring.loglik import pad_rows, sequence_scores
-from vlmjax.scoring.shards import ShardWriter
+from vlmjax.generate.shards import host_shard, merge_shards, shard_path
+from vlmjax.scoring.capture import GROUPS, SPANS, features
+from vlmjax.scoring.loglik import data_parallel, pad_rows, sequence_scores
+from vlmjax.scoring.shards import ShardWriter, merge_feature_shards, row_dtype
 
 
 def score_dataset(model, tokenizer, requests: Sequence[Request], out_path, *, batch_size: int = 16,
-                  which: str = "last", encoder: Encoder | None = None, pad_to: int = 32, progress: bool = True) -> dict:
+                  which: str = "last", encoder: Encoder | None = None, pad_to: int = 32, mesh=None,
+                  shard_index: int | None = None, shard_count: int | None = None, retry_errors: bool = False,
+                  progress: bool = True) -> dict:
     """Append {"id", **meta, "sum_logprob", "num_tokens", "mean_logprob", "perplexity"} per request to JSONL
-    ({"id", **meta, "error"} for a request that cannot be encoded)."""
+    ({"id", **meta, "error"} for a request that cannot be encoded). Returns counts as `generate_dataset` does."""
     encoder = encoder or Encoder(tokenizer, model.cfg)
-    with ResumableJsonl(out_path) as out:
-        todo = pending(requests, out.done)
-        for batch, enc, failed in iter_batches(todo, batch_size, lambda r: encoder.scored(r, which), desc="score",
-                                               progress=progress):
+    i, n = host_shard(shard_index, shard_count)
+    check_local_mesh(mesh, n)
+    rows_per_batch = -(-batch_size // data_parallel(mesh)) * data_parallel(mesh)
+    path = shard_path(out_path, i, n)
+    with ResumableJsonl(path, retry_errors=retry_errors) as out:
+        keys, todo, stats = shard_work(requests, out, i, n)
+        for batch, enc, failed in iter_batches(todo, batch_size, lambda kr: encoder.scored(kr[1], which),
+                                               desc="score", progress=progress):
             out.write(error_records(failed))
+            stats["failed"] += len(failed)
             if not batch:
                 continue
-            ids, tgt = pad_rows([e.ids for e in enc], [e.target for e in enc], pad_to=pad_to, batch_size=batch_size)
+            ids, tgt = pad_rows([e.ids for e in enc], [e.target for e in enc], pad_to=pad_to,
+                                batch_size=rows_per_batch)
             px, rows = collate_images([e.pixels for e in enc], slots=image_slots(batch_size, enc))
-            s = sequence_scores(model, ids, tgt, px, rows, image_pos=image_pos_of(enc))
-            out.write({"id": r.id, **r.meta, "sum_logprob": float(s["sum_logprob"][i]),
-                       "num_tokens": int(s["num_tokens"][i]), "mean_logprob": float(s["mean_logprob"][i]),
-                       "perplexity": float(s["perplexity"][i])} for i, r in enumerate(batch))
-    return {"written": len(todo), "skipped_done": len(requests) - len(todo)}
+            s = sequence_scores(model, ids, tgt, px, rows, image_pos=image_pos_of(enc), mesh=mesh)
+            out.write({**record_head(k, r), "sum_logprob": float(s["sum_logprob"][b]),
+                       "num_tokens": int(s["num_tokens"][b]), "mean_logprob": float(s["mean_logprob"][b]),
+                       "perplexity": float(s["perplexity"][b])} for b, (k, r) in enumerate(batch))
+            stats["written"] += len(batch)
+    merged = merge_hosts(os.fspath(out_path), keys, i, n,
+                         lambda p, ks: merge_shards([shard_path(p, j, n) for j in range(n)], p, ids=ks))
+    return {**stats, "out": path, "merged": merged}
+
+
+class _Done:
+    """Keys on disk for a capture folder: feature rows (the shard writer) plus error records."""
+
+    def __init__(self, rows: ShardWriter, errors: ResumableJsonl):
+        self.done, self.errors = rows.done | errors.done, errors.errors
+
+
+def host_dir(out_dir, index: int, count: int) -> str:
+    """Where host `index` of `count` writes its capture shards: `out_dir` itself, or `out_dir/host-i-of-n`."""
+    out_dir = os.fspath(out_dir)
+    return out_dir if count == 1 else os.path.join(out_dir, f"host-{index:05d}-of-{count:05d}")
 
 
 def capture_dataset(model, tokenizer, requests: Sequence[Request], out_dir, *, layers: Sequence[int],
-                    parts: Sequence[str] = ("attn", "resid"), batch_size: int = 16, shard_size: int = 4096,
-                    encoder: Encoder | None = None, pad_to: int = 32, progress: bool = True) -> dict:
-    """Stream (len(parts), len(layers), 2, D) fp32 rows per sample into `out_dir` shards (see scoring.shards)."""
+                    parts: Sequence[str] = ("attn", "resid"), span: str = "all", dtype: str = "float32",
+                    batch_size: int = 16, shard_size: int = 4096, encoder: Encoder | None = None, pad_to: int = 32,
+                    mesh=None, shard_index: int | None = None, shard_count: int | None = None,
+                    retry_errors: bool = False, progress: bool = True) -> dict:
+    """Stream (len(parts), len(layers), 2, D) rows per sample into `out_dir` shards (see scoring.shards), computed
+    in fp32 and stored as `dtype` (float32 | float16 | bfloat16). span: the text group's tokens (`all`,
+    `after_image`, `assistant`; scoring.capture). Failures go to `out_dir/errors.jsonl`. With several hosts each
+    writes `host_dir(out_dir, i, n)`; `merge_feature_shards` joins them into `out_dir` (done here when the hosts
+    are this job's processes). Returns counts as `generate_dataset` does."""
+    if span not in SPANS:
+        raise ValueError(f"span={span!r}: use one of {SPANS}")
+    row_dtype(dtype)
     encoder = encoder or Encoder(tokenizer, model.cfg)
+    i, n = host_shard(shard_index, shard_count)
+    check_local_mesh(mesh, n)
+    rows_per_batch = -(-batch_size // data_parallel(mesh)) * data_parallel(mesh)
     d = (model.llm if hasattr(model, "llm") else model).cfg.hidden_size
-    meta = {"parts": list(parts), "layers": [int(i) for i in layers], "groups": list(GROUPS)}
+    meta = {"parts": list(parts), "layers": [int(x) for x in layers], "groups": list(GROUPS), "span": span}
     row_shape = (len(parts), len(layers), len(GROUPS), d)
-    with ShardWriter(out_dir, row_shape, "float32", shard_size=shard_size, meta=meta) as out:
+    path = host_dir(out_dir, i, n)
+
+    def encode(kr):
+        if span != "assistant":
+            return encoder.full(kr[1])
+        e = encoder.scored(kr[1], "all")
+        if not e.target.any():
+            raise ValueError(f"sample {kr[1].id}: no assistant reply for span='assistant'")
+        return e
+
+    with ShardWriter(path, row_shape, dtype, shard_size=shard_size, meta=meta) as out, \
+            ResumableJsonl(os.path.join(path, "errors.jsonl"), retry_errors=retry_errors) as errs:
         if out.index["meta"] != meta:
-            raise ValueError(f"{out_dir} was written with {out.index['meta']}, not {meta}")
-        todo = pending(requests, out.done)
-        for batch, enc, _failed in iter_batches(todo, batch_size, encoder.full, desc="capture", progress=progress):
-            if not batch:  # failures are logged and retried by the next run (shards hold feature rows only)
+            raise ValueError(f"{path} was written with {out.index['meta']}, not {meta}")
+        keys, todo, stats = shard_work(requests, _Done(out, errs), i, n)
+        for batch, enc, failed in iter_batches(todo, batch_size, encode, desc="capture", progress=progress):
+            errs.write(error_records(failed))
+            stats["failed"] += len(failed)
+            if not batch:
                 continue
-            ids, _ = pad_rows([e.ids for e in enc], pad_to=pad_to, batch_size=batch_size)
+            ids, tgt = pad_rows([e.ids for e in enc], [e.target for e in enc] if span == "assistant" else None,
+                                pad_to=pad_to, batch_size=rows_per_batch)
             lengths = np.zeros(len(ids), np.int32)
             lengths[: len(enc)] = [len(e.ids) for e in enc]
             px, rows = collate_images([e.pixels for e in enc], slots=image_slots(batch_size, enc))
-            feats = features(model, ids, lengths, px, rows, layers=layers, parts=parts, image_pos=image_pos_of(enc))
-            out.add([r.id for r in batch], feats[: len(batch)])
-    return {"written": len(todo), "skipped_done": len(requests) - len(todo)}
+            feats = features(model, ids, lengths, px, rows, layers=layers, parts=parts, image_pos=image_pos_of(enc),
+                             span=span, text_mask=tgt if span == "assistant" else None, mesh=mesh)
+            out.add([k for k, _ in batch], feats[: len(batch)])
+            stats["written"] += len(batch)
+    merged = merge_hosts(os.fspath(out_dir), keys, i, n, lambda p, ks: merge_feature_shards(
+        [host_dir(p, j, n) for j in range(n)], p, ids=ks))
+    return {**stats, "out": path, "merged": merged}
