@@ -167,6 +167,24 @@ def test_make_preferences_counts_a_missing_image(tok, model, images, tmp_path):
     assert stats["failed"] == 1 and "gone" not in (tmp_path / "p.jsonl").read_text()
 
 
+def test_make_preferences_shards_merge_to_the_single_host_pairs(tok, model, images, tmp_path):
+    """Two hosts as separate jobs: shard 0 waits for shard 1, then merges (coverage checked) and writes the same
+    pairs file a single host writes."""
+    root, imgs = images
+    kw = dict(max_new_tokens=4, batch_size=4, progress=False)
+    single = make_preferences(model, tok, imgs, str(root), tmp_path / "one" / "pairs.jsonl", shard_index=0,
+                              shard_count=1, **kw)
+    out = tmp_path / "two" / "pairs.jsonl"
+    first = make_preferences(model, tok, imgs, str(root), out, shard_index=0, shard_count=2, **kw)
+    assert first["pairs"] is None and "00001-of-00002.jsonl does not exist" in first["waiting"] and not out.exists()
+    other = make_preferences(model, tok, imgs, str(root), out, shard_index=1, shard_count=2, **kw)
+    assert other["pairs"] is None and other["generated"]["chosen"]["written"] == 3
+    merged = make_preferences(model, tok, imgs, str(root), out, shard_index=0, shard_count=2, **kw)
+    assert merged["generated"]["chosen"]["written"] == 0 and merged["pairs"] == single["pairs"]
+    assert out.read_text() == (tmp_path / "one" / "pairs.jsonl").read_text()
+    assert (tmp_path / "two" / "pairs.chosen-00001-of-00002.jsonl").exists()
+
+
 def test_make_infused_sft_keeps_text_only_and_answers(tok, model, images, tmp_path):
     root, _ = images
     recs = [{"id": f"s{i}", "image": f"{i}.png", "conversations": [

@@ -11,8 +11,11 @@ Per image (all choices drawn from a seed that is a function of the image id, so 
 
 Both generation passes write resumable JSONL beside the output (`*.chosen.jsonl`, `*.rejected.jsonl`: a rerun
 skips ids already generated); the pairs file is then written atomically. Pairs with a failed or empty side are
-left out and counted. With several hosts each takes every `shard_count`-th image and writes its own files
-(`pairs.jsonl` -> `pairs-00001-of-00004.jsonl`); list them as sources or concatenate them.
+left out and counted. With several hosts (`shard_index` of `shard_count`, default the jax process) each generates
+every `shard_count`-th image into its own files (`pairs.chosen-00001-of-00004.jsonl`, the library's
+`generate_dataset` sharding); shard 0 then merges them (`generate.merge_shards`: every image present exactly once)
+and writes the one pairs file. Under jax.distributed the hosts wait for each other; as separate jobs, rerun shard
+0 once all are done (nothing is generated again) and it merges then.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Sequence
 import numpy as np
 
 from vlmjax.generate.dataset import generate_dataset
+from vlmjax.generate.shards import IncompleteShards, host_shard, merge_shards, shard_paths
 from vlmjax.generate.engine import GenerationConfig
 from vlmjax.generate.jsonl import read_jsonl
 from vlmjax.generate.requests import Encoder, Request, default_eos_ids, image_files
@@ -86,26 +90,19 @@ def image_list(folder, *, limit: int | None = None) -> list[tuple[str, str]]:
     return [(str(p.relative_to(root)), str(p.relative_to(root))) for p in files]
 
 
-def shard_path(path: str, index: int, count: int) -> str:
-    if count <= 1:
-        return path
-    stem, ext = os.path.splitext(path)
-    return f"{stem}-{index:05d}-of-{count:05d}{ext}"
-
-
 def make_preferences(model, tokenizer, images: Sequence[tuple[str, str]], image_root, out_path, *,
                      prompts: PromptSet = PromptSet(), negatives: str = "generated", seed: int = 0,
                      max_new_tokens: int = 1024, min_new_tokens: int = 0, temperature: float = 0.2, batch_size: int = 16,
                      shard_index: int | None = None, shard_count: int | None = None, template: str = "auto",
                      mesh=None, progress: bool = True) -> dict:
     """Generate both sides for every image (id, path relative to `image_root`) and write the pairs JSONL.
-    Returns counts: pairs written, and pairs left out by reason."""
-    import jax
-
-    shard_index = jax.process_index() if shard_index is None else shard_index
-    shard_count = jax.process_count() if shard_count is None else shard_count
-    images = list(images)[shard_index::shard_count]
-    out_path = shard_path(os.fspath(out_path), shard_index, shard_count)
+    Returns counts: pairs written, and pairs left out by reason (on shards other than 0, and on shard 0 while
+    other shards are unfinished, only this host's generation counts, with "pairs": None)."""
+    shard_index, shard_count = host_shard(shard_index, shard_count)
+    images = list(images)
+    if len({i for i, _ in images}) != len(images):
+        raise ValueError("image ids repeat: each image must appear once (ids name the pairs)")
+    out_path = os.fspath(out_path)
     stem = os.path.splitext(out_path)[0]
     plans = {i: plan(i, seed, prompts, negatives) for i, _ in images}
     path_of = dict(images)
@@ -129,9 +126,23 @@ def make_preferences(model, tokenizer, images: Sequence[tuple[str, str]], image_
                               sampling=SamplingConfig(temperature=temperature) if temperature > 0 else SamplingConfig(),
                               seed=seed)
     encoder = CorruptingEncoder(tokenizer, model.cfg, template=template)
-    for side, reqs in (("chosen", chosen), ("rejected", rejected)):
-        generate_dataset(model, tokenizer, reqs, f"{stem}.{side}.jsonl", config, batch_size=batch_size,
-                         encoder=encoder, mesh=mesh, progress=progress)
+    runs = {side: generate_dataset(model, tokenizer, reqs, f"{stem}.{side}.jsonl", config, batch_size=batch_size,
+                                   encoder=encoder, mesh=mesh, shard_index=shard_index, shard_count=shard_count,
+                                   progress=progress)
+            for side, reqs in (("chosen", chosen), ("rejected", rejected))}
+    generated = {side: {k: r[k] for k in ("requests", "written", "failed")} for side, r in runs.items()}
+    if shard_count > 1:
+        partial = {"images": len(images), "pairs": None, "shard": [shard_index, shard_count], "generated": generated}
+        if shard_index != 0:
+            return partial
+        try:
+            for side, r in runs.items():
+                if r["merged"] is None:
+                    merge_shards(shard_paths(f"{stem}.{side}.jsonl", shard_count), f"{stem}.{side}.jsonl",
+                                 ids=[i for i, _ in images])
+        except IncompleteShards as e:
+            log.warning("%s: not every shard is done yet (%s); rerun shard 0 when they are", out_path, e)
+            return {**partial, "waiting": str(e)}
     got_c, got_r = read_jsonl(f"{stem}.chosen.jsonl"), read_jsonl(f"{stem}.rejected.jsonl")
     stats = {"images": len(images), "pairs": 0, "failed": 0, "empty": 0, "identical": 0}
     tmp = out_path + ".tmp"
@@ -156,6 +167,7 @@ def make_preferences(model, tokenizer, images: Sequence[tuple[str, str]], image_
         log.warning("%s: %d of %d images left out (%d failed to generate, %d empty)", out_path, left_out,
                     len(images), stats["failed"], stats["empty"])
     stats["out"] = out_path
+    stats["generated"] = generated
     return stats
 
 
