@@ -109,6 +109,60 @@ def test_features_match_hf_hooks(llava):
     assert np.all(feats[1, :, :, 0] == 0)  # text-only row: no image positions
     np.testing.assert_allclose(features(model, ids, real.sum(1), pixels.transpose(0, 2, 3, 1), rows, layers=(-1,),
                                         parts=("attn",))[:, 0, 0], feats[:, 0, 0], atol=1e-6)
+    # text spans, masks built independently in numpy: after the first image's last token; a given reply mask
+    after = np.zeros_like(real)
+    for r in range(len(ids)):
+        im = np.flatnonzero(img[r])
+        start = 0 if not len(im) else im[0] + np.argmax(~img[r, im[0]:])  # first non-image token after image 1
+        after[r, start:] = True
+    reply = np.zeros_like(real)
+    for r, n in enumerate(real.sum(1)):
+        reply[r, n - 3 - r: n] = True
+    for span, mask, text in (("after_image", None, real & ~img & after), ("assistant", reply, real & ~img & reply)):
+        got = features(model, ids, real.sum(1), pixels.transpose(0, 2, 3, 1), rows, layers=(1, 0),
+                       parts=("attn", "mlp"), span=span, text_mask=mask)
+        for li, layer in enumerate((1, 0)):
+            np.testing.assert_allclose(got[:, 0, li, 1], mean(caught[("attn", layer)], text), atol=1e-5)
+            np.testing.assert_allclose(got[:, 1, li, 1], mean(caught[("mlp", layer)], text), atol=1e-5)
+            np.testing.assert_allclose(got[:, :, li, 0], feats[:, :2, li, 0], atol=1e-6)  # image group unchanged
+    assert text.sum() < (real & ~img).sum() and (real & ~img & after).sum() < (real & ~img).sum()
+
+
+def _scan_lengths(jaxpr) -> list[int]:
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan":
+            out.append(eqn.params["length"])
+        for v in eqn.params.values():
+            for sub in (v if isinstance(v, (list, tuple)) else [v]):
+                inner = getattr(sub, "jaxpr", None)
+                if inner is not None:
+                    out += _scan_lengths(getattr(inner, "jaxpr", inner))
+    return out
+
+
+def test_capture_stops_the_layer_scan_after_the_deepest_layer(llava):
+    """Layer 0 only: the traced program scans 1 of the 2 layers, with the values of the full scan."""
+    from flax import nnx
+
+    from vlmjax.scoring import capture
+
+    _, model, cfg = llava
+    ids, mask, _, pixels, rows = _batch(cfg.tokens_per_image)
+    px = pixels.transpose(0, 2, 3, 1)
+    lengths = mask.sum(1).astype(np.int32)
+    full = features(model, ids, lengths, px, rows, layers=(0, 1), parts=("attn", "resid"))
+    early = features(model, ids, lengths, px, rows, layers=(0,), parts=("attn", "resid"))
+    np.testing.assert_array_equal(early[:, :, 0], full[:, :, 0])
+    graphdef, state = nnx.split(model)
+    args = (graphdef, state, ids.astype(np.int32), lengths, np.zeros(ids.shape, bool), px, rows, None)
+    scans = {layers: sorted(_scan_lengths(capture._features.trace(*args, layers=layers, parts=("attn",),
+                                                                  span="all").jaxpr.jaxpr))
+             for layers in ((0,), (1, 0))}
+    assert cfg.llm.num_layers == 2
+    deep = list(scans[(1, 0)])
+    deep.remove(2)  # the decoder's scan over its 2 layers ...
+    assert scans[(0,)] == sorted(deep + [1]), scans  # ... runs 1 layer; every other scan (vision tower) unchanged
 
 
 def _captions(tmp_path, n=5):
@@ -193,3 +247,60 @@ def test_shard_writer_detects_a_sealed_open_shard(tmp_path):
     assert ids == ["a", "b", "c"] and rows.shape == (3, 2)
     with pytest.raises(ValueError, match="holds rows"):
         ShardWriter(tmp_path, (3,))
+
+
+def test_capture_hosts_merge_dtypes_spans_errors_and_memmap_reader(tmp_path):
+    """Two hosts' folders merge (coverage checked) to the single-host rows; bf16 rows are the fp32 rows rounded;
+    a broken sample is an error record, counted and not retried unless asked; the reader maps shards lazily."""
+    import ml_dtypes
+
+    from vlmjax.data.assets import smollm2_tokenizer
+    from vlmjax.generate import Request, sample_keys
+    from vlmjax.generate.shards import IncompleteShards
+    from vlmjax.scoring import host_dir, merge_feature_shards, open_shards
+
+    tok, model = smollm2_tokenizer(), smol_vlm()
+    reqs = _captions(tmp_path, n=5)
+    reqs.insert(2, Request("bad", reqs[0].messages, [str(tmp_path / "imgs" / "gone.png")]))
+    kw = dict(layers=(1,), parts=("attn", "resid"), span="assistant", batch_size=2, shard_size=2, progress=False)
+    st = capture_dataset(model, tok, reqs, tmp_path / "one", shard_index=0, shard_count=1, **kw)
+    assert (st["requests"], st["written"], st["failed"]) == (6, 5, 1)
+    one = open_shards(tmp_path / "one")
+    assert "image file not found" in one.errors["bad"] and one.index["meta"]["span"] == "assistant"
+    st = capture_dataset(model, tok, reqs, tmp_path / "one", shard_index=0, shard_count=1, **kw)
+    assert (st["written"], st["failed"], st["previous_errors"], st["skipped_done"]) == (0, 0, 1, 5)
+    st = capture_dataset(model, tok, reqs, tmp_path / "one", shard_index=0, shard_count=1, retry_errors=True, **kw)
+    assert (st["written"], st["failed"], st["previous_errors"]) == (0, 1, 0)
+    assert len((tmp_path / "one" / "errors.jsonl").read_text().splitlines()) == 1
+    # memory-mapped reader: per-shard maps, rows read on access, by position or by id
+    good = [r.id for r in reqs if r.id != "bad"]
+    assert one.ids == good and one.shape == (5, 2, 1, 2, 32) and [ids for ids, _ in one.iter_shards()] == [good[:2], good[2:]]
+    assert all(isinstance(rows, np.memmap) for _, rows in one.iter_shards())
+    dense = np.asarray(one)
+    np.testing.assert_array_equal(one[[4, 0, 2]], dense[[4, 0, 2]])
+    np.testing.assert_array_equal(one[1:4, 1, 0], dense[1:4, 1, 0])
+    np.testing.assert_array_equal(one.take(["c4", "c0"]), dense[[4, 0]])
+    with pytest.raises(KeyError, match="'bad'"):
+        one.take(["bad"])
+    # two hosts (separate jobs), then the merge
+    out = tmp_path / "two"
+    for i in (1, 0):
+        st = capture_dataset(model, tok, reqs, out, shard_index=i, shard_count=2, **kw)
+        assert st["out"] == host_dir(out, i, 2) and st["merged"] is None
+    with pytest.raises(IncompleteShards, match="'c1'"):
+        merge_feature_shards([host_dir(out, 0, 2)], out, ids=sample_keys(reqs))
+    assert merge_feature_shards([host_dir(out, i, 2) for i in range(2)], out, ids=sample_keys(reqs)) == \
+        {"rows": 5, "errors": 1, "out": str(out)}
+    two = open_shards(out)
+    np.testing.assert_allclose(two.take(good), dense, atol=1e-6)
+    assert two.errors == one.errors
+    # bf16 / fp16 storage: the fp32 rows rounded once; the "all" span differs from "assistant" in the text group only
+    for dtype, np_dtype in (("bfloat16", ml_dtypes.bfloat16), ("float16", np.float16)):
+        capture_dataset(model, tok, reqs, tmp_path / dtype, dtype=dtype, **{**kw, "span": "all"}, shard_index=0,
+                        shard_count=1)
+        view = open_shards(tmp_path / dtype)
+        assert view.dtype == np.dtype(np_dtype) and view[0].dtype == np.dtype(np_dtype)
+        assert np.load(tmp_path / dtype / "shard_00000.npy").nbytes == 2 * 2 * 2 * 32 * 2  # 2 rows, 2 bytes each
+        if dtype == "bfloat16":
+            np.testing.assert_array_equal(np.asarray(view)[:, :, :, 0], dense[:, :, :, 0].astype(np_dtype))
+            assert np.abs(np.asarray(view, np.float32)[:, :, :, 1] - dense[:, :, :, 1]).max() > 1e-3
