@@ -201,6 +201,21 @@ def test_make_infused_sft_keeps_text_only_and_answers(tok, model, images, tmp_pa
         assert g["conversations"][1]["value"] == "Red"
 
 
+def test_make_infused_sft_describes_each_record_when_ids_repeat(tok, model, images, tmp_path):
+    """LLaVA-665k-style repeated ids: each record gets the description of its own image (keyed row:index)."""
+    root, _ = images
+    recs = [{"id": "same", "image": f"{i}.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "Red"}]} for i in (0, 3)]
+    out = tmp_path / "infused.json"
+    stats = make_infused_sft(model, tok, recs, str(root), out, max_new_tokens=5, batch_size=2, progress=False)
+    assert stats["failed"] == 0 and stats["infused"] + stats["empty"] == 2
+    desc = {json.loads(x)["id"]: json.loads(x) for x in (tmp_path / "infused.descriptions.jsonl").read_text().splitlines()}
+    assert sorted(desc) == ["row:0", "row:1"] and {d["sample_id"] for d in desc.values()} == {"same"}
+    got = json.loads(out.read_text())
+    for g, key in zip(got, [k for k in ("row:0", "row:1") if desc[k]["output"].strip()]):
+        assert g["conversations"][0]["value"] == P.infused(desc[key]["output"], "<image>\nWhat colour?")
+
+
 def test_dar_prefixes_each_question_with_the_models_description(tok, model, images):
     from vlmjax.eval.tasks import EvalSample, Task
     from vlmjax.recipes.stic.dar import dar_task

@@ -20,7 +20,7 @@ import os
 import zlib
 from typing import Sequence
 
-from vlmjax.generate.dataset import generate_dataset
+from vlmjax.generate.dataset import generate_dataset, sample_keys
 from vlmjax.generate.engine import GenerationConfig
 from vlmjax.generate.jsonl import read_jsonl
 from vlmjax.generate.requests import Encoder, Request, default_eos_ids, read_records, record_images
@@ -66,6 +66,8 @@ def make_infused_sft(model, tokenizer, records: Sequence[dict], image_folder, ou
     generate_dataset(model, tokenizer, reqs, desc_path, config, batch_size=batch_size,
                      encoder=Encoder(tokenizer, model.cfg, template=template), mesh=mesh, progress=progress)
     desc = read_jsonl(desc_path)
+    # output keys of the described records (ids, or row:index when ids repeat: each record its own description)
+    key_of = dict(zip([i for i, rec in enumerate(records) if record_images(rec)], sample_keys(reqs)))
     stats = {"samples": len(records), "infused": 0, "text_only": 0, "multi_image_first_described": 0,
              "failed": 0, "empty": 0}
     out = []
@@ -74,7 +76,7 @@ def make_infused_sft(model, tokenizer, records: Sequence[dict], image_folder, ou
             stats["text_only"] += 1
             out.append(rec)
             continue
-        d = desc.get(str(rec.get("id", i)), {})
+        d = desc.get(key_of[i], {})
         if "output" not in d:
             stats["failed"] += 1
             continue
