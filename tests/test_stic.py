@@ -209,7 +209,8 @@ def test_make_infused_sft_describes_each_record_when_ids_repeat(tok, model, imag
     out = tmp_path / "infused.json"
     stats = make_infused_sft(model, tok, recs, str(root), out, max_new_tokens=5, batch_size=2, progress=False)
     assert stats["failed"] == 0 and stats["infused"] + stats["empty"] == 2
-    desc = {json.loads(x)["id"]: json.loads(x) for x in (tmp_path / "infused.descriptions.jsonl").read_text().splitlines()}
+    lines = (tmp_path / "infused.descriptions.jsonl").read_text().splitlines()
+    desc = {json.loads(x)["id"]: json.loads(x) for x in lines}
     assert sorted(desc) == ["row:0", "row:1"] and {d["sample_id"] for d in desc.values()} == {"same"}
     got = json.loads(out.read_text())
     for g, key in zip(got, [k for k in ("row:0", "row:1") if desc[k]["output"].strip()]):

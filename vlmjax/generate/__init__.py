@@ -17,6 +17,6 @@ from vlmjax.generate.sampling import SamplingConfig
 from vlmjax.generate.shards import merge_shards, shard_path, shard_paths
 
 __all__ = [
-    "generate", "GenerationConfig", "Generation", "SamplingConfig", "unpad_left", "generate_dataset", "sample_keys", "merge_shards", "shard_path", "shard_paths", "load_model",
-    "load_tokenizer", "Encoder", "Request", "collate_images", "default_eos_ids", "folder_requests", "llava_requests",
+    "generate", "GenerationConfig", "Generation", "SamplingConfig", "unpad_left", "generate_dataset", "sample_keys",
+    "merge_shards", "shard_path", "shard_paths", "load_model", "load_tokenizer", "Encoder", "Request", "collate_images", "default_eos_ids", "folder_requests", "llava_requests",
 ]

@@ -93,7 +93,8 @@ def check_coverage(found: Iterable[tuple[str, str]], ids: Sequence[str] | None) 
         raise ValueError(f"{len(extra)} ids in the shards are not expected: {_preview(extra)}")
     missing = [i for i in expected if i not in where]
     if missing:
-        raise IncompleteShards(f"{len(missing)} of {len(expected)} ids are missing from the shards: {_preview(missing)}")
+        raise IncompleteShards(f"{len(missing)} of {len(expected)} ids are missing from the shards: "
+                               f"{_preview(missing)}")
 
 
 def _read(path: str, key: str) -> list[tuple[str, str, str]]:

@@ -191,7 +191,8 @@ class FeatureShards:
             s = self.index["shards"][k]
             a = np.load(os.path.join(self.dir, s["file"]), mmap_mode="r")
             if a.shape != (len(s["ids"]),) + self.row_shape:
-                raise ValueError(f"{self.dir}/{s['file']}: rows {a.shape}, index says {len(s['ids'])} x {self.row_shape}")
+                raise ValueError(f"{self.dir}/{s['file']}: rows {a.shape}, index says "
+                                 f"{len(s['ids'])} x {self.row_shape}")
             self._maps[k] = a.view(self.dtype) if a.dtype != self.dtype else a
         return self._maps[k]
 
