@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Sequence
 from vlmjax.generate.engine import GenerationConfig, generate
 from vlmjax.generate.jsonl import ResumableJsonl
 from vlmjax.generate.requests import Encoder, Request, collate_images, image_pos_of, image_slots
-from vlmjax.generate.shards import barrier, host_shard, is_process_sharded, merge_shards, shard_path, take_shard
+from vlmjax.generate.shards import all_ok, barrier, host_shard, is_process_sharded, merge_shards, shard_path, take_shard
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +86,14 @@ def merge_hosts(out_path: str, keys: Sequence[str], shard_index: int, shard_coun
     if not is_process_sharded(shard_count):
         return None
     barrier(f"vlmjax shards done: {out_path}")
+    error = None
     if shard_index == 0:
-        merge(out_path, keys)
-    barrier(f"vlmjax shards merged: {out_path}")
+        try:
+            merge(out_path, keys)
+        except Exception as e:  # noqa: BLE001 (re-raised below, after telling the other processes)
+            error = e
+    if not all_ok(error is None):  # every process leaves together: none waits on a failed merge
+        raise error or RuntimeError(f"process 0 could not merge the shards of {out_path} (see its log)")
     return out_path
 
 

@@ -66,6 +66,18 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def all_ok(ok: bool) -> bool:
+    """Process 0's `ok`, on every process (no-op with one process): lets the others fail with it, not hang."""
+    import jax
+
+    if jax.process_count() == 1:
+        return ok
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
+
+
 def _preview(xs: Sequence[str], n: int = 10) -> str:
     return ", ".join(repr(x) for x in xs[:n]) + (f" ... ({len(xs)} in all)" if len(xs) > n else "")
 
