@@ -266,9 +266,14 @@ def _progress(items, desc: str, unit: str):
     return tqdm(items, desc=desc, unit=unit, disable=None, dynamic_ncols=True, leave=False)
 
 
-def save_vlm(model: VLM, out_dir, *, tokenizer=None, dtype=None, max_shard_bytes: int = 2 << 30) -> Path:
-    """Export to a folder that transformers' AutoModelForImageTextToText loads (LlavaForConditionalGeneration)."""
+def save_vlm(model: VLM, out_dir, *, tokenizer=None, dtype=None, max_shard_bytes: int = 2 << 30,
+             image_spec=None) -> Path:
+    """Export to a folder that transformers' AutoModelForImageTextToText loads (LlavaForConditionalGeneration) and
+    AutoProcessor preprocesses for, as `image_spec` (default: `data.image.model_image_spec(cfg)`) says."""
+    from vlmjax.convert.processor import image_processor_kwargs
+
     out_dir = Path(out_dir)
+    image_processor_kwargs(image_spec) if image_spec is not None else None  # inexpressible: fail before writing
     hf_cfg = hf_config.vlm_config_to_hf(model.cfg)
     rules = vlm_rules(model.cfg)
     write_safetensors(iter_hf_tensors(model, _progress(rules, f"export {out_dir.name}", "param"), dtype), out_dir,
@@ -276,6 +281,9 @@ def save_vlm(model: VLM, out_dir, *, tokenizer=None, dtype=None, max_shard_bytes
     hf_cfg.save_pretrained(out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
+    from vlmjax.convert.processor import save_processor
+
+    save_processor(out_dir, model.cfg, tokenizer, image_spec)
     return out_dir
 
 
