@@ -109,3 +109,38 @@ def test_image_processor_follows_the_image_spec(export, tmp_path, mode, hf):
         path = easy_vqa_images(tmp_path, 1)[-1]
         got = ip(Image.open(path), return_tensors="np")["pixel_values"].transpose(0, 2, 3, 1)
         np.testing.assert_allclose(got, process_image(path, spec), atol=1e-5)
+
+
+def test_llava_next_export_processor_and_generate(tmp_path):
+    """LLaVA-1.6: the anyres grid, the per-image token count and generation through transformers' processor."""
+    from PIL import Image
+
+    from vlmjax.convert import hf as hfconv
+    from vlmjax.generate import GenerationConfig, generate
+    from vlmjax.generate.requests import Encoder, Request
+
+    F.make_llava_next(tmp_path / "src")
+    model, cfg = hfconv.load_vlm(tmp_path / "src")
+    tok = tiny_tokenizer(F.V - 1)
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tok.chat_template = TEMPLATE
+    hfconv.save_vlm(model, tmp_path / "out", tokenizer=tok)
+    processor = transformers.AutoProcessor.from_pretrained(tmp_path / "out")
+    assert isinstance(processor, transformers.LlavaNextProcessor)
+    hf_model = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "out").eval()
+    encoder = Encoder(tok, cfg)
+    base = Image.open(easy_vqa_images(tmp_path, 1)[0]).convert("RGB")
+    for w, h in [(60, 25)]:  # wide: a 2x1 grid, unpadded rows
+        img = base.resize((w, h), Image.BICUBIC)
+        messages = [{"role": "user", "content": "<image>\nw7 w8"}]
+        ours = encoder.prompt(Request(f"{w}x{h}", messages, [img]))
+        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        inputs = processor(images=img, text=text, return_tensors="pt")
+        assert inputs["input_ids"][0].tolist() == ours.ids, (w, h)
+        k = len(ours.pixels)
+        np.testing.assert_allclose(inputs["pixel_values"][0, :k].numpy().transpose(0, 2, 3, 1), ours.pixels, atol=1e-5)
+        want = generate(model, [ours.ids], GenerationConfig(max_new_tokens=6, eos_token_ids=()),
+                        pixel_values=ours.pixels, image_rows=np.zeros(k, np.int32), image_pos=[ours.image_pos])
+        with torch.no_grad():
+            out = hf_model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        assert out[0, inputs["input_ids"].shape[1]:].tolist() == want[0].tokens, (w, h)
