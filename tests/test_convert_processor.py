@@ -130,7 +130,7 @@ def test_llava_next_export_processor_and_generate(tmp_path):
     hf_model = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "out").eval()
     encoder = Encoder(tok, cfg)
     base = Image.open(easy_vqa_images(tmp_path, 1)[0]).convert("RGB")
-    for w, h in [(60, 25)]:  # wide: a 2x1 grid, unpadded rows
+    for w, h in [(60, 25)]:  # a wide image: several grid tiles, rows unpadded
         img = base.resize((w, h), Image.BICUBIC)
         messages = [{"role": "user", "content": "<image>\nw7 w8"}]
         ours = encoder.prompt(Request(f"{w}x{h}", messages, [img]))
