@@ -263,7 +263,7 @@ def _progress(items, desc: str, unit: str):
     """A tqdm bar on a terminal (silent in logs and tests), as the trainer's."""
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc=desc, unit=unit, disable=None, dynamic_ncols=True, leave=False)
+    return tqdm(items, desc=desc, unit=unit, disable=None, dynamic_ncols=True)
 
 
 def save_vlm(model: VLM, out_dir, *, tokenizer=None, dtype=None, max_shard_bytes: int = 2 << 30,
