@@ -147,3 +147,26 @@ def test_llava_next_export_processor_and_generate(tmp_path):
         with torch.no_grad():
             out = hf_model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
         assert out[0, inputs["input_ids"].shape[1]:].tolist() == want[0].tokens, (w, h)
+
+
+def test_what_hf_cannot_express_is_reported_not_fatal(export, tmp_path, caplog):
+    import dataclasses
+    import logging
+
+    from transformers import AutoTokenizer
+
+    from vlmjax.convert import hf as hfconv
+    from vlmjax.data.image import model_image_spec
+
+    model, cfg = hfconv.load_vlm(export / "vlm")
+    catty = dataclasses.replace(model_image_spec(cfg), tiling="catty")
+    no_image_token = AutoTokenizer.from_pretrained(export / "llm")  # the LLM's own tokenizer: no <image>
+    with caplog.at_level(logging.WARNING, logger="vlmjax.convert.processor"):
+        hfconv.save_vlm(model, tmp_path / "catty", tokenizer=no_image_token, image_spec=catty)
+        hfconv.save_vlm(model, tmp_path / "plain", tokenizer=no_image_token)
+    assert "tiling 'catty' has no HF LLaVA image processor" in caplog.text
+    assert "no single <image> token with the model's image token id" in caplog.text
+    assert (tmp_path / "catty" / "model.safetensors").exists()
+    assert not (tmp_path / "catty" / "preprocessor_config.json").exists()
+    assert (tmp_path / "plain" / "preprocessor_config.json").exists()
+    assert not (tmp_path / "plain" / "processor_config.json").exists()

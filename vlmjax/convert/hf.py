@@ -270,10 +270,7 @@ def save_vlm(model: VLM, out_dir, *, tokenizer=None, dtype=None, max_shard_bytes
              image_spec=None) -> Path:
     """Export to a folder that transformers' AutoModelForImageTextToText loads (LlavaForConditionalGeneration) and
     AutoProcessor preprocesses for, as `image_spec` (default: `data.image.model_image_spec(cfg)`) says."""
-    from vlmjax.convert.processor import image_processor_kwargs
-
     out_dir = Path(out_dir)
-    image_processor_kwargs(image_spec) if image_spec is not None else None  # inexpressible: fail before writing
     hf_cfg = hf_config.vlm_config_to_hf(model.cfg)
     rules = vlm_rules(model.cfg)
     write_safetensors(iter_hf_tensors(model, _progress(rules, f"export {out_dir.name}", "param"), dtype), out_dir,

@@ -43,16 +43,23 @@ def image_processor_kwargs(spec: ImageSpec) -> dict:
 
 
 def save_processor(out_dir, cfg: VLMConfig, tokenizer, spec: ImageSpec | None = None) -> bool:
-    """Write the image processor (always) and the LLaVA processor (when `tokenizer` has `<image>` as the model's
-    image token) into `out_dir`. Returns whether the full processor was written; says why not otherwise."""
+    """Write the image processor and, when `tokenizer` has `<image>` as the model's image token, the LLaVA processor
+    into `out_dir`. Returns whether the full processor was written; logs why not otherwise (the weights are a valid
+    HF LLaVA either way, so an export never fails here)."""
     import transformers
 
     spec = spec or model_image_spec(cfg)
-    if spec.tokens_per_image != cfg.tokens_per_image:
-        raise ValueError(f"image spec gives {spec.tokens_per_image} tokens per image, the model {cfg.tokens_per_image}")
+    try:
+        if spec.tokens_per_image != cfg.tokens_per_image:
+            raise ValueError(f"the image spec gives {spec.tokens_per_image} tokens per image, the model "
+                             f"{cfg.tokens_per_image}")
+        kwargs = image_processor_kwargs(spec)
+    except ValueError as e:
+        log.warning("%s: no HF processor files: %s", out_dir, e)
+        return False
     next_ = cfg.image_layout == "llava_next"
     ip_cls = transformers.LlavaNextImageProcessorPil if next_ else transformers.LlavaImageProcessorPil
-    image_processor = ip_cls(**image_processor_kwargs(spec))
+    image_processor = ip_cls(**kwargs)
     image_processor.save_pretrained(out_dir)
     if tokenizer is None:
         log.warning("%s: no tokenizer given, so no processor config (AutoImageProcessor still loads)", out_dir)
