@@ -254,8 +254,12 @@ def write_safetensors(tensors, out_dir: Path, max_shard_bytes: int = 2 << 30) ->
 
 def _file_mode() -> int:
     """0666 under the process umask, the mode `open()` gives the folder's other files (0644 with umask 022)."""
-    umask = os.umask(0)
-    os.umask(umask)
+    try:  # Linux: read it without the set-and-restore race os.umask has against other threads creating files
+        status = Path("/proc/self/status").read_text()
+        umask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration):
+        umask = os.umask(0)
+        os.umask(umask)
     return 0o666 & ~umask
 
 
