@@ -166,3 +166,58 @@ def test_exported_files_are_world_readable(tmp_path):
         assert any(f.suffix == ".safetensors" for f in files)
         modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in files}
         assert set(modes.values()) == {0o644}, modes
+
+
+def _write_llama_gguf(ref, path):
+    """An F32 llama-arch GGUF of an HF Llama, written as llama.cpp's converter does (q/k weights AND biases row-
+    permuted for interleaved RoPE)."""
+    gguf = pytest.importorskip("gguf")
+    c = ref.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_context_length(c.max_position_embeddings)
+    w.add_token_list([f"t{i}" for i in range(c.vocab_size)])
+
+    def permute(x, n):  # convert_hf_to_gguf.py LlamaModel.permute
+        return x.reshape(n, 2, x.shape[0] // n // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+    sd = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    w.add_tensor("output.weight", sd["lm_head.weight"])
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        w.add_tensor(f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"])
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
+        for hf_name, name in (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"), ("o_proj", "attn_output")):
+            for kind in ("weight", "bias"):
+                x = sd[p + f"self_attn.{hf_name}.{kind}"]
+                if hf_name in ("q_proj", "k_proj"):
+                    x = permute(x, c.num_attention_heads if hf_name == "q_proj" else c.num_key_value_heads)
+                w.add_tensor(f"blk.{i}.{name}.{kind}", np.ascontiguousarray(x))
+        for hf_name, name in (("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down")):
+            w.add_tensor(f"blk.{i}.{name}.weight", sd[p + f"mlp.{hf_name}.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_llama_gguf_with_attention_biases(tmp_path):
+    """llama.cpp keeps Llama's q/k/v/o biases (attn_*.bias) and permutes the q/k ones: all four must come back."""
+    from vlmjax.convert.gguf import load_gguf
+
+    ref = F.make_causal_lm(tmp_path / "src", "llama", attention_bias=True)
+    _write_llama_gguf(ref, tmp_path / "m.gguf")
+    model, cfg = load_gguf(tmp_path / "m.gguf")
+    assert cfg.attention_bias and cfg.o_proj_bias
+    ids = np.random.default_rng(0).integers(0, F.V, size=(2, 9))
+    with torch.no_grad():
+        want = ref(input_ids=torch.tensor(ids)).logits.numpy()
+    assert np.abs(want - np.asarray(model(ids.astype(np.int32)))).max() <= TOL

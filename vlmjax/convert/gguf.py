@@ -86,9 +86,10 @@ class GGUFSource:
             raise MissingTensor(f"tensor {name!r} (HF name) not found in {self.path}") from None
         w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
         w = w.reshape(tuple(int(x) for x in reversed(t.shape)))  # GGUF lists dims innermost-first
-        if self.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+        # llama.cpp permutes the q/k biases as the weights (convert_hf_to_gguf.py LlamaModel.modify_tensors)
+        if self.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")):
             heads = self.meta("llama.attention.head_count")
-            if name.endswith("k_proj.weight"):
+            if ".k_proj." in name:
                 heads = self.meta("llama.attention.head_count_kv", heads)
             w = _unpermute(w, heads)
         return w
