@@ -145,7 +145,8 @@ def test_bias_layouts_hf_cannot_express_are_rejected_on_export(tmp_path):
     from vlmjax.models.llm import LLM
 
     base = LLMConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1)
-    for family, qkv, o in [("llama", True, False), ("llama", False, True), ("qwen2", True, True), ("mistral", True, False)]:
+    inexpressible = [("llama", True, False), ("llama", False, True), ("qwen2", True, True), ("mistral", True, False)]
+    for family, qkv, o in inexpressible:
         cfg = dataclasses.replace(base, family=family, attention_bias=qkv, o_proj_bias=o)
         with pytest.raises(UnsupportedModel, match="o_proj bias"):
             hfconv.save_causal_lm(LLM(cfg, rngs=nnx.Rngs(0)), tmp_path / f"{family}{qkv}{o}")
@@ -195,7 +196,8 @@ def _write_llama_gguf(ref, path):
         p = f"model.layers.{i}."
         w.add_tensor(f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"])
         w.add_tensor(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
-        for hf_name, name in (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"), ("o_proj", "attn_output")):
+        attn = (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"), ("o_proj", "attn_output"))
+        for hf_name, name in attn:
             for kind in ("weight", "bias"):
                 x = sd[p + f"self_attn.{hf_name}.{kind}"]
                 if hf_name in ("q_proj", "k_proj"):
