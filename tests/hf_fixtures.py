@@ -28,22 +28,24 @@ def text_config(family: str, **over):
     return cls(**kw)
 
 
-def vision_config(kind: str):
+def vision_config(kind: str, head: bool = False):
+    """Tiny CLIP / SigLIP tower; `head` gives SigLIP its attention-pool head (transformers' default, as released)."""
     import transformers
 
     kw = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=28,
               patch_size=7, num_channels=3)
     if kind == "clip":
         return transformers.CLIPVisionConfig(projection_dim=16, **kw)
-    return transformers.SiglipVisionConfig(vision_use_head=False, **kw)
+    return transformers.SiglipVisionConfig(vision_use_head=head, **kw)
 
 
-def make_llava(tmp_path, family: str, vision: str, seed: int = 0, **llava_kw):
+def make_llava(tmp_path, family: str, vision: str, seed: int = 0, *, vision_head: bool = False, text_over=None,
+               **llava_kw):
     import torch
     import transformers
 
     torch.manual_seed(seed)
-    tc, vc = text_config(family), vision_config(vision)
+    tc, vc = text_config(family, **(text_over or {})), vision_config(vision, head=vision_head)
     cfg = transformers.LlavaConfig(vision_config=vc.to_dict(), text_config=tc.to_dict(), image_token_index=IMAGE_TOKEN,
                                    image_seq_length=16, **llava_kw)
     model = transformers.LlavaForConditionalGeneration(cfg).eval()
@@ -72,12 +74,12 @@ def make_llava_next(tmp_path, family: str = "mistral", seed: int = 0, vocab: int
     return model
 
 
-def make_causal_lm(tmp_path, family: str, seed: int = 0):
+def make_causal_lm(tmp_path, family: str, seed: int = 0, **over):
     import torch
     import transformers
 
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(text_config(family)).eval()
+    model = transformers.AutoModelForCausalLM.from_config(text_config(family, **over)).eval()
     _randomize(model)
     model.save_pretrained(tmp_path)
     return model

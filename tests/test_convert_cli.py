@@ -27,7 +27,8 @@ def test_assemble_then_verify_with_transformers(tmp_path, tower, capsys):
     F.make_causal_lm(tmp_path / "llm", "llama")
     tiny_tokenizer(F.V).save_pretrained(tmp_path / "llm")
     torch.manual_seed(0)
-    vis = transformers.AutoModel.from_config(F.vision_config(tower)).eval()
+    # SigLIP as released: with its attention-pool head (transformers' default), which LLaVA does not use
+    vis = transformers.AutoModel.from_config(F.vision_config(tower, head=tower == "siglip")).eval()
     F._randomize(vis)
     vis.save_pretrained(tmp_path / "vision")
     assert convert_main(["assemble", "--llm", str(tmp_path / "llm"), "--vision", str(tmp_path / "vision"),
@@ -51,3 +52,44 @@ def test_assemble_then_verify_with_transformers(tmp_path, tower, capsys):
     with torch.no_grad():
         ref = src(input_ids=torch.tensor(ids)).logits.numpy()
     assert np.abs(np.asarray(vlm(ids.astype(np.int32)))[..., : F.V] - ref).max() <= 1e-4
+
+
+def test_help_names_the_command_and_every_flag():
+    import subprocess
+    import sys
+
+    from vlmjax.convert.__main__ import build_parser
+
+    out = subprocess.run([sys.executable, "-m", "vlmjax.convert", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("usage: python -m vlmjax.convert "), out.stderr
+    parser = build_parser()
+    subs = next(a for a in parser._actions if a.choices and "assemble" in a.choices).choices
+    assert set(subs) == {"assemble", "gguf-to-hf", "verify"}
+    for name, sub in subs.items():
+        assert sub.prog == f"python -m vlmjax.convert {name}" and sub.description
+        for action in sub._actions:
+            assert action.help and action.help.strip(), f"{name} {action.option_strings or action.dest}: no help"
+        with pytest.raises(SystemExit) as e:
+            convert_main([name, "--help"])
+        assert e.value.code == 0
+
+
+def test_import_and_export_show_progress_on_a_terminal(tmp_path, monkeypatch):
+    import io
+    import sys
+
+    from vlmjax.convert import hf
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    F.make_causal_lm(tmp_path / "src", "llama")
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    model, _ = hf.load_causal_lm(tmp_path / "src")
+    hf.save_causal_lm(model, tmp_path / "out")
+    text = term.getvalue()
+    rules = 3 + 9  # embed, norm, lm_head + 9 per-layer params (stacked over layers)
+    assert "load src: 100%" in text and f"{rules}/{rules}" in text, text
+    assert "export out: 100%" in text, text

@@ -44,25 +44,42 @@ def _verify(folder: Path, atol: float) -> float:
     return err
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vlmjax.convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    a = sub.add_parser("assemble", help="LLM + vision tower + fresh projector -> HF LLaVA folder")
-    a.add_argument("--llm", required=True, help="HF *ForCausalLM folder or .gguf file")
-    a.add_argument("--vision", required=True, help="HF CLIPVisionModel/SiglipVisionModel (or CLIP/SigLIP) folder")
-    a.add_argument("--projector", default="mlp2x_gelu", help="only mlp2x_gelu can be written as an HF LLaVA folder")
-    a.add_argument("--vision-feature-layer", type=int, default=-2)
-    a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--dtype", default="float32", help="dtype of the written tensors")
-    a.add_argument("--out", required=True, type=Path)
-    g = sub.add_parser("gguf-to-hf", help="GGUF (Llama family) -> HF causal-LM folder")
-    g.add_argument("gguf", type=Path)
-    g.add_argument("--out", required=True, type=Path)
-    v = sub.add_parser("verify", help="vlmjax vs transformers logits on a folder")
-    v.add_argument("folder", type=Path)
-    v.add_argument("--atol", type=float, default=1e-3)
-    args = p.parse_args(argv)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{assemble,gguf-to-hf,verify}")
+    a = sub.add_parser("assemble", help="LLM + vision tower + fresh projector -> HF LLaVA folder",
+                       description="Assemble a new LLaVA (the VILA stage-1 start): a pretrained LLM, a pretrained "
+                       "vision tower and a freshly initialised projector, written as an HF LLaVA folder with the "
+                       "tokenizer (plus an <image> token) and the processor configs.")
+    a.add_argument("--llm", required=True, help="HF *ForCausalLM folder (Llama/Mistral/Qwen2) or a .gguf file")
+    a.add_argument("--vision", required=True,
+                   help="HF CLIPVisionModel/SiglipVisionModel folder, or a full CLIP/SigLIP folder (vision half used)")
+    a.add_argument("--projector", default="mlp2x_gelu",
+                   help="projector kind (default: %(default)s, the only one an HF LLaVA folder can hold)")
+    a.add_argument("--vision-feature-layer", type=int, default=-2,
+                   help="tower layer whose hidden states feed the projector (default: %(default)s, as LLaVA)")
+    a.add_argument("--seed", type=int, default=0, help="seed of the projector's initialisation (default: %(default)s)")
+    a.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the written tensors (default: %(default)s)")
+    a.add_argument("--out", required=True, type=Path, help="output folder (created)")
+    g = sub.add_parser("gguf-to-hf", help="GGUF (Llama family) -> HF causal-LM folder",
+                       description="Dequantise a Llama/Qwen2 GGUF file (llama.cpp) into an HF *ForCausalLM folder "
+                       "with its embedded tokenizer.")
+    g.add_argument("gguf", type=Path, help="the .gguf file")
+    g.add_argument("--out", required=True, type=Path, help="output folder (created)")
+    v = sub.add_parser("verify", help="vlmjax vs transformers logits on a folder",
+                       description="Load an HF LLaVA or causal-LM folder with vlmjax and with transformers (fp32), "
+                       "run both on the same random input and print the max |logit difference| as JSON; exit 1 "
+                       "above --atol.")
+    v.add_argument("folder", type=Path, help="HF LLaVA or *ForCausalLM folder")
+    v.add_argument("--atol", type=float, default=1e-3,
+                   help="largest max |logit difference| that passes (default: %(default)s)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
 
     from vlmjax.convert import hf
 

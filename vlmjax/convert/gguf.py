@@ -28,6 +28,7 @@ _PER_LAYER = {
     "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
     "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
     "attn_q.bias": "self_attn.q_proj.bias", "attn_k.bias": "self_attn.k_proj.bias", "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.bias": "self_attn.o_proj.bias",
     "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight", "ffn_down.weight": "mlp.down_proj.weight",
 }
 SUPPORTED_ARCHS = ("llama", "qwen2")
@@ -85,9 +86,10 @@ class GGUFSource:
             raise MissingTensor(f"tensor {name!r} (HF name) not found in {self.path}") from None
         w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
         w = w.reshape(tuple(int(x) for x in reversed(t.shape)))  # GGUF lists dims innermost-first
-        if self.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+        # llama.cpp permutes the q/k biases as the weights (convert_hf_to_gguf.py LlamaModel.modify_tensors)
+        if self.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")):
             heads = self.meta("llama.attention.head_count")
-            if name.endswith("k_proj.weight"):
+            if ".k_proj." in name:
                 heads = self.meta("llama.attention.head_count_kv", heads)
             w = _unpermute(w, heads)
         return w
@@ -112,6 +114,7 @@ class GGUFSource:
             max_position_embeddings=int(self.meta(f"{a}.context_length", 4096)),
             tie_word_embeddings="lm_head.weight" not in self._tensors,
             attention_bias="model.layers.0.self_attn.q_proj.bias" in self._tensors,
+            o_proj_bias="model.layers.0.self_attn.o_proj.bias" in self._tensors,
             family=a,
             bos_token_id=self.meta("tokenizer.ggml.bos_token_id"),
             eos_token_id=self.meta("tokenizer.ggml.eos_token_id"),

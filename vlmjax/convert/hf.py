@@ -21,19 +21,27 @@ from flax import nnx
 
 from vlmjax import sharding as shd
 from vlmjax.convert import hf_config
-from vlmjax.convert.mapping import LEGACY_RENAMES, Rule, causal_lm_rules, vlm_rules
+from vlmjax.convert.mapping import LEGACY_RENAMES, LLAVA_PREFIXES, Rule, causal_lm_rules, vlm_rules
 from vlmjax.models.config import LLMConfig, VLMConfig
 from vlmjax.models.llm import LLM
 from vlmjax.models.vlm import VLM
 
 log = logging.getLogger(__name__)
 
-# Tensors that checkpoints carry but no LLaVA forward uses; anything else unclaimed is an error.
+# Tensors (normalised names, matched from the start) that checkpoints carry but no LLaVA forward uses; anything
+# else unclaimed is an error.
 IGNORED = (
     r".*rotary_emb\.inv_freq$",
     r".*embeddings\.position_ids$",
-    r".*vision_model\.head\..*",  # SigLIP attention-pool head
 )
+# Float dtypes a checkpoint may store; an integer (quantised) or other tensor would be cast into nonsense.
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def siglip_head(prefix: str) -> str:
+    """SigLIP's attention-pool head (`vision_use_head=True`, as released) under a tower at `prefix` once names are
+    normalised (transformers 4 `...vision_model.head.*`, 5 `...head.*`): LLaVA takes hidden states, never the head."""
+    return re.escape(prefix) + r"head\."
 
 
 class MissingTensor(KeyError):
@@ -101,30 +109,33 @@ def load_params(
     sharding_rules=shd.DEFAULT_RULES,
     strict_unused: bool = True,
     skip: tuple[tuple[str, ...], ...] = (),
+    ignored: tuple[str, ...] = IGNORED,
     where: str = "checkpoint",
 ) -> nnx.Module:
     """Fill an abstract (nnx.eval_shape) module from `source` by `rules`. `skip` lists our params to keep as
-    initialised (e.g. a fresh projector) — they must then already be concrete in `model_abstract`."""
+    initialised (e.g. a fresh projector) — they must then already be concrete in `model_abstract`. Every tensor
+    must have exactly the HF shape the config implies and a float dtype; `ignored` (regexes) may go unused."""
     graphdef, state = nnx.split(model_abstract)
     specs = shd.param_specs(state, sharding_rules, mesh) if mesh is not None else None
     used: set[str] = set()
     covered: set[tuple[str, ...]] = set()
-    for rule in rules:
+    for rule in _progress(rules, f"load {Path(where).name or where}", "param"):
         var = _path_get(state, rule.path)
         shape, dtype = tuple(var.shape), var.dtype
         buf = np.empty(shape, dtype=dtype)
         names = [rule.hf.format(i=i) for i in range(shape[0])] if rule.stacked else [rule.hf]
+        expected = rule.layout.hf_shape(shape[1:] if rule.stacked else shape)
         for i, name in enumerate(names):
             w = source.get(name)
             used.add(name)
-            try:
-                w = rule.layout.to_ours(w)
-            except ValueError as e:
-                raise ValueError(f"{where}: tensor {name!r} has shape {w.shape}, incompatible with the config ({e})") from None
+            if w.dtype.name not in FLOAT_DTYPES:
+                raise ValueError(f"{where}: tensor {name!r} has dtype {w.dtype.name}; expected a float dtype "
+                                 f"{FLOAT_DTYPES} (quantised/integer tensors are not cast)")
+            if tuple(w.shape) != tuple(expected):
+                raise ValueError(f"{where}: tensor {name!r} has shape {tuple(w.shape)}, expected {tuple(expected)} "
+                                 "for this config")
             target = buf[i] if rule.stacked else buf
-            if w.shape != target.shape:
-                raise ValueError(f"{where}: tensor {name!r} converts to shape {w.shape}, expected {target.shape}")
-            target[...] = w.astype(dtype)
+            target[...] = rule.layout.to_ours(w).astype(dtype)
         if mesh is None:
             arr = jnp.asarray(buf)
         else:
@@ -138,7 +149,7 @@ def load_params(
         if path not in covered and not any(path[: len(s)] == s for s in skip):
             raise MissingTensor(f"{where}: no tensor maps to parameter {'.'.join(map(str, path))}")
     if strict_unused:
-        extra = sorted(k for k in source.keys() if k not in used and not any(re.match(p, k) for p in IGNORED))
+        extra = sorted(k for k in source.keys() if k not in used and not any(re.match(p, k) for p in ignored))
         if extra:
             raise ValueError(f"{where}: {len(extra)} tensors not used by the model, e.g. {extra[:5]}")
     return nnx.merge(graphdef, state)
@@ -150,7 +161,9 @@ def load_vlm(folder, *, dtype: str = "float32", param_dtype: str = "float32", me
 
     cfg = with_dtypes(hf_config.vlm_config_from_hf(read_config(folder)), dtype, param_dtype)
     abstract = nnx.eval_shape(lambda: VLM(cfg, rngs=nnx.Rngs(0)))
-    model = load_params(abstract, vlm_rules(cfg), SafetensorsSource(folder), mesh=mesh, sharding_rules=sharding_rules, where=str(folder))
+    ignored = IGNORED + ((siglip_head(LLAVA_PREFIXES["vision"]),) if cfg.vision.kind == "siglip" else ())
+    model = load_params(abstract, vlm_rules(cfg), SafetensorsSource(folder), mesh=mesh, sharding_rules=sharding_rules,
+                        ignored=ignored, where=str(folder))
     return model, cfg
 
 
@@ -180,8 +193,9 @@ def load_vision_tower(folder, *, dtype: str = "float32", param_dtype: str = "flo
     source = SafetensorsSource(folder, renames=(("vision_model.", ""),))
     # a dual encoder also carries the text tower: only the vision half is ours to check
     strict = not any(k.startswith("text_model.") for k in source.keys())
-    model = load_params(abstract, vision_rules(cfg, (), ""), source, mesh=mesh,
-                        sharding_rules=sharding_rules, strict_unused=strict, where=str(folder))
+    ignored = IGNORED + ((siglip_head(""),) if cfg.kind == "siglip" else ())
+    model = load_params(abstract, vision_rules(cfg, (), ""), source, mesh=mesh, sharding_rules=sharding_rules,
+                        strict_unused=strict, ignored=ignored, where=str(folder))
     return model, cfg
 
 
@@ -229,28 +243,56 @@ def write_safetensors(tensors, out_dir: Path, max_shard_bytes: int = 2 << 30) ->
     flush(True)
     n = len(files)
     final_names = {f: ("model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors") for i, f in enumerate(files)}
+    mode = _file_mode()
     for f, final in final_names.items():
+        os.chmod(out_dir / f, mode)  # safetensors creates its files 0600; the folder is meant to be shared
         os.replace(out_dir / f, out_dir / final)
     if n > 1:
         index = {"metadata": {"total_size": total}, "weight_map": {k: final_names[v] for k, v in weight_map.items()}}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def save_vlm(model: VLM, out_dir, *, tokenizer=None, dtype=None, max_shard_bytes: int = 2 << 30) -> Path:
-    """Export to a folder that transformers' AutoModelForImageTextToText loads (LlavaForConditionalGeneration)."""
+def _file_mode() -> int:
+    """0666 under the process umask, the mode `open()` gives the folder's other files (0644 with umask 022)."""
+    try:  # Linux: read it without the set-and-restore race os.umask has against other threads creating files
+        status = Path("/proc/self/status").read_text()
+        umask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration):
+        umask = os.umask(0)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _progress(items, desc: str, unit: str):
+    """A tqdm bar on a terminal (silent in logs and tests), as the trainer's."""
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit=unit, disable=None, dynamic_ncols=True)
+
+
+def save_vlm(model: VLM, out_dir, *, tokenizer=None, dtype=None, max_shard_bytes: int = 2 << 30,
+             image_spec=None) -> Path:
+    """Export to a folder that transformers' AutoModelForImageTextToText loads (LlavaForConditionalGeneration) and
+    AutoProcessor preprocesses for, as `image_spec` (default: `data.image.model_image_spec(cfg)`) says."""
     out_dir = Path(out_dir)
     hf_cfg = hf_config.vlm_config_to_hf(model.cfg)
-    write_safetensors(iter_hf_tensors(model, vlm_rules(model.cfg), dtype), out_dir, max_shard_bytes)
+    rules = vlm_rules(model.cfg)
+    write_safetensors(iter_hf_tensors(model, _progress(rules, f"export {out_dir.name}", "param"), dtype), out_dir,
+                      max_shard_bytes)
     hf_cfg.save_pretrained(out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
+    from vlmjax.convert.processor import save_processor
+
+    save_processor(out_dir, model.cfg, tokenizer, image_spec)
     return out_dir
 
 
 def save_causal_lm(model: LLM, out_dir, *, tokenizer=None, dtype=None, max_shard_bytes: int = 2 << 30) -> Path:
     out_dir = Path(out_dir)
     hf_cfg = hf_config.llm_config_to_hf(model.cfg)
-    write_safetensors(iter_hf_tensors(model, causal_lm_rules(model.cfg), dtype), out_dir, max_shard_bytes)
+    rules = _progress(causal_lm_rules(model.cfg), f"export {out_dir.name}", "param")
+    write_safetensors(iter_hf_tensors(model, rules, dtype), out_dir, max_shard_bytes)
     hf_cfg.save_pretrained(out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)

@@ -37,6 +37,8 @@ def llm_config_from_hf(d: dict[str, Any]) -> LLMConfig:
         raise UnsupportedModel("mlp_bias=True is not supported")
     theta, scaling = _rope(d)
     heads = d.get("num_attention_heads", 32)
+    # as transformers builds them: Qwen2 always biases q/k/v, Mistral never, Llama q/k/v AND o_proj on attention_bias
+    bias = {"qwen2": True, "mistral": False}.get(mt, bool(d.get("attention_bias", False)))
     return LLMConfig(
         vocab_size=d.get("vocab_size", 32000),
         hidden_size=d.get("hidden_size", 4096),
@@ -50,7 +52,8 @@ def llm_config_from_hf(d: dict[str, Any]) -> LLMConfig:
         rope_scaling=scaling,
         max_position_embeddings=d.get("max_position_embeddings", 4096),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        attention_bias=bool(d.get("attention_bias", mt == "qwen2")),
+        attention_bias=bias,
+        o_proj_bias=bias and mt == "llama",
         hidden_act=d.get("hidden_act", "silu"),
         sliding_window=d.get("sliding_window") if d.get("use_sliding_window", mt == "mistral") else None,
         family=LLM_FAMILIES[mt],
@@ -124,10 +127,15 @@ def llm_config_to_hf(cfg: LLMConfig):
         hidden_act=cfg.hidden_act, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
         pad_token_id=cfg.pad_token_id,
     )
+    qkv_o = (cfg.attention_bias, cfg.o_proj_bias)
     if cfg.family == "llama":
+        if qkv_o[0] != qkv_o[1]:
+            raise UnsupportedModel(f"HF Llama biases q/k/v and o_proj together (attention_bias); this model has q/k/v "
+                                   f"bias={qkv_o[0]}, o_proj bias={qkv_o[1]} (family='qwen2' has q/k/v bias only)")
         kw["attention_bias"] = cfg.attention_bias
-    elif cfg.attention_bias != (cfg.family == "qwen2"):
-        raise UnsupportedModel(f"{cfg.family} cannot express attention_bias={cfg.attention_bias}; use family='llama'")
+    elif qkv_o != {"qwen2": (True, False), "mistral": (False, False)}[cfg.family]:
+        raise UnsupportedModel(f"{cfg.family} cannot express q/k/v bias={qkv_o[0]}, o_proj bias={qkv_o[1]}; "
+                               "use family='llama' (both) or 'qwen2' (q/k/v only)")
     if cfg.family == "mistral":
         kw["sliding_window"] = cfg.sliding_window
     if cfg.family == "qwen2":

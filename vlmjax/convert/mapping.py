@@ -17,8 +17,12 @@ from vlmjax.models.config import LLMConfig, VisionConfig, VLMConfig
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
+    """`hf_shape(our_shape)` is the exact shape the HF tensor must have: import checks it before converting, because
+    a reshape by element count would accept a transposed non-square weight and load garbage."""
+
     to_ours: Callable[[np.ndarray], np.ndarray]
     to_hf: Callable[[np.ndarray], np.ndarray]
+    hf_shape: Callable[[tuple[int, ...]], tuple[int, ...]] = lambda ours: ours
 
 
 IDENTITY = Layout(lambda w: w, lambda w: w)
@@ -28,13 +32,15 @@ def linear(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> Layout:
     """HF nn.Linear weight (out, in) <-> our kernel (*in_shape, *out_shape)."""
     n_in, n_out = int(np.prod(in_shape)), int(np.prod(out_shape))
     return Layout(
-        lambda w: w.reshape(n_out, n_in).T.reshape(in_shape + out_shape),
+        lambda w: w.T.reshape(in_shape + out_shape),
         lambda k: np.ascontiguousarray(k.reshape(n_in, n_out).T),
+        lambda _: (n_out, n_in),
     )
 
 
 def reshape(shape: tuple[int, ...]) -> Layout:
-    return Layout(lambda w: w.reshape(shape), lambda w: w.reshape(-1))
+    n = int(np.prod(shape))
+    return Layout(lambda w: w.reshape(shape), lambda w: w.reshape(-1), lambda _: (n,))
 
 
 def patch_conv(p: int, c: int, d: int) -> Layout:
@@ -42,6 +48,7 @@ def patch_conv(p: int, c: int, d: int) -> Layout:
     return Layout(
         lambda w: np.ascontiguousarray(w.transpose(2, 3, 1, 0).reshape(p * p * c, d)),
         lambda k: np.ascontiguousarray(k.reshape(p, p, c, d).transpose(3, 2, 0, 1)),
+        lambda _: (d, c, p, p),
     )
 
 
@@ -76,6 +83,8 @@ def llm_rules(cfg: LLMConfig, ours: tuple[str, ...], model_prefix: str, head_nam
     if cfg.attention_bias:
         for name, heads in (("q_proj", h), ("k_proj", k), ("v_proj", k)):
             rules.append(Rule(L + ("self_attn", name, "bias"), lay + f"self_attn.{name}.bias", reshape((heads, hd))))
+    if cfg.o_proj_bias:
+        rules.append(Rule(L + ("self_attn", "o_proj", "bias"), lay + "self_attn.o_proj.bias"))
     if not cfg.tie_word_embeddings:
         rules.append(Rule(ours + ("lm_head", "kernel"), head_name, linear((d,), (cfg.vocab_size,))))
     return rules

@@ -35,6 +35,7 @@ class LLMConfig:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # Qwen2: q/k/v biases
+    o_proj_bias: bool = False  # HF Llama's attention_bias=True biases o_proj too (Qwen2 does not)
     hidden_act: str = "silu"
     sliding_window: int | None = None  # Mistral; recorded for export, not applied (see README limits)
     family: str = "llama"  # llama | mistral | qwen2: the HF architecture to export to

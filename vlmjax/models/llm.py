@@ -61,7 +61,7 @@ class Attention(nnx.Module):
         self.q_proj = Linear((d,), (h, hd), ("embed", "heads", "head_dim"), use_bias=cfg.attention_bias, **kw)
         self.k_proj = Linear((d,), (k, hd), ("embed", "kv_heads", "head_dim"), use_bias=cfg.attention_bias, **kw)
         self.v_proj = Linear((d,), (k, hd), ("embed", "kv_heads", "head_dim"), use_bias=cfg.attention_bias, **kw)
-        self.o_proj = Linear((h, hd), (d,), ("heads", "head_dim", "embed"), **kw)
+        self.o_proj = Linear((h, hd), (d,), ("heads", "head_dim", "embed"), use_bias=cfg.o_proj_bias, **kw)
         self.impl = cfg.attention_impl
 
     def _qkv(self, x_btd, positions_bt, inv_freq, fused=None):

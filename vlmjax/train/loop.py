@@ -175,19 +175,20 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
         save_params(trainable, os.path.join(workdir, "trainable.safetensors"))
     summary = {"steps": steps, "start": start, "history": history, "model": model, "config": vcfg, "tokenizer": tokenizer}
     if config.get("export_dir"):
-        summary["export_dir"] = export(model, config.export_dir, tokenizer)
+        summary["export_dir"] = export(model, config.export_dir, tokenizer, image_spec=data_cfg.image)
     return summary
 
 
-def export(model, out_dir: str, tokenizer=None) -> str:
-    """Merge LoRA adapters into a copy and write an HF folder through the conversion code."""
+def export(model, out_dir: str, tokenizer=None, image_spec=None) -> str:
+    """Merge LoRA adapters into a copy and write an HF folder (with the HF processor for `image_spec`, the
+    preprocessing trained with) through the conversion code."""
     from vlmjax.convert.hf import save_vlm
     from vlmjax.models.lora import merge_lora
 
     model = copy.deepcopy(model) if _has_lora(model) else model
     merge_lora(model)
     if jax.process_index() == 0:
-        save_vlm(model, out_dir, tokenizer=tokenizer)
+        save_vlm(model, out_dir, tokenizer=tokenizer, image_spec=image_spec)
     return out_dir
 
 
