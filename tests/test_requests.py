@@ -211,13 +211,14 @@ def test_preference_interleaved_and_tfds_sources(tmp_path, tok):
     spec = SourceSpec(format="preference", path=str(tmp_path / "pairs.json"), image_root=str(tmp_path / "imgs"))
     enc = Encoder(tok, tiny_cfg())
     chosen, rejected = requests_from_source(spec, role="score")
-    assert (chosen.id, rejected.id, chosen.meta["side"], chosen.meta["score"]) == ("p/chosen", "p/rejected", "chosen", 2)
+    assert (chosen.id, rejected.id) == ("p/chosen", "p/rejected")
+    assert chosen.meta == {"image": "0.png", "score": 2, "side": "chosen"}
     assert tok.decode(np.asarray(enc.scored(rejected).ids)[enc.scored(rejected).target]) == "Red.<|im_end|>"
     (prompt,) = requests_from_source(spec, role="generate")
     assert prompt.prompt_messages() == [{"role": "user", "content": "<image>\nColour?"}]
 
-    docs = [{"id": "d", "text_list": ["One.", "Two."], "image_info": [{"image_name": "1.png", "matched_text_index": 1}]}]
-    (tmp_path / "docs.jsonl").write_text(json.dumps(docs[0]) + "\n")
+    doc = {"id": "d", "text_list": ["One.", "Two."], "image_info": [{"image_name": "1.png", "matched_text_index": 1}]}
+    (tmp_path / "docs.jsonl").write_text(json.dumps(doc) + "\n")
     spec = SourceSpec(format="interleaved", path=str(tmp_path / "docs.jsonl"), image_root=str(tmp_path / "imgs"))
     (doc,) = requests_from_source(spec, role="score")
     e = enc.scored(doc, which="all")
@@ -251,3 +252,50 @@ def test_preference_interleaved_and_tfds_sources(tmp_path, tok):
     assert sorted(r.id for r in reqs) == ["t0", "t1"]
     e = enc.scored(next(r for r in reqs if r.id == "t1"))
     assert tok.decode(np.asarray(e.ids)[e.target]) == "Square 1.<|im_end|>" and e.pixels.shape == (1, 16, 16, 3)
+
+
+@pytest.mark.parametrize("which, extra, message", [
+    ("generate", ["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+    ("generate", ["--max-new-tokens", "-5"], "argument --max-new-tokens: must be >= 1, got -5"),
+    ("generate", ["--top-p", "1.5"], "argument --top-p: must be in (0, 1]"),
+    ("generate", ["--mesh", "a,b"], "argument --mesh: expected data,fsdp,tensor sizes"),
+    ("generate", ["--image-folder", "{tmp}/nowhere", "--prompt", "Hi"], "--image-folder {tmp}/nowhere: no such folder"),
+    ("generate", ["--data", "{tmp}/d.json", "--image-folder", "{tmp}/nowhere"], "image root {tmp}/nowhere is not"),
+    ("generate", ["--data", "{tmp}/none.json"], "--data {tmp}/none.json: no such file"),
+    ("generate", ["--data", "{tmp}/d.json", "--mesh", "{too_many}"], "needs {too_many} devices, have"),
+    ("eval", ["vqav2"], "vqav2 needs --questions"),
+    ("eval", ["--n", "0", "easy_vqa"], "argument --n: must be >= 1, got 0"),
+    ("eval", ["pope", "--file", "{tmp}/d.json", "--images", "{tmp}/nowhere"], "--images {tmp}/nowhere: no such folder"),
+    ("eval", ["textvqa", "--file", "{tmp}/d.json", "--images", "{tmp}"], "textvqa: cannot read its files"),
+])
+def test_cli_arguments_fail_with_one_clear_line(tmp_path, capsys, which, extra, message):
+    """Nonsense arguments are one `prog: error:` line (exit 2), before any model loads (--model is an empty folder)."""
+    import jax
+
+    from vlmjax.eval.__main__ import main as eval_main
+    from vlmjax.generate.__main__ import main as gen_main
+
+    (tmp_path / "d.json").write_text(json.dumps([{"id": "a", "conversations": [{"from": "human", "value": "Q"}]}]))
+    fill = lambda s: s.format(tmp=tmp_path, too_many=jax.device_count() + 1)
+    base = ["--model", str(tmp_path), "--out", str(tmp_path / "o")]
+    argv, main = base, eval_main
+    if which == "generate":
+        own_source = "--data" in extra or "--prompt" in extra
+        argv, main = base + ([] if own_source else ["--data", str(tmp_path / "d.json")]), gen_main
+    with pytest.raises(SystemExit) as e:
+        main(argv + [fill(x) for x in extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and fill(message) in err[-1] and err[-1].startswith(f"python -m vlmjax.{which}: error:")
+    assert "Traceback" not in "\n".join(err)
+
+
+@pytest.mark.parametrize("module", ["generate", "eval"])
+def test_cli_help_has_a_prog_and_help_on_every_flag(module, capsys):
+    import importlib
+
+    parser = importlib.import_module(f"vlmjax.{module}.__main__").parser()
+    assert parser.prog == f"python -m vlmjax.{module}"
+    assert all(a.help for a in parser._actions), [a.dest for a in parser._actions if not a.help]
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(["--help"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith(f"usage: python -m vlmjax.{module}")
