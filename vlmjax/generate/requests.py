@@ -122,6 +122,20 @@ def _build(ex: formats.Example, fmt: str, role: str, prompt: str | None) -> list
     return [("", _with_prompt(prompt, len(ex.images)) + (replies if role == "score" else []), {}, meta)]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Inline:
+    """An image stored inside its record (TFDS bytes, arrays): re-read when encoded, so a list of requests over
+    millions of records does not hold every image in memory."""
+
+    records: Any
+    index: int
+    parse: Any
+    j: int
+
+    def load(self):
+        return self.parse(self.records[self.index]).images[self.j]
+
+
 def requests_from_source(spec, *, role: Literal["generate", "score"] = "generate", prompt: str | None = None,
                          on_bad_sample: str | BadSamplePolicy = "skip", limit: int | None = None) -> list[Request]:
     """A `vlmjax.data.pipeline.SourceSpec` -> requests, parsed as the trainer parses it (see module docstring).
@@ -153,9 +167,10 @@ def requests_from_source(spec, *, role: Literal["generate", "score"] = "generate
                 raise BadSample(BAD_RECORD, getattr(record, "message", f"record is a {type(record).__name__}"))
             sample_id = formats.record_id(record) or sample_id
             ex = parse(record)
+            images = [ref if isinstance(ref, str) else _Inline(records, index, parse, j)
+                      for j, ref in enumerate(ex.images)]
             for suffix, messages, over, meta in _build(ex, spec.format, role, prompt):
-                out.append(Request(sample_id + suffix, messages, list(ex.images), meta, source=name, store=store,
-                                   **over))
+                out.append(Request(sample_id + suffix, messages, images, meta, source=name, store=store, **over))
         except BadSample as e:
             e = e.with_context(sample_id, name)
             if policy.on_bad_sample == "error":
@@ -246,6 +261,8 @@ class Encoder:
         loaded = []
         for img in req.images:
             name = img if isinstance(img, str) else f"{req.id}"
+            if isinstance(img, _Inline):
+                img = img.load()
             if req.store is not None:
                 img = resolve_image(img, req.store)
             loaded.append(load_image(self.source_image(req, img), self.image_spec, name=name))
