@@ -114,6 +114,14 @@ def test_bad_records_and_missing_images_are_written_and_counted(tmp_path, tok, m
     with pytest.raises(SystemExit) as e:
         cli_main.main(argv + ["--on-bad-sample", "error"])
     assert e.value.code == 2 and "sample 'role'" in capsys.readouterr().err
+    # ...and at the first image that cannot be read, with rc 1 and one line
+    clean = tmp_path / "clean.jsonl"
+    clean.write_bytes(b"".join(line for line in path.read_bytes().splitlines(keepends=True) if b'"gone"' in line))
+    argv = ["--model", str(tmp_path), "--data", str(clean), "--image-folder", str(imgs), "--on-bad-sample", "error",
+            "--out", str(tmp_path / "strict.jsonl")]
+    assert cli_main.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("python -m vlmjax.generate: error: [missing_image]") and "sample 'gone'" in err
 
 
 def test_json_list_with_bad_json_names_the_file_under_both_policies(tmp_path, tok):

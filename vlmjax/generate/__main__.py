@@ -113,7 +113,8 @@ def main(argv=None) -> int:
         stats = generate_dataset(model, tok, requests, args.out, config, batch_size=args.batch_size,
                                  encoder=encoder, mesh=mesh)
     except StopOnBadSample as e:
-        print(f"{p.prog}: error: {e} (outputs so far are kept in {args.out})", file=sys.stderr)
+        # on a line of its own: the progress bar's line is left open when the run stops
+        print(f"\n{p.prog}: error: {e} (outputs so far are kept in {args.out})", file=sys.stderr)
         return 1
     errors = sum("error" in r for r in read_jsonl(args.out).values())
     if errors:
