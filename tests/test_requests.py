@@ -307,3 +307,43 @@ def test_cli_help_has_a_prog_and_help_on_every_flag(module, capsys):
     with pytest.raises(SystemExit) as e:
         parser.parse_args(["--help"])
     assert e.value.code == 0 and capsys.readouterr().out.startswith(f"usage: python -m vlmjax.{module}")
+
+
+def readme_commands(prefix):
+    """The README's `prefix ...` command lines (backslash continuations joined)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text().replace("\\\n", " ")
+    return [line.strip() for line in text.splitlines() if line.strip().startswith(prefix)]
+
+
+def test_readme_generation_commands_run_verbatim(tmp_path, tok, monkeypatch, capsys):
+    """Each documented `python -m vlmjax.generate` line, argument for argument, on files named as in the README
+    (the model loader is stubbed with a tiny random VLM; loading itself is tested in test_generate)."""
+    import shlex
+
+    from test_generate import smol_vlm
+
+    from vlmjax.generate import __main__ as cli_main
+    from vlmjax.generate import loading
+
+    commands = readme_commands("python -m vlmjax.generate")
+    assert len(commands) == 3
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "HF_LLAVA_DIR").mkdir()
+    (tmp_path / "model.gguf").write_bytes(b"")
+    (tmp_path / "IMGS").mkdir()
+    (tmp_path / "IMGS" / "a.png").write_bytes(png(0))
+    (tmp_path / "llava.json").write_text(json.dumps([{"id": "q", "image": "a.png", "conversations": [
+        {"from": "human", "value": "What is it?"}]}]))
+    (tmp_path / "shards").mkdir()
+    write_shard(tmp_path / "shards" / "000.tar", ["img/0.png", "img/1.png"])
+    (tmp_path / "caps.jsonl").write_text("".join(json.dumps({"id": f"c{i}", "image": f"img/{i}.png", "caption": "A."})
+                                                 + "\n" for i in range(2)))
+    model = smol_vlm()
+    monkeypatch.setattr(loading, "load_model", lambda *a, **kw: (model, model.cfg, tok))
+    for command in commands:
+        argv = shlex.split(command)[3:]
+        assert cli_main.main(argv) == 0, command
+        summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert summary["written"] >= 1 and summary["errors"] == 0, (command, summary)
