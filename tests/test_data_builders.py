@@ -52,6 +52,7 @@ def test_easy_vqa_cli(tmp_path):
     result = subprocess.run([sys.executable, "-m", "vlmjax.data.easy_vqa", "--out", str(tmp_path), "--splits", "test",
                              "--limit", "3"], capture_output=True, text=True, check=True)
     assert json.loads(result.stdout)["test"]["images"] == 3
+    assert "easy-vqa test" in result.stderr and "3/3" in result.stderr  # a progress bar (on stderr)
     assert sorted(os.listdir(tmp_path / "images" / "test")) == ["0.png", "1.png", "2.png"]
 
 
@@ -89,3 +90,16 @@ def test_openclipart_build(tmp_path):
         assert os.path.isfile(os.path.join(root, row["image"])) and row["caption"].startswith("Clip art of ")
         parse_caption(row)
     assert sum(bool(r["keywords"]) for r in rows) >= 10
+
+
+def test_openclipart_build_on_a_small_tree_shows_progress(tmp_path, capsys):
+    from PIL import Image
+
+    (tmp_path / "root" / "png" / "a").mkdir(parents=True)
+    (tmp_path / "root" / "svg" / "a").mkdir(parents=True)
+    for name in ("red_bicycle", "tree_2"):
+        Image.new("RGB", (4, 4)).save(tmp_path / "root" / "png" / "a" / f"{name}.png")
+    (tmp_path / "root" / "svg" / "a" / "red_bicycle.svg").write_bytes(SVG)
+    stats = openclipart.build(str(tmp_path / "out"), root=str(tmp_path / "root"))
+    assert stats == {"images": 2, "with_metadata": 1, "duplicates": 0}
+    assert "openclipart: 2image" in capsys.readouterr().err  # a progress bar (no total without --limit)

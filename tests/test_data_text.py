@@ -139,3 +139,37 @@ def test_document_truncation_drops_whole_trailing_images(tok):
         assert enc.num_images == 1 and enc.ids.tolist() == full.ids[:cut].tolist()
     enc = proc(cut + 5).encode(doc, [1, 1], document=True)
     assert enc.num_images == 2 and enc.ids.tolist() == full.ids[:cut + 5].tolist()
+
+
+def test_environment_errors_in_chat_templates_propagate(tok):
+    """A missing jinja2 (transformers raises ImportError from apply_chat_template) is the environment's fault: it must
+    stop the run, not become a `bad_turns` verdict that the skip policy counts as bad data (issue 14.2)."""
+    from vlmjax.data.errors import BadSamplePolicy
+    from vlmjax.data.image import ImageSpec
+    from vlmjax.data.transform import SampleTransform
+
+    class NoJinja:
+        chat_template = tok.chat_template
+
+        def apply_chat_template(self, *a, **kw):
+            raise ImportError("apply_chat_template requires jinja2 to be installed.")
+
+    with pytest.raises(ImportError, match="jinja2"):
+        HFTemplate(NoJinja()).render(CONV)
+    with pytest.raises(ImportError, match="jinja2"):
+        HFTemplate(NoJinja()).split(CONV)
+    # ...also through the training transform under the skip policy (which turns BadSamples into skips)
+    text = TextProcessor(tok, TextSpec(template="hf"), 4, 256)
+    text.template = HFTemplate(NoJinja())
+    transform = SampleTransform(fmt="llava", source_name="x.json", image_root=None, image_spec=ImageSpec(),
+                                text=text, policy=BadSamplePolicy("skip"), max_images=4)
+    record = {"id": "a", "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}
+    with pytest.raises(ImportError, match="jinja2"):
+        transform((0, record))
+    # a template that refuses a conversation is still a bad sample
+    class Refuses(NoJinja):
+        def apply_chat_template(self, *a, **kw):
+            raise ValueError("Conversation roles must alternate")
+
+    with pytest.raises(BadSample, match="bad_turns"):
+        HFTemplate(Refuses()).split(CONV)

@@ -20,6 +20,8 @@ import os
 import re
 import shutil
 
+from tqdm.auto import tqdm
+
 from vlmjax.data.assets import easy_vqa_data_dir
 
 SHAPES = ("circle", "rectangle", "triangle")
@@ -71,7 +73,8 @@ def _wrong_answer(answer: str, variant: int) -> str:
     raise ValueError(f"unknown answer {answer!r}")
 
 
-def build_split(split: str, out: str, limit: int | None = None, src: str | None = None) -> dict[str, int]:
+def build_split(split: str, out: str, limit: int | None = None, src: str | None = None,
+                progress: bool = True) -> dict[str, int]:
     src = src or easy_vqa_data_dir()
     with open(os.path.join(src, split, "questions.json")) as f:
         questions = json.load(f)
@@ -82,7 +85,7 @@ def build_split(split: str, out: str, limit: int | None = None, src: str | None 
     os.makedirs(os.path.join(out, "images", split), exist_ok=True)
     conversations, captions, pairs = [], [], []
     stats = {"images": 0, "captions": 0, "questions": 0, "shape_unknown": 0, "color_unknown": 0}
-    for n in image_ids:
+    for n in tqdm(image_ids, desc=f"easy-vqa {split}", unit="image", disable=not progress):
         rel = f"{split}/{n}.png"
         shutil.copyfile(os.path.join(src, split, "images", f"{n}.png"), os.path.join(out, "images", rel))
         attrs = infer_attributes(by_image[n])
@@ -114,16 +117,18 @@ def build_split(split: str, out: str, limit: int | None = None, src: str | None 
     return stats
 
 
-def build(out: str, splits=("train", "test"), limit: int | None = None) -> dict[str, dict[str, int]]:
-    """Writes the dataset under `out`; returns per-split counts."""
+def build(out: str, splits=("train", "test"), limit: int | None = None, progress: bool = True
+          ) -> dict[str, dict[str, int]]:
+    """Writes the dataset under `out` (a progress bar per split unless `progress=False`); returns per-split counts."""
     os.makedirs(out, exist_ok=True)
-    return {split: build_split(split, out, limit) for split in splits}
+    return {split: build_split(split, out, limit, progress=progress) for split in splits}
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m vlmjax.data.easy_vqa", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--splits", nargs="+", default=["train", "test"], choices=["train", "test"])
+    parser.add_argument("--splits", nargs="+", default=["train", "test"], choices=["train", "test"],
+                        help="splits to build (default: train test)")
     parser.add_argument("--limit", type=int, default=None, help="first N images per split (for quick tests)")
     args = parser.parse_args(argv)
     print(json.dumps(build(args.out, args.splits, args.limit), indent=1))

@@ -101,8 +101,9 @@ def _place_images(messages: list[dict], n_images: int) -> None:
         raise BadSample(IMAGE_COUNT, f"{count} {PLACEHOLDER} placeholders for {n_images} images")
 
 
-def parse_llava(record: dict) -> Example:
-    """{"id", "image" | "images", "conversations": [{"from": "human" | "gpt" | "system", "value"}]}."""
+def parse_llava(record: dict, needs_reply: bool = True) -> Example:
+    """{"id", "image" | "images", "conversations": [{"from": "human" | "gpt" | "system", "value"}]}.
+    `needs_reply=False` accepts a conversation that ends with a user turn (a generation prompt)."""
     turns = record.get("conversations", record.get("messages"))
     if isinstance(turns, (str, bytes)):  # conversations stored as a JSON string (e.g. a TFDS Text feature)
         try:
@@ -118,7 +119,7 @@ def parse_llava(record: dict) -> Example:
         raise BadSample(EMPTY_CONVERSATION, "an assistant turn is empty")
     images = _images(record, "images", "image")
     _place_images(messages, len(images))
-    check_turns(messages)
+    check_turns(messages, needs_reply=needs_reply)
     return Example(record_id(record), messages, images)
 
 

@@ -20,15 +20,25 @@ from vlmjax.data.errors import BAD_RECORD, MISSING_IMAGE, BadSample
 
 
 class FolderStore:
-    """Paths relative to `root` (absolute paths pass through)."""
+    """Paths relative to `root`. With a root, a path that is absolute or climbs out of it ("../../x.png") is a bad
+    sample: annotation files are untrusted input and must not read arbitrary files. The check is lexical, so
+    symlinks inside the root (a common way to assemble image folders) are followed. Without a root (inline or
+    absolute images), paths are taken as given."""
 
     def __init__(self, root: str | os.PathLike | None):
         self.root = None if root is None else os.fspath(root)
 
     def read(self, name: str):
-        path = name if self.root is None else os.path.join(self.root, name)
+        if self.root is None:
+            path = name
+        else:
+            rel = os.path.normpath(name)
+            if os.path.isabs(name) or rel == ".." or rel.startswith(".." + os.sep):
+                raise BadSample(BAD_RECORD, f"image path {name!r} is outside the image root {self.root} "
+                                            "(absolute or climbing out with '..')")
+            path = os.path.join(self.root, rel)
         if not os.path.isfile(path):
-            raise BadSample(MISSING_IMAGE, f"image not found: {path}")
+            raise BadSample(MISSING_IMAGE, f"image file not found: {path}")
         return path
 
     def __repr__(self):
@@ -52,23 +62,26 @@ class TarStore:
     def _build_index(self) -> dict[str, tuple[int, int, int]]:
         index = {}
         for i, shard in enumerate(self.shards):
-            with tarfile.open(shard, mode="r:") as tar:  # "r:" refuses compressed shards, which cannot seek
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    if member.name in index:
-                        raise ValueError(f"image {member.name!r} is in both {self.shards[index[member.name][0]]} "
-                                         f"and {shard}")
-                    index[member.name] = (i, member.offset_data, member.size)
+            for member in _members(shard):
+                if not member.isfile():
+                    continue
+                if member.name in index:
+                    raise ValueError(f"image {member.name!r} is in both {self.shards[index[member.name][0]]} "
+                                     f"and {shard}")
+                index[member.name] = (i, member.offset_data, member.size)
         return index
 
-    def read(self, name: str) -> bytes:
+    def index(self) -> dict[str, tuple[int, int, int]]:
+        """name -> (shard, offset, size); built on first use (call it early to fail before a long run starts)."""
         if self._index is None:
             with self._lock:
                 if self._index is None:
                     self._index = self._build_index()
+        return self._index
+
+    def read(self, name: str) -> bytes:
         try:
-            shard, offset, size = self._index[name]
+            shard, offset, size = self.index()[name]
         except KeyError:
             raise BadSample(MISSING_IMAGE, f"image {name!r} not in tar shards {self.shards[:3]}...") from None
         fd = self._fds.get(shard)
@@ -87,6 +100,25 @@ class TarStore:
 
     def __repr__(self):
         return f"TarStore({len(self.shards)} shards)"
+
+
+_COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+
+
+def _members(shard: str):
+    """The members of an uncompressed tar shard. A compressed one cannot be read by offset: say so, naming it
+    (tarfile's own "invalid header" names neither the file nor the cause)."""
+    with open(shard, "rb") as f:
+        magic = f.read(6)
+    kind = next((k for m, k in _COMPRESSED.items() if magic.startswith(m)), None)
+    if kind is not None:
+        raise tarfile.ReadError(f"tar shard {shard} is {kind}-compressed; image shards are read by offset and must "
+                                "be plain (uncompressed) tar files: decompress it to a plain .tar")
+    try:
+        with tarfile.open(shard, mode="r:") as tar:
+            yield from tar
+    except tarfile.ReadError as e:
+        raise tarfile.ReadError(f"tar shard {shard} cannot be read as an uncompressed tar: {e}") from None
 
 
 def open_image_store(root) -> FolderStore | TarStore:

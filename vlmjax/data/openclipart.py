@@ -18,6 +18,8 @@ import json
 import os
 import xml.etree.ElementTree as ET
 
+from tqdm.auto import tqdm
+
 DEFAULT_ROOT = "/usr/share/openclipart"
 
 
@@ -67,12 +69,13 @@ def _fallback_title(rel: str) -> str:
     return stem.rsplit("_", 1)[0] if stem.rsplit("_", 1)[-1].isdigit() else stem
 
 
-def build(out: str, root: str = DEFAULT_ROOT, limit: int | None = None) -> dict[str, int]:
+def build(out: str, root: str = DEFAULT_ROOT, limit: int | None = None, progress: bool = True) -> dict[str, int]:
     png_root, svg_root = os.path.join(root, "png"), os.path.join(root, "svg")
     if not os.path.isdir(png_root):
         raise FileNotFoundError(f"{png_root} not found: apt-get install openclipart-png openclipart-svg")
     seen, rows = set(), []
     stats = {"images": 0, "with_metadata": 0, "duplicates": 0}
+    bar = tqdm(desc="openclipart", unit="image", total=limit, disable=not progress)
     for dirpath, dirnames, filenames in os.walk(png_root):
         dirnames.sort()
         for filename in sorted(filenames):
@@ -92,10 +95,12 @@ def build(out: str, root: str = DEFAULT_ROOT, limit: int | None = None) -> dict[
                          "caption": make_caption(meta["title"], meta["keywords"], _fallback_title(rel)),
                          "title": meta["title"], "keywords": meta["keywords"]})
             stats["images"] += 1
+            bar.update()
             if limit is not None and len(rows) >= limit:
                 break
         if limit is not None and len(rows) >= limit:
             break
+    bar.close()
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "captions.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -105,10 +110,10 @@ def build(out: str, root: str = DEFAULT_ROOT, limit: int | None = None) -> dict[
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--root", default=DEFAULT_ROOT)
-    parser.add_argument("--limit", type=int, default=None)
+    parser = argparse.ArgumentParser(prog="python -m vlmjax.data.openclipart", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="output folder (captions.jsonl, source.json)")
+    parser.add_argument("--root", default=DEFAULT_ROOT, help=f"openclipart install (default: {DEFAULT_ROOT})")
+    parser.add_argument("--limit", type=int, default=None, help="first N images (for quick tests)")
     args = parser.parse_args(argv)
     print(json.dumps(build(args.out, args.root, args.limit), indent=1))
 

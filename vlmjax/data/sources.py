@@ -45,8 +45,12 @@ class JsonRecords:
                             pos += len(line)
                     self._offsets = np.asarray(offsets, np.int64).reshape(-1, 2)
                 elif not self.jsonl and self._records is None:
-                    with open(self.path, encoding="utf-8") as f:
-                        records = json.load(f)
+                    try:
+                        with open(self.path, encoding="utf-8") as f:
+                            records = json.load(f)
+                    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError: one bad byte spoils the list
+                        raise ValueError(f"{self.path} is not a valid JSON file ({type(e).__name__}: {e}); "
+                                         "a .json source is one list, so no record of it can be read") from None
                     if not isinstance(records, list):
                         raise ValueError(f"{self.path}: expected a JSON list of records")
                     self._records = records

@@ -19,12 +19,17 @@ from vlmjax.data.errors import BAD_TURNS, UNKNOWN_ROLE, BadSample
 Chunk = tuple[str, bool]
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 
+# Failures of the environment, not of the conversation (a missing jinja2, an unreadable template file): they must
+# stop the run, not turn every sample into a `bad_turns` skip.
+ENVIRONMENT_ERRORS = (ImportError, OSError, MemoryError)
+
 LLAVA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                 "The assistant gives helpful, detailed, and polite answers to the human's questions.")
 
 
-def check_turns(messages: Sequence[Message]) -> None:
-    """Optional leading system message, then user/assistant alternating, starting with user, ending with assistant."""
+def check_turns(messages: Sequence[Message], *, needs_reply: bool = True) -> None:
+    """Optional leading system message, then user/assistant alternating, starting with user, ending with assistant
+    (or, with `needs_reply=False`, a generation prompt: ending with a user turn allowed)."""
     if not messages:
         raise BadSample(BAD_TURNS, "no messages")
     body = messages[1:] if messages[0]["role"] == "system" else messages
@@ -35,7 +40,7 @@ def check_turns(messages: Sequence[Message]) -> None:
         expected = "user" if i % 2 == 0 else "assistant"
         if m["role"] != expected:
             raise BadSample(BAD_TURNS, f"turn {i} is {m['role']!r}, expected {expected!r} (turns must alternate)")
-    if not body or body[-1]["role"] != "assistant":
+    if not body or (needs_reply and body[-1]["role"] != "assistant"):
         raise BadSample(BAD_TURNS, "conversation does not end with an assistant turn")
 
 
@@ -143,7 +148,9 @@ class HFTemplate:
         chunks = [(self._MARKER.sub(fill, text), trained) for text, trained in skeleton]
         try:
             full = self._render(messages)
-        except Exception:
+        except ENVIRONMENT_ERRORS:
+            raise
+        except Exception:  # noqa: BLE001 - split() below renders again and names the failing turn
             full = None
         if full is not None and "".join(text for text, _ in chunks) == full:
             return [c for c in chunks if c[0]]
@@ -160,6 +167,8 @@ class HFTemplate:
                 done = header
             try:
                 text = self._render(messages[: i + 1])
+            except ENVIRONMENT_ERRORS:
+                raise
             except Exception as e:  # templates raise on conversations they do not support (jinja raise_exception)
                 raise BadSample(BAD_TURNS, f"chat template cannot render turn {i}: {e}") from None
             new = self._extend(done, text, i)
@@ -167,6 +176,8 @@ class HFTemplate:
                 # Templates without a generation prompt put the role header here: find it with a probe reply.
                 try:
                     probe = self._render(list(messages[:i]) + [{"role": "assistant", "content": "\ue002"}])
+                except ENVIRONMENT_ERRORS:
+                    raise
                 except Exception:  # noqa: BLE001 - no probe, no header split
                     probe = ""
                 if probe.startswith(done) and "\ue002" in probe:

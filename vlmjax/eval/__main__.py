@@ -20,6 +20,20 @@ import json
 
 from vlmjax.eval import tasks
 from vlmjax.eval.runner import evaluate, format_table
+from vlmjax.generate import cli
+
+TASKS = ("easy_vqa", "vqav2", "textvqa", "scienceqa", "mmbench", "pope", "coco_captions", "llava_jsonl")
+# What each task reads, checked before the model loads: flag -> "file" | "dir".
+NEEDS = {
+    "easy_vqa": {},
+    "vqav2": {"questions": "file", "annotations": "file", "images": "dir"},
+    "textvqa": {"file": "file", "images": "dir"},
+    "scienceqa": {"file": "file", "images": "dir"},
+    "mmbench": {"file": "file"},
+    "pope": {"file": "file", "images": "dir"},
+    "coco_captions": {"file": "file", "images": "dir"},
+    "llava_jsonl": {"file": "file"},  # --images optional: image paths are then taken as given
+}
 
 
 def build_task(a) -> tasks.Task:
@@ -37,34 +51,53 @@ def build_task(a) -> tasks.Task:
         return tasks.pope(a.file, a.images, limit=a.n)
     if a.task == "coco_captions":
         return tasks.coco_captions(a.file, a.images, split=a.split or "test", limit=a.n)
-    return tasks.llava_jsonl(a.file, a.images, a.kind, limit=a.n)
+    return tasks.llava_jsonl(a.file, a.images or "", a.kind, limit=a.n)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m vlmjax.eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="HF LLaVA folder (or causal LM folder / .gguf for text tasks)")
+    p.add_argument("--out", required=True, help="output folder (predictions, results, scored samples)")
+    p.add_argument("--batch-size", type=cli.positive_int, default=16, help="rows per batch (default: 16)")
+    p.add_argument("--max-new-tokens", type=cli.positive_int, default=None,
+                   help="tokens per answer (default: the task kind's, e.g. 16 for vqa)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight dtype")
+    p.add_argument("task", choices=TASKS, help="benchmark (layouts: vlmjax/eval/tasks.py)")
+    p.add_argument("--file", help="the task's main file (all but easy_vqa and vqav2)")
+    p.add_argument("--questions", help="vqav2: the official questions JSON")
+    p.add_argument("--annotations", help="vqav2: the official annotations JSON")
+    p.add_argument("--images", help="image folder (vqav2, textvqa, scienceqa, pope, coco_captions; llava_jsonl)")
+    p.add_argument("--pid-splits", help="scienceqa: pid_splits.json (default: the split field of problems.json)")
+    p.add_argument("--split", default=None, help="easy_vqa / scienceqa / coco_captions (Karpathy) split "
+                   "(default: test)")
+    p.add_argument("--kind", default="vqa", choices=["vqa", "mc", "yesno", "caption"],
+                   help="llava_jsonl: how answers are scored (default: vqa)")
+    p.add_argument("--n", type=cli.positive_int, default=None,
+                   help="first N samples (easy_vqa: N spread over the split)")
+    p.add_argument("--dar", action="store_true", help="describe-and-respond: the model describes each image first and "
+                   "answers with its description before the question (STIC)")
+    p.add_argument("--dar-max-new-tokens", type=cli.positive_int, default=256,
+                   help="--dar: tokens per description (default: 256)")
+    return p
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="HF LLaVA folder (or causal LM folder / .gguf for text tasks)")
-    p.add_argument("--out", required=True, help="output folder (predictions, results, scored samples)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("task", choices=["easy_vqa", "vqav2", "textvqa", "scienceqa", "mmbench", "pope", "coco_captions",
-                                    "llava_jsonl"])
-    p.add_argument("--file", help="the task's main file")
-    p.add_argument("--questions")
-    p.add_argument("--annotations")
-    p.add_argument("--images", help="image folder")
-    p.add_argument("--pid-splits", help="ScienceQA pid_splits.json")
-    p.add_argument("--split", default=None)
-    p.add_argument("--kind", default="vqa", choices=["vqa", "mc", "yesno", "caption"], help="for llava_jsonl")
-    p.add_argument("--n", type=int, default=None, help="first N samples (easy_vqa: N spread over the split)")
-    p.add_argument("--dar", action="store_true", help="describe-and-respond: the model describes each image first and "
-                   "answers with its description before the question (STIC)")
-    p.add_argument("--dar-max-new-tokens", type=int, default=256)
+    p = parser()
     a = p.parse_args(argv)
+    for flag, kind in NEEDS[a.task].items():
+        if getattr(a, flag) is None:
+            p.error(f"{a.task} needs --{flag}")
+    cli.require_paths(p, model=(a.model, "exists"), file=(a.file, "file"), questions=(a.questions, "file"),
+                      annotations=(a.annotations, "file"), images=(a.images, "dir"),
+                      pid_splits=(a.pid_splits, "file"))
+    try:
+        task = build_task(a)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # a file not in the benchmark's layout
+        p.error(f"{a.task}: cannot read its files ({type(e).__name__}: {e})")
 
     from vlmjax.generate.loading import load_model
 
-    task = build_task(a)
     model, _, tok = load_model(a.model, dtype=a.dtype)
     if a.dar:
         from vlmjax.recipes.stic.dar import dar_task

@@ -5,6 +5,8 @@
                     pixel_values=px, image_rows=rows, tokenizer=tok)
 
     generate_dataset(model, tok, llava_requests("data.json", "images/"), "out.jsonl", config)   # resumable
+    reqs = requests_from_source(SourceSpec(format="caption", path="caps.jsonl", image_root="shards/*.tar"),
+                                role="generate", prompt="Describe the image.")            # what training reads
 
 `simple.greedy_generate` is the uncached reference loop the engine is tested against.
 """
@@ -12,11 +14,13 @@
 from vlmjax.generate.dataset import generate_dataset, sample_keys
 from vlmjax.generate.engine import Generation, GenerationConfig, generate, unpad_left
 from vlmjax.generate.loading import load_model, load_tokenizer
-from vlmjax.generate.requests import Encoder, Request, collate_images, default_eos_ids, folder_requests, llava_requests
+from vlmjax.generate.requests import (Encoder, Request, collate_images, default_eos_ids, folder_requests, llava_requests,
+                                     requests_from_source)
 from vlmjax.generate.sampling import SamplingConfig
 from vlmjax.generate.shards import merge_shards, shard_path, shard_paths
 
 __all__ = [
     "generate", "GenerationConfig", "Generation", "SamplingConfig", "unpad_left", "generate_dataset", "sample_keys",
-    "merge_shards", "shard_path", "shard_paths", "load_model", "load_tokenizer", "Encoder", "Request", "collate_images", "default_eos_ids", "folder_requests", "llava_requests",
+    "merge_shards", "shard_path", "shard_paths", "load_model", "load_tokenizer", "Encoder", "Request", "collate_images",
+    "default_eos_ids", "folder_requests", "llava_requests", "requests_from_source",
 ]

@@ -1,41 +1,58 @@
-"""Inputs for generation, scoring and feature capture: requests from files, and their model-ready encoding.
+"""Inputs for generation, scoring and feature capture: requests from data sources, and their model-ready encoding.
 
 A `Request` is one sample: an id, a conversation and its images. `Encoder` turns it into token ids and pixels
 exactly the way training does (`vlmjax.data.text.TextProcessor` for chat templates and `<image>` expansion,
 `vlmjax.data.image.process_image` for pixels), so a prompt at generation time is byte-identical to the same
 prompt in a training batch.
 
-Supported input layouts:
-  * LLaVA JSON (`llava_requests`): `[{"id", "image" (path relative to image_folder) or "images", "conversations":
-    [{"from": "human"|"gpt"|"system", "value": "<image>\\n..."}, ...]}]`, or JSON lines of such records.
-    For generation the prompt is the conversation up to its first human turn (later turns are dropped);
-    scoring and capture use the whole conversation.
-  * A folder of images with one prompt (`folder_requests`): id = the path relative to the folder.
+`requests_from_source(SourceSpec, role=..., prompt=...)` reads what the trainer reads: the same `SourceSpec`s
+(JSON / JSONL files, TFDS, in-memory records; images from a folder, tar shards or inline bytes), the same record
+parsers (llava, caption, interleaved, preference; vlmjax/data/FORMATS.md) and the same bad-sample policy. A record
+that does not parse becomes a request carrying its `BadSample` (under the "skip" policy): the runners write it as
+an `{"id", "error"}` record naming the sample and the file, and never retry it. `role`:
+  * "generate": the prompt is the conversation up to its first user turn (llava; a reply is not needed), the image
+    alone under the "plain" template it was trained with (caption; the reference caption goes to `meta`), or the
+    pair's prompt (preference). `prompt=` replaces the record's prompt with one instruction for every sample.
+  * "score": the whole conversation, scored on its last reply (llava), the caption given the image (caption;
+    `prompt=` puts an instruction before it under the chat template), the document (interleaved; score with
+    `which="all"`), or each side of a pair as its own request, ids "ID/chosen" and "ID/rejected" (preference).
+Records without an id get "#INDEX", as in training. `llava_requests` and `folder_requests` are the two layouts
+the CLI reads by name.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 
+from vlmjax.data import formats
+from vlmjax.data.errors import BAD_RECORD, BadSample, BadSamplePolicy, SkipStats
+from vlmjax.data.image_store import TarStore, open_image_store, resolve_image
+
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
-_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
 @dataclasses.dataclass
 class Request:
     id: str
     messages: list[dict]  # [{"role", "content"}], "<image>" marks image positions
-    images: list[Any] = dataclasses.field(default_factory=list)  # paths / bytes / PIL / uint8 arrays
+    images: list[Any] = dataclasses.field(default_factory=list)  # paths / bytes / PIL / uint8 arrays / store refs
     meta: dict = dataclasses.field(default_factory=dict)  # copied into output records
+    template: str | None = None  # overrides the Encoder's template (captions, documents: "plain", as trained)
+    loss_on: str | None = None  # overrides the Encoder's loss_on (documents: "all")
+    source: str | None = None  # the file or dataset it came from, named in errors
+    store: Any = None  # image store that resolves `images` (folder, tar shards); None: images as given
+    error: BadSample | None = None  # the record did not parse: encoding raises this (the runner writes it)
 
     def prompt_messages(self) -> list[dict]:
         """Messages up to and including the first user turn (the generation prompt)."""
+        if self.error is not None:
+            raise self.error
         out = []
         for m in self.messages:
             out.append(m)
@@ -45,6 +62,8 @@ class Request:
 
 
 def read_records(path) -> list[dict]:
+    """Every record of a .json list (or dict of records) or a .jsonl file; raises on the first invalid one (STIC's
+    infused-SFT builder rewrites whole files). Runners read through `requests_from_source` instead."""
     text = Path(path).read_text()
     if str(path).endswith(".jsonl"):
         return [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -59,35 +78,127 @@ def record_images(rec: dict) -> list:
 
 
 def image_files(folder, *, limit: int | None = None) -> list[Path]:
-    """Every image under `folder` (recursive, sorted by path)."""
+    """Every image under `folder` (recursive, sorted by path). A missing folder is an error, not zero images."""
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist or is not a folder")
     return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTS)[:limit]
 
 
-def llava_requests(path, image_folder=None, *, limit: int | None = None) -> list[Request]:
-    """LLaVA conversation records -> requests (see module docstring). Ids default to the record index."""
-    out = []
-    for i, rec in enumerate(read_records(path)[:limit]):
-        turns = rec.get("conversations") or rec.get("messages") or []
-        messages = [{"role": _ROLES[t.get("from", t.get("role"))], "content": t.get("value", t.get("content"))}
-                    for t in turns]
-        imgs = record_images(rec)
-        meta = {"image": rec["image"]} if isinstance(rec.get("image"), str) else {}
-        if imgs and not any("<image>" in m["content"] for m in messages):
-            first = next(m for m in messages if m["role"] == "user")
-            first["content"] = "<image>\n" * len(imgs) + first["content"]
-        if image_folder is not None:
-            imgs = [os.path.join(image_folder, p) if isinstance(p, str) else p for p in imgs]
-        out.append(Request(str(rec.get("id", i)), messages, imgs, meta))
+def _json_meta(meta: dict) -> dict:
+    """The record's extra fields that can go into a JSON output record."""
+    return {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool)) or v is None}
+
+
+def _with_prompt(prompt: str, n_images: int) -> list[dict]:
+    content = prompt if formats.PLACEHOLDER in prompt else (formats.PLACEHOLDER + "\n") * n_images + prompt
+    return [{"role": "user", "content": content}]
+
+
+def _build(ex: formats.Example, fmt: str, role: str, prompt: str | None) -> list[tuple[str, list, dict, dict]]:
+    """One parsed record -> [(id suffix, messages, Request overrides, meta)] for `role`."""
+    meta = _json_meta(ex.meta)
+    if len(ex.images) == 1 and isinstance(ex.images[0], str):
+        meta["image"] = ex.images[0]
+    plain = {"template": ex.template, "loss_on": ex.loss_on}
+    if fmt == "preference":
+        head = _with_prompt(prompt, len(ex.images)) if prompt is not None else ex.messages
+        if role == "generate":
+            return [("", head, {}, meta)]
+        return [(f"/{side}", head + reply, {}, {**meta, "side": side})
+                for side, reply in (("chosen", ex.chosen), ("rejected", ex.rejected))]
+    if fmt == "caption":
+        caption = ex.messages[-1]
+        head = _with_prompt(prompt, 1) if prompt is not None else ex.messages[:1]
+        over = {} if prompt is not None else plain
+        if role == "generate":
+            return [("", head, over, {**meta, "caption": caption["content"]})]
+        return [("", head + [caption], over, meta)]
+    if fmt == "interleaved":
+        return [("", ex.messages, plain, meta)]
+    # llava: a prompt override keeps the replies after the record's prompt (the scored span)
+    if prompt is None:
+        return [("", ex.messages, plain, meta)]
+    replies = ex.messages[max(i for i, m in enumerate(ex.messages) if m["role"] == "user") + 1:]
+    return [("", _with_prompt(prompt, len(ex.images)) + (replies if role == "score" else []), {}, meta)]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Inline:
+    """An image stored inside its record (TFDS bytes, arrays): re-read when encoded, so a list of requests over
+    millions of records does not hold every image in memory."""
+
+    records: Any
+    index: int
+    parse: Any
+    j: int
+
+    def load(self):
+        return self.parse(self.records[self.index]).images[self.j]
+
+
+def requests_from_source(spec, *, role: Literal["generate", "score"] = "generate", prompt: str | None = None,
+                         on_bad_sample: str | BadSamplePolicy = "skip", limit: int | None = None) -> list[Request]:
+    """A `vlmjax.data.pipeline.SourceSpec` -> requests, parsed as the trainer parses it (see module docstring).
+
+    `on_bad_sample`: "skip" (a bad record becomes a request with `.error`, written as an error record; a
+    `BadSamplePolicy` also caps the fraction), or "error" (raise the first `BadSample`, naming sample and file).
+    A missing image folder, an unreadable or compressed tar shard and an invalid .json file raise at once."""
+    if role not in ("generate", "score"):
+        raise ValueError(f"role must be 'generate' or 'score', got {role!r}")
+    if spec.format not in formats.PARSERS:
+        raise ValueError(f"unknown format {spec.format!r}; one of {sorted(formats.PARSERS)}")
+    if spec.format == "interleaved" and (role == "generate" or prompt is not None):
+        raise ValueError("interleaved documents can only be scored (role='score', no prompt)")
+    policy = on_bad_sample if isinstance(on_bad_sample, BadSamplePolicy) else BadSamplePolicy(
+        on_bad_sample, max_skip_fraction=1.0)
+    store = open_image_store(spec.image_root)
+    if isinstance(store, TarStore):
+        store.index()  # a compressed or unreadable shard fails here, named, not once per sample
+    options = dict(spec.format_options)
+    if spec.format == "llava" and role == "generate":
+        options["needs_reply"] = False
+    parse = functools.partial(formats.PARSERS[spec.format], **options)
+    records, name = spec.open()
+    out, skipped = [], []
+    for index in range(len(records) if limit is None else min(limit, len(records))):
+        record, sample_id = records[index], f"#{index}"
+        try:
+            if not isinstance(record, dict):
+                raise BadSample(BAD_RECORD, getattr(record, "message", f"record is a {type(record).__name__}"))
+            sample_id = formats.record_id(record) or sample_id
+            ex = parse(record)
+            images = [ref if isinstance(ref, str) else _Inline(records, index, parse, j)
+                      for j, ref in enumerate(ex.images)]
+            for suffix, messages, over, meta in _build(ex, spec.format, role, prompt):
+                out.append(Request(sample_id + suffix, messages, images, meta, source=name, store=store, **over))
+        except BadSample as e:
+            e = e.with_context(sample_id, name)
+            if policy.on_bad_sample == "error":
+                raise e from None
+            skipped.append((e.reason, e.sample_id, e.source, e.message))
+            out.append(Request(sample_id, [], source=name, error=e))
+    SkipStats(policy).update(len(out) - len(skipped), skipped)  # logs each (first N per reason); enforces the cap
     return out
 
 
+def llava_requests(path, image_folder=None, *, limit: int | None = None,
+                   on_bad_sample: str | BadSamplePolicy = "skip") -> list[Request]:
+    """LLaVA conversation records (.json list or .jsonl) with images under `image_folder` (a folder, a .tar shard
+    or a glob of shards): `requests_from_source` with role "generate", so records need no reply; those that have
+    one can be scored too."""
+    from vlmjax.data.pipeline import SourceSpec
+
+    spec = SourceSpec(format="llava", path=str(path), image_root=None if image_folder is None else str(image_folder))
+    return requests_from_source(spec, role="generate", limit=limit, on_bad_sample=on_bad_sample)
+
+
 def folder_requests(image_folder, prompt: str, *, limit: int | None = None) -> list[Request]:
-    """Every image under `image_folder` (sorted, recursive) with the same prompt."""
+    """Every image under `image_folder` (sorted, recursive) with the same prompt; id = the path relative to it."""
     root = Path(image_folder)
     files = image_files(root, limit=limit)
     content = prompt if "<image>" in prompt else "<image>\n" + prompt
     return [Request(str(p.relative_to(root)), [{"role": "user", "content": content}], [str(p)],
-                    {"image": str(p.relative_to(root))}) for p in files]
+                    {"image": str(p.relative_to(root))}, source=str(root)) for p in files]
 
 
 def default_eos_ids(tokenizer, cfg=None) -> tuple[int, ...]:
@@ -147,7 +258,14 @@ class Encoder:
             raise ValueError(f"sample {req.id} has images but the model is text-only")
         from vlmjax.data.image import load_image, normalize
 
-        loaded = [load_image(self.source_image(req, img), self.image_spec, name=f"{req.id}") for img in req.images]
+        loaded = []
+        for img in req.images:
+            name = img if isinstance(img, str) else f"{req.id}"
+            if isinstance(img, _Inline):
+                img = img.load()
+            if req.store is not None:
+                img = resolve_image(img, req.store)
+            loaded.append(load_image(self.source_image(req, img), self.image_spec, name=name))
         pixels = np.concatenate([normalize(t, self.image_spec) for t, _ in loaded])
         positions = [p for _, p in loaded] if self.image_spec.feature_layout != "tiles" else None
         return pixels, [len(t) for t, _ in loaded], positions
@@ -156,8 +274,15 @@ class Encoder:
         return self.images(req)[0]
 
     def _encode(self, messages, req: Request):
-        pixels, tiles, positions = self.images(req)
-        return self.text.encode(messages, tiles, image_positions=positions), pixels
+        if req.error is not None:
+            raise req.error
+        try:
+            pixels, tiles, positions = self.images(req)
+            enc = self.text.encode(messages, tiles, template=req.template, loss_on=req.loss_on,
+                                   image_positions=positions)
+        except BadSample as e:  # name the sample and its file, as the training pipeline does
+            raise e.with_context(req.id, req.source) from None
+        return enc, pixels
 
     def prompt(self, req: Request) -> Encoded:
         """Generation prompt: the first user turn(s) plus the assistant header."""
