@@ -104,12 +104,13 @@ def test_bad_records_and_missing_images_are_written_and_counted(tmp_path, tok, m
     assert cli_main.main(argv) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     rows = read_jsonl(out)
-    assert summary["errors"] == 6 and summary["written"] == 7 and len(rows) == 7
+    assert summary["errors"] == 6 and summary["written"] + summary["failed"] == 7 and len(rows) == 7
     assert "output" in rows["good"] and "error" not in rows["good"]
     assert "image file not found" in rows["gone"]["error"] and str(path) in rows["gone"]["error"]
     assert "sample 'gone'" in rows["gone"]["error"]
     assert cli_main.main(argv) == 0  # rerun: nothing retried
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["written"] == 0
+    rerun = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rerun["written"] == 0 and rerun["failed"] == 0
     # --on-bad-sample error: stops at the first bad record, naming it, before the model loads
     with pytest.raises(SystemExit) as e:
         cli_main.main(argv + ["--on-bad-sample", "error"])
