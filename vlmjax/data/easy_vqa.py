@@ -52,6 +52,18 @@ def infer_attributes(questions: list[tuple[str, str]]) -> dict[str, str | None]:
     return out
 
 
+def answer_kind(answer: str) -> str:
+    """The kind of question an answer belongs to: "shape", "color" or "yes_no"."""
+    a = answer.strip().lower()
+    if a in SHAPES:
+        return "shape"
+    if a in COLORS:
+        return "color"
+    if a in ("yes", "no"):
+        return "yes_no"
+    raise ValueError(f"unknown easy-vqa answer {answer!r}")
+
+
 def caption(attrs: dict, variant: int = 0) -> str | None:
     shape, color = attrs["shape"], attrs["color"]
     if shape and color:
