@@ -9,6 +9,8 @@
     python -m vlmjax.eval --model DIR --out results/ coco_captions --file dataset_coco.json --images coco/
     python -m vlmjax.eval --model DIR --out results/ llava_jsonl --file q.jsonl --images imgs/ --kind vqa
     python -m vlmjax.eval --model DIR --out results/ --dar easy_vqa     # STIC's describe-and-respond
+    python -m vlmjax.eval --model LM_DIR --out results/ mmlu --file mmlu/data/test   # option log-likelihood
+    python -m vlmjax.eval --model LM_DIR --out results/ perplexity --file text.txt   # or records .jsonl {"text"}
 
 Predictions are resumable; results JSON, per-sample scored predictions and a printed table end the run.
 """
@@ -37,6 +39,8 @@ def build_task(a) -> tasks.Task:
         return tasks.pope(a.file, a.images, limit=a.n)
     if a.task == "coco_captions":
         return tasks.coco_captions(a.file, a.images, split=a.split or "test", limit=a.n)
+    if a.task == "mmlu":
+        return tasks.mmlu(a.file, limit=a.n)
     return tasks.llava_jsonl(a.file, a.images, a.kind, limit=a.n)
 
 
@@ -48,7 +52,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("task", choices=["easy_vqa", "vqav2", "textvqa", "scienceqa", "mmbench", "pope", "coco_captions",
-                                    "llava_jsonl"])
+                                    "llava_jsonl", "mmlu", "perplexity"])
     p.add_argument("--file", help="the task's main file")
     p.add_argument("--questions")
     p.add_argument("--annotations")
@@ -64,6 +68,14 @@ def main(argv=None) -> int:
 
     from vlmjax.generate.loading import load_model
 
+    if a.task == "perplexity":
+        from vlmjax.eval.likelihood import text_perplexity
+
+        model, _, tok = load_model(a.model, dtype=a.dtype)
+        result = text_perplexity(model, tok, a.file, batch_size=a.batch_size, out_dir=a.out)
+        print(format_table([result]))
+        print(json.dumps(result))
+        return 0
     task = build_task(a)
     model, _, tok = load_model(a.model, dtype=a.dtype)
     if a.dar:

@@ -213,14 +213,14 @@ def mmlu(path, *, subjects=None, limit=None, shots: int = 0, dev_path=None, opti
         files = sorted(p.glob("*.csv")) if p.is_dir() else [p]
         out = []
         for f in files:
-            subject = f.stem.rsplit("_", 1)[0]
+            subject, part = f.stem.rsplit("_", 1) if "_" in f.stem else (f.stem, "")
             if subjects is not None and subject not in subjects:
                 continue
             with open(f, newline="", encoding="utf-8") as fh:
                 for i, row in enumerate(csv.reader(fh)):
                     if len(row) != 6 or row[5].strip() not in "ABCD" or not row[5].strip():
                         raise ValueError(f"{f}: row {i} is not question,A,B,C,D,answer: {row[:1]}")
-                    out.append(EvalSample(f"{subject}_{i}", f"{row[0]}\n{_options(row[1:5])}", [row[5].strip()],
+                    out.append(EvalSample(f"{subject}_{part}_{i}", f"{row[0]}\n{_options(row[1:5])}", [row[5].strip()],
                                           choices=row[1:5], meta={"kind": subject}))
         if not out:
             raise ValueError(f"{p}: no MMLU rows" + (f" for subjects {subjects}" if subjects else ""))
