@@ -98,6 +98,8 @@ class PromptEncoder:
         self.special = set(getattr(base.tokenizer, "all_special_ids", []) or [])
 
     def __getattr__(self, name):
+        if name == "base":  # not set yet (copy / unpickling): no recursion
+            raise AttributeError(name)
         return getattr(self.base, name)
 
     def _encode(self, messages, req: Request):
