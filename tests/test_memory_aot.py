@@ -71,8 +71,8 @@ def test_fsdp_shards_params_and_optimizer_state(results):
 
 def test_lora_and_its_moments_shard_under_pure_fsdp(results):
     """The rule lora_rank -> fsdp shards the LoRA B matrices (rank x out, no 'embed' dim) and their Adam moments:
-    per device, the trainable bytes are ~1/8 of the fp32 total (only biases and norm scales replicated). With B
-    replicated (the rule absent) half of the LoRA bytes would stay whole on every device (~4.5x this)."""
+    per device, the trainable bytes are ~1/8 of the fp32 total (only biases replicated). Without the rule every B
+    (about half of the LoRA bytes here) and its moments stay whole on every device."""
     r = results["dpo_lora@fsdp8"]
     full = 4 * r["trainable_params"]
     assert full / 8 <= r["trainable_bytes"] <= 1.25 * full / 8, (r["trainable_bytes"], full)
