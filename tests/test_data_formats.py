@@ -147,3 +147,30 @@ def test_caption_followed_by_chat_turns():
     assert reason(parse_caption_qa, {**rec, "caption": ""}) == EMPTY_CONVERSATION
     assert reason(parse_caption_qa, {**rec, "conversations": [{"from": "system", "value": "S"}] +
                                      rec["conversations"][:2]}) == BAD_RECORD
+
+
+def test_caption_qa_source_through_the_pipeline(tmp_path):
+    """A caption_qa source trains the caption and the replies: the batch's loss mask covers exactly those tokens."""
+    from vlmjax.data import easy_vqa
+    from vlmjax.data.assets import smollm2_tokenizer
+    from vlmjax.data.image import ImageSpec
+    from vlmjax.data.pipeline import DataConfig, SourceSpec, make_iterator
+
+    easy_vqa.build(str(tmp_path), ["train"], limit=2)
+    recs = [{"id": f"r{i}", "image": f"train/{i}.png", "caption": f"Shape number {i}.",
+             "conversations": [{"from": "human", "value": "Which?"}, {"from": "gpt", "value": f"Answer {i}"}]}
+            for i in range(2)]
+    tok = smollm2_tokenizer()
+    cfg = DataConfig(sources=(SourceSpec(format="caption_qa", records=recs, image_root=str(tmp_path / "images"),
+                                         format_options={"chat_template": "chatml"}),),
+                     batch_size=2, seq_len=128, max_images=2, pack=False, num_epochs=1, shuffle=False,
+                     image=ImageSpec(image_size=32, tokens_per_image=4), shard_index=0, shard_count=1)
+    with make_iterator(cfg, tok) as it:
+        batch = next(it)
+    for row in range(2):
+        trained = batch["targets"][row][batch["loss_mask"][row] > 0]
+        i = int(tok.decode(trained).split("Shape number ")[1][0])
+        assert tok.decode(trained) == f"Shape number {i}.<|im_end|>Answer {i}<|im_end|>"
+        text = tok.decode(batch["input_ids"][row][batch["segment_ids"][row] > 0][4:])  # after the image tokens
+        assert text == (f"Shape number {i}.<|im_end|><|im_start|>user\nWhich?<|im_end|>\n<|im_start|>assistant\n"
+                        f"Answer {i}<|im_end|>\n")
