@@ -271,7 +271,8 @@ def test_kshot_evaluate_generates_from_the_kshot_prompt(smol, tmp_path):
 
 def test_score_breaks_down_by_kind():
     s = tasks.EvalSample
-    t = tasks.Task("e", "vqa", [s("1", "q", ["red"], meta={"kind": "color"}), s("2", "q", ["blue"], meta={"kind": "color"}),
+    t = tasks.Task("e", "vqa", [s("1", "q", ["red"], meta={"kind": "color"}),
+                                s("2", "q", ["blue"], meta={"kind": "color"}),
                                 s("3", "q", ["yes"], meta={"kind": "yes_no"})], vocab=["red", "blue", "yes", "no"])
     m, rows = score(t, {"1": "Red", "2": "red", "3": "Yes"})
     assert m["accuracy"] == pytest.approx(2 / 3)
@@ -429,10 +430,14 @@ def test_mmlu_loader_and_cli(tmp_path):
     assert [s.id for s in t.samples] == ["algebra_test_0", "algebra_test_1", "biology_test_0"] and t.method == "loglik"
     assert t.samples[0].question == "2+2?\nA. 3\nB. 4\nC. 5\nD. 6" and t.samples[0].answers == ["B"]
     req = request_for(t, t.samples[2])  # the demonstration comes from the query's own subject
-    assert req.messages[0]["content"] == "DNA?\nA. acid\nB. base\nC. salt\nD. sugar" and req.messages[1]["content"] == "A"
-    (tmp_path / "bad.csv").write_text('"q",1,2,3,4,E\n')
-    with pytest.raises(ValueError, match="bad.csv: row 0"):
-        tasks.mmlu(tmp_path / "bad.csv")
+    assert req.messages[0]["content"] == "DNA?\nA. acid\nB. base\nC. salt\nD. sugar"
+    assert req.messages[1]["content"] == "A"
+    for bad in ('"q",1,2,3,4,E\n', '"q",1,2,3,4,AB\n', '"q",1,2,3,A\n'):
+        (tmp_path / "bad.csv").write_text(bad)
+        with pytest.raises(ValueError, match="bad.csv: row 0"):
+            tasks.mmlu(tmp_path / "bad.csv")
+    with pytest.raises(ValueError, match="shots need dev_path"):
+        tasks.mmlu(tmp_path / "test", shots=1)
     tok, model = smollm2_tokenizer(), tiny_llm(vocab=49152)
     hf.save_causal_lm(model, tmp_path / "m", tokenizer=tok)
     out = tmp_path / "res"

@@ -218,14 +218,16 @@ def mmlu(path, *, subjects=None, limit=None, shots: int = 0, dev_path=None, opti
                 continue
             with open(f, newline="", encoding="utf-8") as fh:
                 for i, row in enumerate(csv.reader(fh)):
-                    if len(row) != 6 or row[5].strip() not in "ABCD" or not row[5].strip():
+                    if len(row) != 6 or row[5].strip() not in ("A", "B", "C", "D"):
                         raise ValueError(f"{f}: row {i} is not question,A,B,C,D,answer: {row[:1]}")
-                    out.append(EvalSample(f"{subject}_{part}_{i}", f"{row[0]}\n{_options(row[1:5])}", [row[5].strip()],
-                                          choices=row[1:5], meta={"kind": subject}))
+                    out.append(EvalSample(f"{subject}_{part}_{i}", f"{row[0]}\n{_options(row[1:5])}",
+                                          [row[5].strip()], choices=row[1:5], meta={"kind": subject}))
         if not out:
             raise ValueError(f"{p}: no MMLU rows" + (f" for subjects {subjects}" if subjects else ""))
         return out
 
+    if shots and dev_path is None:
+        raise ValueError("mmlu: shots need dev_path (the {subject}_dev.csv demonstrations)")
     demos = read(dev_path) if shots else None
     return Task("mmlu", "mc", _limit(read(path), limit), instruction="", max_new_tokens=1, shots=shots, demos=demos,
                 demo_kind=True, method="loglik", option_format=option_format, normalize=normalize)
