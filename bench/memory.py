@@ -13,8 +13,9 @@ group and micro-batch, i.e. data.batch_size = data x fsdp devices, train.grad_ac
 pair / sample, seq 2048; the step is compiled with that grad_accum, so it holds one micro-batch's activations):
   dpo_lora       stage1: STIC DPO (beta 0.1, alpha 1/1024), LoRA r128/alpha 256 on every LLM linear + projector
                  trainable, reference = adapter off, 2 rows (chosen, rejected) per pair
-  dpo_lora_bf16  the same with model.param_dtype=bfloat16 (the library's one knob: frozen base, adapters and
-                 Adam moments all bf16)
+  dpo_lora_bf16  the same with model.param_dtype=bfloat16 (frozen base, adapters and Adam moments all bf16)
+  dpo_lora_frozen_bf16  the same with model.frozen_param_dtype=bfloat16: the frozen base in bf16, the adapters,
+                 projector and their Adam moments fp32
   sft_lora       stage2: description-infused SFT, same adapter, packed rows
   sft_full       stage2 with lora.rank=0 and train.trainable=(^llm/, ^projector/): full fine-tune, AdamW fp32
 Meshes: fsdp1 (one device: the shipped config as is, batch 1 x grad_accum 8), fsdp4 (the first 4 devices: the
@@ -22,7 +23,7 @@ Meshes: fsdp1 (one device: the shipped config as is, batch 1 x grad_accum 8), fs
 Budget: 48 GiB per device (RTX A6000). XLA:CPU is a proxy for XLA:GPU (other fusion and scheduling, xla_flash
 attention where a GPU picks pallas_gpu / cuDNN); see the printed caveats.
 
-    python bench/memory.py                               # every case x mesh (16 compiles, ~25 s each)
+    python bench/memory.py                               # every case x mesh (20 compiles, ~25 s each)
     python bench/memory.py --cases dpo_lora --meshes fsdp4
     python bench/memory.py --no-licm                     # the same without XLA's loop-invariant code motion
     python bench/memory.py --model tiny                  # a scaled-down model: seconds (tests/test_memory_aot.py)
@@ -81,7 +82,7 @@ TINY = {
 }
 TINY_LORA_RANK = 8
 MESHES = {"fsdp1": (1, 1, 1), "fsdp4": (1, 4, 1), "fsdp8": (1, 8, 1), "fsdp4_tp2": (1, 4, 2)}
-CASES = ("dpo_lora", "dpo_lora_bf16", "sft_lora", "sft_full")
+CASES = ("dpo_lora", "dpo_lora_bf16", "dpo_lora_frozen_bf16", "sft_lora", "sft_full")
 DEFAULT_MESHES = ("fsdp1", "fsdp4", "fsdp8", "fsdp4_tp2")
 
 
@@ -105,6 +106,8 @@ def train_config(case: str, mesh_axes: tuple[int, int, int], *, seq_len: int = 2
     c = mod.get_config("stage1" if case.startswith("dpo") else "stage2")
     if case == "dpo_lora_bf16":
         c.model.param_dtype = "bfloat16"
+    if case == "dpo_lora_frozen_bf16":
+        c.model.frozen_param_dtype = "bfloat16"
     if lora_rank is not None and c.lora.rank:
         c.lora.update(rank=lora_rank, alpha=c.lora.alpha * lora_rank / c.lora.rank)
     if case == "sft_full":
@@ -122,8 +125,9 @@ def train_config(case: str, mesh_axes: tuple[int, int, int], *, seq_len: int = 2
 def model_config(c, hf: dict):
     from vlmjax.convert.hf_config import vlm_config_from_hf
     from vlmjax.train.aot import with_execution
+    from vlmjax.train.setup import build_param_dtype
 
-    return with_execution(vlm_config_from_hf(hf), dtype=c.model.dtype, param_dtype=c.model.param_dtype,
+    return with_execution(vlm_config_from_hf(hf), dtype=c.model.dtype, param_dtype=build_param_dtype(c.model),
                           remat=c.model.remat)
 
 

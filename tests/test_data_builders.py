@@ -50,10 +50,47 @@ def test_easy_vqa_build(tmp_path):
 
 def test_easy_vqa_cli(tmp_path):
     result = subprocess.run([sys.executable, "-m", "vlmjax.data.easy_vqa", "--out", str(tmp_path), "--splits", "test",
-                             "--limit", "3"], capture_output=True, text=True, check=True)
+                             "--limit", "3", "--per-question"], capture_output=True, text=True, check=True)
     assert json.loads(result.stdout)["test"]["images"] == 3
     assert "easy-vqa test" in result.stderr and "3/3" in result.stderr  # a progress bar (on stderr)
     assert sorted(os.listdir(tmp_path / "images" / "test")) == ["0.png", "1.png", "2.png"]
+    assert {"test_questions.jsonl", "test_partial_captions.jsonl"} <= set(os.listdir(tmp_path))
+    assert not any(f.endswith(".tmp") for f in os.listdir(tmp_path))
+
+
+def test_easy_vqa_per_question_records(tmp_path):
+    """One LLaVA record per question with its kind and the image's attributes; partial-attribute captions."""
+    stats = easy_vqa.build(str(tmp_path), ["train"], limit=5, per_question=True)["train"]
+    assert not (easy_vqa.build(str(tmp_path / "b"), ["train"], limit=1)["train"].get("partial_captions"))
+    rows = [json.loads(x) for x in (tmp_path / "train_questions.jsonl").read_text().splitlines()]
+    assert len(rows) == stats["questions"] and len({r["id"] for r in rows}) == len(rows)
+    src = easy_vqa.easy_vqa_data_dir()
+    questions = json.load(open(os.path.join(src, "train", "questions.json")))
+    by_image = {}
+    for q, a, image_id in questions:
+        by_image.setdefault(int(image_id), []).append((q, a))
+    kinds = {"circle": "shape", "rectangle": "shape", "triangle": "shape", "yes": "yes_no", "no": "yes_no"}
+    for r in rows:
+        n, j = int(r["id"].split("_")[1]), int(r["id"].split("_q")[1])
+        q, a = by_image[n][j]
+        assert r["image"] == f"train/{n}.png" and r["conversations"][1]["value"].lower() == a
+        assert r["kind"] == kinds.get(a, "color")
+        assert {k: r[k] for k in ("color", "shape")} == easy_vqa.infer_attributes(by_image[n])
+        parse_llava(r)
+    first = rows[0]  # image 0: a blue rectangle (checked by eye), "what is the blue shape?" -> rectangle
+    assert first["conversations"][0]["value"] == "<image>\nWhat is the blue shape?"
+    assert (first["kind"], first["color"], first["shape"]) == ("shape", "blue", "rectangle")
+    caps = [json.loads(x) for x in (tmp_path / "train_partial_captions.jsonl").read_text().splitlines()]
+    assert [(c["id"], c["caption"], c["mentions"]) for c in caps[:3]] == [
+        ("train_0_color", "A blue shape.", ["color"]), ("train_0_shape", "A rectangle.", ["shape"]),
+        ("train_0_color_shape", "A blue rectangle.", ["color", "shape"])]
+    for c in caps:
+        parse_caption(c)
+        assert c["shape"] or c["color"]
+        assert all(c[m] and c[m] in c["caption"] for m in c["mentions"])
+        assert all(c[m] is None or c[m] not in c["caption"] for m in ("color", "shape") if m not in c["mentions"])
+    assert stats["partial_captions"] == len(caps)
+    assert easy_vqa.partial_captions({"shape": None, "color": "red"}) == [(["color"], "A red shape.")]
 
 
 SVG = b"""<?xml version="1.0"?>
@@ -78,6 +115,30 @@ def test_svg_metadata_and_caption():
         "Clip art of red bicycle, tagged bike, red_bicycle, transport."
     assert openclipart.make_caption("", [], "fallback_name") == "Clip art of fallback name."
     assert openclipart.svg_metadata(io.BytesIO(b"<svg><broken")) == {"title": "", "description": "", "keywords": []}
+
+
+def test_openclipart_build_writes_descriptions(tmp_path):
+    """A miniature of the Debian layout: png/ and svg/ trees, a symlinked duplicate, one drawing with a
+    dc:description and one without."""
+    from PIL import Image
+
+    root = tmp_path / "openclipart"
+    for sub in ("png/animals", "png/other", "svg/animals"):
+        (root / sub).mkdir(parents=True)
+    for name in ("bike", "plain"):
+        Image.new("RGB", (4, 4)).save(root / "png" / "animals" / f"{name}.png")
+    os.symlink(root / "png" / "animals" / "bike.png", root / "png" / "other" / "bike.png")
+    (root / "svg" / "animals" / "bike.svg").write_bytes(SVG.replace(b"A bike", b"  A red\n bike  "))
+    (root / "svg" / "animals" / "plain.svg").write_bytes(SVG.replace(b"<dc:description>A bike</dc:description>", b""))
+    stats = openclipart.build(str(tmp_path / "out"), root=str(root))
+    assert stats == {"images": 2, "with_metadata": 2, "duplicates": 1, "descriptions": 1}
+    rows = [json.loads(x) for x in (tmp_path / "out" / "captions.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["description"]) for r in rows] == [("animals/bike", "A red bike"), ("animals/plain", "")]
+    desc = [json.loads(x) for x in (tmp_path / "out" / "descriptions.jsonl").read_text().splitlines()]
+    assert desc == [{"id": "animals/bike", "image": "animals/bike.png", "caption": "A red bike",
+                     "title": "red_bicycle"}]
+    parse_caption(desc[0])
+    assert sorted(os.listdir(tmp_path / "out")) == ["captions.jsonl", "descriptions.jsonl", "source.json"]
 
 
 @pytest.mark.skipif(not os.path.isdir("/usr/share/openclipart/png"), reason="Debian openclipart-png not installed")

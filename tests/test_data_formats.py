@@ -112,3 +112,65 @@ def test_preference_trl_conversational_explicit_and_implicit_prompt():
     assert ex.messages == [{"role": "user", "content": "Hi"}]
     assert ex.chosen == [{"role": "assistant", "content": "Hello"}]
     assert ex.rejected == [{"role": "assistant", "content": "Go"}]
+
+
+def test_caption_followed_by_chat_turns():
+    """VILA^2 specialist records: the caption in `plain`, then QA turns in the chat template, one BOS."""
+    from vlmjax.data.assets import smollm2_tokenizer
+    from vlmjax.data.formats import parse_caption_qa
+    from vlmjax.data.templates import LLAVA_SYSTEM, get_template
+    from vlmjax.data.text import TextProcessor, TextSpec
+
+    rec = {"id": "s1", "image": "a.jpg", "caption": "A red bus.",
+           "conversations": [{"from": "human", "value": "What colour is it?"}, {"from": "gpt", "value": "Red."},
+                             {"from": "human", "value": "Is it moving?"}, {"from": "gpt", "value": "No."}]}
+    ex = parse_caption_qa(rec, chat_template="vicuna_v1")
+    assert ex.template == "plain+vicuna_v1" and ex.images == ["a.jpg"] and ex.messages[:2] == [
+        {"role": "user", "content": "<image>"}, {"role": "assistant", "content": "A red bus."}]
+    chunks = get_template(ex.template, None).render(ex.messages, bos="<s>", eos="</s>")
+    assert "".join(t for t, _ in chunks) == (f"<s><image>A red bus.</s>{LLAVA_SYSTEM} USER: What colour is it? "
+                                             "ASSISTANT: Red.</s>USER: Is it moving? ASSISTANT: No.</s>")
+    assert [t for t, trained in chunks if trained] == ["A red bus.</s>", "Red.</s>", "No.</s>"]
+    # the tokenizer's own chat template (ChatML) for the turns; the caption and replies are the trained tokens
+    tok = smollm2_tokenizer()
+    proc = TextProcessor(tok, TextSpec(), tokens_per_image=2, max_length=256)
+    enc = proc.encode(parse_caption_qa(rec).messages, [1], template="plain+auto")
+    qa = tok.apply_chat_template(ex.messages[2:], tokenize=False)
+    want = [proc.image_token_id] * 2 + tok("A red bus.<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert enc.ids.tolist() == want + tok(qa, add_special_tokens=False)["input_ids"]
+    assert tok.decode(enc.ids[enc.trained]) == "A red bus.<|im_end|>Red.<|im_end|>No.<|im_end|>"
+    # bad records name their problem
+    assert reason(parse_caption_qa, {**rec, "conversations": []}) == EMPTY_CONVERSATION
+    assert reason(parse_caption_qa, {**rec, "conversations": rec["conversations"][:3]}) == BAD_TURNS
+    assert reason(parse_caption_qa, {**rec, "conversations": [{"from": "human", "value": "<image>Q"},
+                                                              {"from": "gpt", "value": "A"}]}) == IMAGE_COUNT
+    assert reason(parse_caption_qa, {**rec, "caption": ""}) == EMPTY_CONVERSATION
+    assert reason(parse_caption_qa, {**rec, "conversations": [{"from": "system", "value": "S"}] +
+                                     rec["conversations"][:2]}) == BAD_RECORD
+
+
+def test_caption_qa_source_through_the_pipeline(tmp_path):
+    """A caption_qa source trains the caption and the replies: the batch's loss mask covers exactly those tokens."""
+    from vlmjax.data import easy_vqa
+    from vlmjax.data.assets import smollm2_tokenizer
+    from vlmjax.data.image import ImageSpec
+    from vlmjax.data.pipeline import DataConfig, SourceSpec, make_iterator
+
+    easy_vqa.build(str(tmp_path), ["train"], limit=2)
+    recs = [{"id": f"r{i}", "image": f"train/{i}.png", "caption": f"Shape number {i}.",
+             "conversations": [{"from": "human", "value": "Which?"}, {"from": "gpt", "value": f"Answer {i}"}]}
+            for i in range(2)]
+    tok = smollm2_tokenizer()
+    cfg = DataConfig(sources=(SourceSpec(format="caption_qa", records=recs, image_root=str(tmp_path / "images"),
+                                         format_options={"chat_template": "chatml"}),),
+                     batch_size=2, seq_len=128, max_images=2, pack=False, num_epochs=1, shuffle=False,
+                     image=ImageSpec(image_size=32, tokens_per_image=4), shard_index=0, shard_count=1)
+    with make_iterator(cfg, tok) as it:
+        batch = next(it)
+    for row in range(2):
+        trained = batch["targets"][row][batch["loss_mask"][row] > 0]
+        i = int(tok.decode(trained).split("Shape number ")[1][0])
+        assert tok.decode(trained) == f"Shape number {i}.<|im_end|>Answer {i}<|im_end|>"
+        text = tok.decode(batch["input_ids"][row][batch["segment_ids"][row] > 0][4:])  # after the image tokens
+        assert text == (f"Shape number {i}.<|im_end|><|im_start|>user\nWhich?<|im_end|>\n<|im_start|>assistant\n"
+                        f"Answer {i}<|im_end|>\n")

@@ -182,3 +182,269 @@ def test_easy_vqa_benchmark_end_to_end(tmp_path):
     scored = [json.loads(x) for x in (out / "easy_vqa_test_scored.jsonl").read_text().splitlines()]
     assert len(preds) == 6 and len(scored) == 6 and {"prediction", "answer", "gold"} <= set(scored[0])
     assert np.mean([r["exact_match"] for r in scored]) == pytest.approx(saved["accuracy"])
+
+
+# --- evaluation modes: k-shot, plain template, option log-likelihood, perplexity, per-kind breakdowns ---------------
+
+def _render_ids(tok, text, image_id, tokens_per_image):
+    """Independent tokenisation of a rendered prompt: text pieces between <image> placeholders, image ids spliced."""
+    ids = []
+    for j, part in enumerate(text.split("<image>")):
+        ids += [image_id] * tokens_per_image if j else []
+        ids += tok(part, add_special_tokens=False)["input_ids"] if part else []
+    return ids
+
+
+@pytest.fixture(scope="module")
+def smol():
+    from test_generate import smol_vlm
+
+    from vlmjax.data.assets import smollm2_tokenizer
+
+    return smollm2_tokenizer(), smol_vlm()
+
+
+def test_kshot_prompts_chat_and_plain(smol):
+    from vlmjax.eval.prompts import PromptEncoder, request_for
+    from vlmjax.generate.requests import Encoder
+
+    tok, model = smol
+    cfg = model.cfg
+    task = tasks.easy_vqa(n=4, shots=2, n_demos=50)
+    assert task.name == "easy_vqa_test_2shot" and all(s.meta["kind"] in ("shape", "color", "yes_no")
+                                                      for s in task.samples + task.demos)
+    enc = PromptEncoder(Encoder(tok, cfg))
+    q = task.samples[1]
+    req = request_for(task, q)
+    demos = [d for d in task.demos if d.image in req.images[:2]]
+    assert len(req.images) == 3 and req.images[2] == q.image and q.image not in req.images[:2]
+    assert request_for(task, q).images == req.images  # same draw for the same query id
+    d1, d2 = (next(d for d in task.demos if d.image == img) for img in req.images[:2])
+    messages = [{"role": "user", "content": "<image>\n" + d1.question}, {"role": "assistant", "content": d1.answers[0]},
+                {"role": "user", "content": "<image>\n" + d2.question}, {"role": "assistant", "content": d2.answers[0]},
+                {"role": "user", "content": "<image>\n" + q.question}]
+    want = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    e = enc.prompt(req)
+    assert e.ids == _render_ids(tok, want, cfg.image_token_id, cfg.tokens_per_image) and len(e.pixels) == 3
+    assert len(demos) == 2
+    # plain template (pre-trained checkpoints): <image>Question: q Answer: a<eos> per demonstration, query prefilled
+    plain = tasks.easy_vqa(n=4, shots=2, n_demos=50, template="plain")
+    e = enc.prompt(request_for(plain, q))
+    want = "".join(f"<image>Question: {d.question} Answer: {d.answers[0]}{tok.eos_token}" for d in (d1, d2))
+    want += f"<image>Question: {q.question} Answer:"
+    assert e.ids == _render_ids(tok, want, cfg.image_token_id, cfg.tokens_per_image)
+    cap = tasks.Task("c", "caption", [tasks.EvalSample(str(i), "", [f"cap {i}"], q.image if i == 2 else d.image)
+                                      for i, d in enumerate((d1, d2, q))], template="plain", shots=2)
+    req = request_for(cap, cap.samples[2])
+    order = [0 if img == d1.image else 1 for img in req.images[:2]]  # the draw's order
+    assert sorted(order) == [0, 1]
+    want = "".join(f"<image>cap {i}{tok.eos_token}" for i in order) + "<image>"
+    assert enc.prompt(req).ids == _render_ids(tok, want, cfg.image_token_id, cfg.tokens_per_image)
+    # zero-shot chat prompts are the single-turn prompt of the plain Encoder, as before
+    zero = tasks.easy_vqa(n=4)
+    from vlmjax.generate.requests import Request
+    assert enc.prompt(request_for(zero, q)).ids == Encoder(tok, cfg).prompt(
+        Request(q.id, [{"role": "user", "content": "<image>\n" + q.question}], [q.image])).ids
+    with pytest.raises(ValueError, match="2 shots but only 1"):
+        request_for(tasks.Task("t", "vqa", task.samples[:2], shots=2), q)
+
+
+def test_kshot_evaluate_generates_from_the_kshot_prompt(smol, tmp_path):
+    from vlmjax.eval import evaluate
+    from vlmjax.eval.prompts import PromptEncoder, request_for
+    from vlmjax.generate.engine import GenerationConfig, generate
+    from vlmjax.generate.requests import Encoder, collate_images, default_eos_ids, image_slots
+
+    tok, model = smol
+    task = tasks.easy_vqa(n=1, shots=1, n_demos=20, template="plain")
+    res = evaluate(model, tok, task, out_dir=tmp_path, batch_size=4, progress=False)
+    assert res["shots"] == 1 and res["template"] == "plain" and set(res["by_kind"]) <= {"shape", "color", "yes_no"}
+    preds = {json.loads(x)["id"]: json.loads(x)["output"]
+             for x in (tmp_path / f"{task.name}_predictions.jsonl").read_text().splitlines()}
+    enc = PromptEncoder(Encoder(tok, model.cfg))
+    e = enc.prompt(request_for(task, task.samples[0]))
+    cfg = GenerationConfig(max_new_tokens=8, eos_token_ids=default_eos_ids(tok, model.cfg))
+    px, rows = collate_images([e.pixels], slots=image_slots(4, [e]))  # the runner's batch shapes: no recompile
+    g = generate(model, [e.ids], cfg, pixel_values=px, image_rows=rows, tokenizer=tok, batch_size=4)[0]
+    assert preds[task.samples[0].id] == g.text
+
+
+def test_score_breaks_down_by_kind():
+    s = tasks.EvalSample
+    t = tasks.Task("e", "vqa", [s("1", "q", ["red"], meta={"kind": "color"}),
+                                s("2", "q", ["blue"], meta={"kind": "color"}),
+                                s("3", "q", ["yes"], meta={"kind": "yes_no"})], vocab=["red", "blue", "yes", "no"])
+    m, rows = score(t, {"1": "Red", "2": "red", "3": "Yes"})
+    assert m["accuracy"] == pytest.approx(2 / 3)
+    assert m["by_kind"]["color"]["accuracy"] == 0.5 and m["by_kind"]["color"]["n"] == 2
+    assert m["by_kind"]["yes_no"] == {"accuracy": 1.0, "exact_match": 1.0, "n": 1}
+    assert [r["kind"] for r in rows] == ["color", "color", "yes_no"] and "color" in format_table([m])
+    yn = tasks.Task("p", "yesno", [s("1", "q", ["yes"], meta={"kind": "a"}), s("2", "q", ["no"], meta={"kind": "b"})])
+    m, _ = score(yn, {"1": "Yes", "2": "Yes"})
+    assert m["by_kind"]["a"]["recall"] == 1.0 and m["by_kind"]["b"]["accuracy"] == 0.0
+    assert "by_kind" not in score(tasks.Task("v", "vqa", [s("1", "q", ["x"])]), {})[0]
+
+
+def _log_softmax(x):
+    x = np.asarray(x, np.float64)
+    return x - x.max(-1, keepdims=True) - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))
+
+
+def _ref_logp(model, ids, px=None, length=64):
+    """numpy log-softmax of one plain forward pass over `ids` (right-padded to `length`: causal, so padding after the
+    sequence changes nothing; one compiled shape for all calls)."""
+    from flax import nnx
+
+    global _FWD
+    if "_FWD" not in globals():
+        _FWD = nnx.jit(lambda m, x, p, r: m(x) if p is None else m(x, p, r))
+    x = np.zeros((1, length), np.int32)
+    x[0, : len(ids)] = ids
+    rows = None if px is None else np.zeros(len(px), np.int32)
+    return _log_softmax(np.asarray(_FWD(model, x, px, rows))[0, : len(ids)])
+
+
+def test_mc_by_option_loglik_matches_a_plain_forward(smol, tmp_path):
+    from vlmjax.eval import evaluate
+
+    tok, model = smol
+    cfg = model.cfg
+    img = tasks.easy_vqa(n=2).samples
+    samples = [tasks.EvalSample("0", "What shape?\nA. circle\nB. square long name\nC. triangle", ["B"], img[0].image,
+                                ["circle", "square long name", "triangle"], meta={"kind": "shape"}),
+               tasks.EvalSample("1", "Pick one\nA. red\nB. blue", ["A"], None, ["red", "blue"], meta={"kind": "x"})]
+
+    def reference(s, options):
+        """sum and mean log p(option tokens) from one forward pass each, numpy log-softmax."""
+        user = ("<image>\n" if s.image else "") + s.question
+        prompt = tok.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True,
+                                         tokenize=False)
+        p_ids = _render_ids(tok, prompt, cfg.image_token_id, cfg.tokens_per_image)
+        px = None
+        if s.image is not None:
+            from vlmjax.generate.requests import Encoder, Request
+            px = Encoder(tok, cfg).pixels(Request("r", [], [s.image]))
+        out = []
+        for o in options:
+            o_ids = tok(o, add_special_tokens=False)["input_ids"]
+            lp = _ref_logp(model, p_ids + o_ids, px)
+            vals = [lp[len(p_ids) + t - 1, i] for t, i in enumerate(o_ids)]
+            out.append((sum(vals), sum(vals) / len(vals)))
+        return out
+
+    for fmt, norm in (("letter", "sum"), ("text", "mean")):
+        task = tasks.Task(f"mc_{fmt}", "mc", samples, instruction="", method="loglik", option_format=fmt,
+                          normalize=norm)
+        res = evaluate(model, tok, task, out_dir=tmp_path, batch_size=4, progress=False)
+        rows = [json.loads(x) for x in (tmp_path / f"mc_{fmt}_scored.jsonl").read_text().splitlines()]
+        correct = []
+        for s, r in zip(samples, rows):
+            opts = [chr(65 + j) for j in range(len(s.choices))] if fmt == "letter" else s.choices
+            ref = [x[0 if norm == "sum" else 1] for x in reference(s, opts)]
+            np.testing.assert_allclose(r["option_scores"], ref, rtol=1e-4, atol=1e-4)
+            assert r["answer"] == chr(65 + int(np.argmax(ref)))
+            correct.append(r["answer"] == s.answers[0])
+        assert res["accuracy"] == pytest.approx(np.mean(correct)) and res["normalize"] == norm
+        assert set(res["by_kind"]) == {"shape", "x"} and res["by_kind"]["x"]["accuracy"] == float(correct[1])
+
+
+def test_mc_loglik_plain_template_and_resume(tmp_path):
+    from test_generate import tiny_llm
+
+    from vlmjax.data.assets import smollm2_tokenizer
+    from vlmjax.eval import evaluate
+    from vlmjax.eval.likelihood import option_scores
+
+    tok, model = smollm2_tokenizer(), tiny_llm(vocab=49152)
+    s = tasks.EvalSample("0", "2+2?\nA. 3\nB. 4", ["B"], None, ["3", "4"])
+    task = tasks.Task("plain_mc", "mc", [s], method="loglik", template="plain")
+    path = tmp_path / "opts.jsonl"
+    got = option_scores(model, tok, task, out_path=path, batch_size=2)
+    for j, letter in enumerate("AB"):  # "Question: 2+2?\nA. 3\nB. 4 Answer: B": the letter after the prefill
+        p_ids = tok("Question: 2+2?\nA. 3\nB. 4 Answer:", add_special_tokens=False)["input_ids"]
+        ids = tok(f"Question: 2+2?\nA. 3\nB. 4 Answer: {letter}", add_special_tokens=False)["input_ids"]
+        assert ids[: len(p_ids)] == p_ids and len(ids) == len(p_ids) + 1
+        lp = _ref_logp(model, ids)
+        assert got[f"0#{j}"]["sum_logprob"] == pytest.approx(lp[len(p_ids) - 1, ids[-1]], abs=1e-4)
+        assert got[f"0#{j}"]["num_tokens"] == 1
+    lines = path.read_text().splitlines()
+    path.write_text(lines[0] + "\n")  # a crashed run wrote one option: the rerun scores only the other
+    again = option_scores(model, tok, task, out_path=path, batch_size=2)
+    assert len(path.read_text().splitlines()) == 2 and again["0#1"]["sum_logprob"] == pytest.approx(
+        got["0#1"]["sum_logprob"], abs=1e-5)
+    res = evaluate(model, tok, task, progress=False)
+    assert res["accuracy"] == float(got["0#1"]["sum_logprob"] > got["0#0"]["sum_logprob"])
+
+
+def test_text_perplexity_matches_a_plain_forward(tmp_path):
+    from test_generate import tiny_llm
+
+    from vlmjax.data.assets import smollm2_tokenizer
+    from vlmjax.eval.likelihood import text_perplexity
+
+    tok, model = smollm2_tokenizer(), tiny_llm(vocab=49152)
+    docs = [("a", "The cat sat on the mat and looked at the dog."), ("b", "Hello world")]
+
+    def ref(max_length):
+        tot, n, per = 0.0, 0, []
+        for _, text in docs:
+            ids = tok(text)["input_ids"]
+            s = 0.0
+            for start in range(0, len(ids) - 1, max_length - 1):  # windows overlapping by one token
+                w = ids[start: start + max_length]
+                lp = _ref_logp(model, w)
+                s += sum(lp[t - 1, w[t]] for t in range(1, len(w)))
+            tot, n = tot + s, n + len(ids) - 1
+            per.append(math.exp(-s / (len(ids) - 1)))
+        return math.exp(-tot / n), n, per
+
+    for max_length in (32, 4):  # one window per document, then windows of 4 tokens
+        m = text_perplexity(model, tok, docs, max_length=max_length, batch_size=2, out_dir=tmp_path)
+        want, n, per = ref(max_length)
+        assert m["perplexity"] == pytest.approx(want, rel=1e-4) and m["num_tokens"] == n
+        rows = [json.loads(x) for x in (tmp_path / "perplexity_scored.jsonl").read_text().splitlines()]
+        assert [r["perplexity"] for r in rows] == pytest.approx(per, rel=1e-4)
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in docs))
+    m = text_perplexity(model, tok, tmp_path / "docs.jsonl", max_length=4, batch_size=2, out_dir=tmp_path)
+    assert m["perplexity"] == pytest.approx(ref(4)[0], rel=1e-4) and m["task"] == "docs_perplexity"
+    (tmp_path / "bad.jsonl").write_text('{"id": 1, "txt": "x"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl: record 1 has no text field 'text'"):
+        text_perplexity(model, tok, tmp_path / "bad.jsonl")
+
+
+def test_mmlu_loader_and_cli(tmp_path):
+    from test_generate import tiny_llm
+
+    from vlmjax.convert import hf
+    from vlmjax.data.assets import smollm2_tokenizer
+    from vlmjax.eval.__main__ import main
+    from vlmjax.eval.prompts import request_for
+
+    (tmp_path / "test").mkdir()
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "test" / "algebra_test.csv").write_text('"2+2?",3,4,5,6,B\n"1+1?",2,3,4,5,A\n')
+    (tmp_path / "test" / "biology_test.csv").write_text('"Cells?",yes,no,maybe,never,A\n')
+    (tmp_path / "dev" / "algebra_dev.csv").write_text('"3+3?",6,7,8,9,A\n')
+    (tmp_path / "dev" / "biology_dev.csv").write_text('"DNA?",acid,base,salt,sugar,A\n')
+    t = tasks.mmlu(tmp_path / "test", shots=1, dev_path=tmp_path / "dev")
+    assert [s.id for s in t.samples] == ["algebra_test_0", "algebra_test_1", "biology_test_0"] and t.method == "loglik"
+    assert t.samples[0].question == "2+2?\nA. 3\nB. 4\nC. 5\nD. 6" and t.samples[0].answers == ["B"]
+    req = request_for(t, t.samples[2])  # the demonstration comes from the query's own subject
+    assert req.messages[0]["content"] == "DNA?\nA. acid\nB. base\nC. salt\nD. sugar"
+    assert req.messages[1]["content"] == "A"
+    for bad in ('"q",1,2,3,4,E\n', '"q",1,2,3,4,AB\n', '"q",1,2,3,A\n'):
+        (tmp_path / "bad.csv").write_text(bad)
+        with pytest.raises(ValueError, match="bad.csv: row 0"):
+            tasks.mmlu(tmp_path / "bad.csv")
+    with pytest.raises(ValueError, match="shots need dev_path"):
+        tasks.mmlu(tmp_path / "test", shots=1)
+    tok, model = smollm2_tokenizer(), tiny_llm(vocab=49152)
+    hf.save_causal_lm(model, tmp_path / "m", tokenizer=tok)
+    out = tmp_path / "res"
+    assert main(["--model", str(tmp_path / "m"), "--out", str(out), "mmlu", "--file", str(tmp_path / "test")]) == 0
+    res = json.loads((out / "mmlu_results.json").read_text())
+    assert res["n"] == 3 and set(res["by_kind"]) == {"algebra", "biology"}
+    (tmp_path / "doc.txt").write_text("The cat sat on the mat.")
+    assert main(["--model", str(tmp_path / "m"), "--out", str(out), "perplexity", "--file",
+                 str(tmp_path / "doc.txt")]) == 0
+    assert json.loads((out / "doc_perplexity_results.json").read_text())["num_tokens"] > 3

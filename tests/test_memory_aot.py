@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-RUNS = ("dpo_lora@fsdp8", "sft_lora@fsdp1", "sft_full@fsdp1", "sft_full@fsdp8")
+RUNS = ("dpo_lora@fsdp8", "sft_lora@fsdp1", "sft_full@fsdp1", "sft_full@fsdp8", "dpo_lora_frozen_bf16@fsdp1")
 KEY_BYTES = 8  # the step's RNG key argument (threefry: 2 x uint32), not in the analytic sums
 
 
@@ -46,8 +46,7 @@ def test_compiles_with_sane_memory_numbers(results):
 
 
 def test_full_finetune_holds_more_than_lora(results):
-    """On one device (at FSDP 8 the tiny model's replicated LoRA B matrices, rank x out with no 'embed' dim,
-    outweigh its sharded 64-wide base; at 7B scale full fine-tuning holds 1.7x LoRA's argument bytes there)."""
+    """On one device (at 7B scale full fine-tuning holds 1.7x LoRA's argument bytes at FSDP 8 too)."""
     lora, full = results["sft_lora@fsdp1"], results["sft_full@fsdp1"]
     assert full["trainable_params"] > 3 * lora["trainable_params"]
     assert full["opt_bytes"] > 3 * lora["opt_bytes"]
@@ -68,3 +67,21 @@ def test_fsdp_shards_params_and_optimizer_state(results):
     # the compiler's argument bytes (state + the same global batch, split 8 ways) shrink alike
     assert 7.0 <= one["argument"] / eight["argument"] <= 8.0, (one["argument"], eight["argument"])
     assert eight["temp"] < one["temp"]
+
+
+def test_lora_and_its_moments_shard_under_pure_fsdp(results):
+    """The rule lora_rank -> fsdp shards the LoRA B matrices (rank x out, no 'embed' dim) and their Adam moments:
+    per device, the trainable bytes are ~1/8 of the fp32 total (only biases replicated). Without the rule every B
+    (about half of the LoRA bytes here) and its moments stay whole on every device."""
+    r = results["dpo_lora@fsdp8"]
+    full = 4 * r["trainable_params"]
+    assert full / 8 <= r["trainable_bytes"] <= 1.25 * full / 8, (r["trainable_bytes"], full)
+    assert r["opt_bytes"] <= 2 * 1.25 * full / 8 + 64, (r["opt_bytes"], full)
+
+
+def test_frozen_base_bf16_with_fp32_trainable_and_moments(results):
+    """model.frozen_param_dtype=bfloat16: the frozen base is 2 bytes a parameter, the trained ones (LoRA,
+    projector) 4, and their two AdamW moments 4 each."""
+    r = results["dpo_lora_frozen_bf16@fsdp1"]
+    assert r["frozen_bytes"] == 2 * r["frozen_params"] and r["trainable_bytes"] == 4 * r["trainable_params"]
+    assert 8 * r["trainable_params"] <= r["opt_bytes"] <= 8 * r["trainable_params"] + 64, r

@@ -44,7 +44,7 @@ DEFAULT_RULES: Rules = (
     ("layers", None),
     ("norm", None),
     ("patch", None),
-    ("lora_rank", None),
+    ("lora_rank", "fsdp"),  # LoRA B (rank x out) has no embed dim: without this, pure FSDP replicates it + moments
 )
 
 _CTX: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar("vlmjax_mesh", default=None)

@@ -6,10 +6,13 @@ circle?" says there is a circle) are facts, yes/no answers confirm or exclude a 
 a single remaining candidate after exclusions is accepted. That yields captions ("A blue rectangle.") for
 pre-training-style alignment, the QA pairs for instruction tuning, and wrong-answer pairs for DPO, all offline.
 
-    python -m vlmjax.data.easy_vqa --out DIR [--splits train test] [--limit N]
+    python -m vlmjax.data.easy_vqa --out DIR [--splits train test] [--limit N] [--per-question]
 
 writes DIR/images/{split}/{n}.png, DIR/{split}.json (LLaVA conversations), DIR/{split}_captions.jsonl and
-DIR/{split}_dpo.jsonl. Image paths in the files are relative to DIR/images.
+DIR/{split}_dpo.jsonl. Image paths in the files are relative to DIR/images. `--per-question` adds recipe pools:
+DIR/{split}_questions.jsonl (LLaVA, one record per question, with its answer `kind` and the image's true
+`color` / `shape`, None where the questions do not determine them) and DIR/{split}_partial_captions.jsonl
+(caption records that state only the colour, only the shape, or both: `mentions`, with the true attributes).
 """
 
 from __future__ import annotations
@@ -54,6 +57,18 @@ def infer_attributes(questions: list[tuple[str, str]]) -> dict[str, str | None]:
     return out
 
 
+def answer_kind(answer: str) -> str:
+    """The kind of question an answer belongs to: "shape", "color" or "yes_no"."""
+    a = answer.strip().lower()
+    if a in SHAPES:
+        return "shape"
+    if a in COLORS:
+        return "color"
+    if a in ("yes", "no"):
+        return "yes_no"
+    raise ValueError(f"unknown easy-vqa answer {answer!r}")
+
+
 def caption(attrs: dict, variant: int = 0) -> str | None:
     shape, color = attrs["shape"], attrs["color"]
     if shape and color:
@@ -73,8 +88,17 @@ def _wrong_answer(answer: str, variant: int) -> str:
     raise ValueError(f"unknown answer {answer!r}")
 
 
+def partial_captions(attrs: dict) -> list[tuple[list[str], str]]:
+    """[(mentioned attributes, caption)]: colour only, shape only, both (those the attributes allow)."""
+    shape, color = attrs["shape"], attrs["color"]
+    out = [(["color"], f"A {color} shape.")] if color else []
+    out += [(["shape"], f"A {shape}.")] if shape else []
+    out += [(["color", "shape"], f"A {color} {shape}.")] if shape and color else []
+    return out
+
+
 def build_split(split: str, out: str, limit: int | None = None, src: str | None = None,
-                progress: bool = True) -> dict[str, int]:
+                per_question: bool = False, progress: bool = True) -> dict[str, int]:
     src = src or easy_vqa_data_dir()
     with open(os.path.join(src, split, "questions.json")) as f:
         questions = json.load(f)
@@ -83,7 +107,7 @@ def build_split(split: str, out: str, limit: int | None = None, src: str | None 
         by_image.setdefault(int(image_id), []).append((question, answer))
     image_ids = sorted(by_image)[:limit]
     os.makedirs(os.path.join(out, "images", split), exist_ok=True)
-    conversations, captions, pairs = [], [], []
+    conversations, captions, pairs, per_q, partial = [], [], [], [], []
     stats = {"images": 0, "captions": 0, "questions": 0, "shape_unknown": 0, "color_unknown": 0}
     for n in tqdm(image_ids, desc=f"easy-vqa {split}", unit="image", disable=not progress):
         rel = f"{split}/{n}.png"
@@ -99,29 +123,43 @@ def build_split(split: str, out: str, limit: int | None = None, src: str | None 
             captions.append({"id": sample_id, "image": rel, "caption": text, **attrs})
             turns += [{"from": "human", "value": "Describe the image briefly."}, {"from": "gpt", "value": text}]
             stats["captions"] += 1
-        for question, answer in by_image[n]:
+        for j, (question, answer) in enumerate(by_image[n]):
             turns += [{"from": "human", "value": question[0].upper() + question[1:]},
                       {"from": "gpt", "value": answer[0].upper() + answer[1:]}]
             stats["questions"] += 1
+            per_q.append({"id": f"{sample_id}_q{j}", "image": rel, "conversations": [
+                {"from": "human", "value": "<image>\n" + question[0].upper() + question[1:]},
+                {"from": "gpt", "value": answer[0].upper() + answer[1:]}], "kind": answer_kind(answer), **attrs})
+        partial += [{"id": f"{sample_id}_{'_'.join(m)}", "image": rel, "caption": c, "mentions": m, **attrs}
+                    for m, c in partial_captions(attrs)]
         turns[0]["value"] = "<image>\n" + turns[0]["value"]
         conversations.append({"id": sample_id, "image": rel, "conversations": turns})
         question, answer = by_image[n][0]
         pairs.append({"id": sample_id, "image": rel, "prompt": "<image>\n" + question[0].upper() + question[1:],
                       "chosen": answer[0].upper() + answer[1:],
                       "rejected": (w := _wrong_answer(answer, n))[0].upper() + w[1:], "source": "easy_vqa"})
-    with open(os.path.join(out, f"{split}.json"), "w") as f:
-        json.dump(conversations, f)
-    for name, rows in (("captions", captions), ("dpo", pairs)):
-        with open(os.path.join(out, f"{split}_{name}.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+    _write(os.path.join(out, f"{split}.json"), json.dumps(conversations))
+    files = [("captions", captions), ("dpo", pairs)]
+    if per_question:
+        files += [("questions", per_q), ("partial_captions", partial)]
+        stats["partial_captions"] = len(partial)
+    for name, rows in files:
+        _write(os.path.join(out, f"{split}_{name}.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
     return stats
 
 
-def build(out: str, splits=("train", "test"), limit: int | None = None, progress: bool = True
-          ) -> dict[str, dict[str, int]]:
+def _write(path: str, text: str) -> None:
+    """Whole file or nothing: a temporary file renamed into place."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def build(out: str, splits=("train", "test"), limit: int | None = None, per_question: bool = False,
+          progress: bool = True) -> dict[str, dict[str, int]]:
     """Writes the dataset under `out` (a progress bar per split unless `progress=False`); returns per-split counts."""
     os.makedirs(out, exist_ok=True)
-    return {split: build_split(split, out, limit, progress=progress) for split in splits}
+    return {split: build_split(split, out, limit, per_question=per_question, progress=progress) for split in splits}
 
 
 def main(argv=None) -> None:
@@ -130,8 +168,10 @@ def main(argv=None) -> None:
     parser.add_argument("--splits", nargs="+", default=["train", "test"], choices=["train", "test"],
                         help="splits to build (default: train test)")
     parser.add_argument("--limit", type=int, default=None, help="first N images per split (for quick tests)")
+    parser.add_argument("--per-question", action="store_true",
+                        help="also write {split}_questions.jsonl and {split}_partial_captions.jsonl (recipe pools)")
     args = parser.parse_args(argv)
-    print(json.dumps(build(args.out, args.splits, args.limit), indent=1))
+    print(json.dumps(build(args.out, args.splits, args.limit, per_question=args.per_question), indent=1))
 
 
 if __name__ == "__main__":

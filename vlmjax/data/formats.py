@@ -206,5 +206,31 @@ def parse_preference(record: dict) -> Example:
     return Example(record_id(record), prompt, images, chosen=chosen, rejected=rejected, meta=meta)
 
 
+def parse_caption_qa(record: dict, chat_template: str = "auto") -> Example:
+    """A caption record followed by chat turns about the same image (VILA^2 specialists): the `caption` fields plus
+    "conversations" (LLaVA turns, human first, no <image>). Rendered as the caption in `plain`, then the turns in
+    `chat_template` (template "plain+{chat_template}"; set it to the pipeline's template when that is not "auto")."""
+    example = parse_caption(record)
+    turns = record.get("conversations", record.get("messages"))
+    if isinstance(turns, (str, bytes)):
+        try:
+            turns = json.loads(turns)
+        except ValueError as e:
+            raise BadSample(BAD_RECORD, f"conversations is not valid JSON: {e}") from None
+    if not turns:
+        raise BadSample(EMPTY_CONVERSATION, "caption_qa record without conversations (use the caption format)")
+    qa = _messages(turns, "conversations")
+    if any(m["role"] == "system" for m in qa):
+        raise BadSample(BAD_RECORD, "caption_qa turns cannot hold a system message")
+    if any(PLACEHOLDER in m["content"] for m in qa):
+        raise BadSample(IMAGE_COUNT, f"caption_qa turns cannot hold {PLACEHOLDER}: the image is the caption's")
+    if any(m["role"] == "assistant" and not m["content"].strip() for m in qa):
+        raise BadSample(EMPTY_CONVERSATION, "an assistant turn is empty")
+    check_turns(qa)
+    example.messages += qa
+    example.template = f"plain+{chat_template}"
+    return example
+
+
 PARSERS = {"llava": parse_llava, "caption": parse_caption, "interleaved": parse_interleaved,
-           "preference": parse_preference}
+           "preference": parse_preference, "caption_qa": parse_caption_qa}

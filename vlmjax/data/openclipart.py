@@ -6,9 +6,10 @@ block is parsed (streaming, stopping at </metadata>), so the 180 MB of SVG are m
 
     python -m vlmjax.data.openclipart --out DIR [--root /usr/share/openclipart] [--limit N]
 
-writes DIR/captions.jsonl ({"id", "image", "caption", "title", "keywords"}, images relative to ROOT/png) and
-DIR/source.json ({"image_root": ROOT/png}). Symlinked duplicates (the same drawing in several categories) are kept
-once.
+writes DIR/captions.jsonl ({"id", "image", "caption", "title", "keywords", "description"}, images relative to
+ROOT/png), DIR/descriptions.jsonl (caption records whose caption is the author's short dc:description, for the
+drawings that have one) and DIR/source.json ({"image_root": ROOT/png}). Symlinked duplicates (the same drawing in
+several categories) are kept once.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def build(out: str, root: str = DEFAULT_ROOT, limit: int | None = None, progress
     if not os.path.isdir(png_root):
         raise FileNotFoundError(f"{png_root} not found: apt-get install openclipart-png openclipart-svg")
     seen, rows = set(), []
-    stats = {"images": 0, "with_metadata": 0, "duplicates": 0}
+    stats = {"images": 0, "with_metadata": 0, "duplicates": 0, "descriptions": 0}
     bar = tqdm(desc="openclipart", unit="image", total=limit, disable=not progress)
     for dirpath, dirnames, filenames in os.walk(png_root):
         dirnames.sort()
@@ -89,11 +90,12 @@ def build(out: str, root: str = DEFAULT_ROOT, limit: int | None = None, progress
             seen.add(real)
             rel = os.path.relpath(path, png_root)
             svg = os.path.join(svg_root, os.path.splitext(rel)[0] + ".svg")
-            meta = svg_metadata(svg) if os.path.isfile(svg) else {"title": "", "keywords": []}
+            meta = svg_metadata(svg) if os.path.isfile(svg) else {"title": "", "description": "", "keywords": []}
             stats["with_metadata"] += bool(meta["title"] or meta["keywords"])
             rows.append({"id": os.path.splitext(rel)[0], "image": rel,
                          "caption": make_caption(meta["title"], meta["keywords"], _fallback_title(rel)),
-                         "title": meta["title"], "keywords": meta["keywords"]})
+                         "title": meta["title"], "keywords": meta["keywords"],
+                         "description": " ".join(meta["description"].split())})
             stats["images"] += 1
             bar.update()
             if limit is not None and len(rows) >= limit:
@@ -101,12 +103,21 @@ def build(out: str, root: str = DEFAULT_ROOT, limit: int | None = None, progress
         if limit is not None and len(rows) >= limit:
             break
     bar.close()
+    descriptions = [{"id": r["id"], "image": r["image"], "caption": r["description"], "title": r["title"]}
+                    for r in rows if r["description"]]
+    stats["descriptions"] = len(descriptions)
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "captions.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    with open(os.path.join(out, "source.json"), "w") as f:
-        json.dump({"image_root": png_root, "format": "caption"}, f)
+    for name, recs in (("captions.jsonl", rows), ("descriptions.jsonl", descriptions)):
+        _write(os.path.join(out, name), "".join(json.dumps(r) + "\n" for r in recs))
+    _write(os.path.join(out, "source.json"), json.dumps({"image_root": png_root, "format": "caption"}))
     return stats
+
+
+def _write(path: str, text: str) -> None:
+    """Whole file or nothing: a temporary file renamed into place."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 def main(argv=None) -> None:

@@ -33,7 +33,7 @@ class SourceSpec:
     images. `weight`: mixing weight among sources. `format_options`: passed to the parser (e.g. interleaved
     `max_images`, `min_similarity`)."""
 
-    format: Literal["llava", "caption", "interleaved", "preference"] = "llava"
+    format: Literal["llava", "caption", "caption_qa", "interleaved", "preference"] = "llava"
     path: str | None = None
     tfds: str | None = None
     tfds_split: str = "train"

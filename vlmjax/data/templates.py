@@ -200,8 +200,46 @@ class HFTemplate:
         return text[len(done):]
 
 
-def get_template(name: str, tokenizer) -> BuiltinTemplate | HFTemplate:
-    """"auto": the tokenizer's chat template if it has one; "hf": it must; or a built-in name."""
+@dataclasses.dataclass(frozen=True)
+class PlainThenChat:
+    """A caption in the `plain` template, then chat turns in a chat template (VILA^2 specialist data):
+    `<bos><image>caption</s>` + the chat template's rendering of the later turns, without a second BOS. The first
+    two messages are the caption exchange (user: the image placeholders, assistant: the caption)."""
+
+    chat: BuiltinTemplate | HFTemplate
+    plain: BuiltinTemplate = BUILTIN_TEMPLATES["plain"]
+
+    @property
+    def name(self) -> str:
+        return f"plain+{self.chat.name}"
+
+    @property
+    def assistant_end(self) -> str:  # the caption ends with the tokenizer's eos (TextProcessor checks it has one)
+        return self.plain.assistant_end
+
+    def render(self, messages: Sequence[Message], *, bos: str, eos: str, placeholder: str = "<image>",
+               system_prompt: str | None = None) -> list[Chunk]:
+        messages = list(messages)
+        if len(messages) < 2 or [m["role"] for m in messages[:2]] != ["user", "assistant"]:
+            raise BadSample(BAD_TURNS, "a caption with chat turns starts with the caption exchange (user, assistant)")
+        chunks = self.plain.render(messages[:2], bos=bos, eos=eos, placeholder=placeholder)
+        if len(messages) == 2:
+            return chunks
+        check_turns(messages[2:])
+        if any(placeholder in m["content"] for m in messages[2:]):
+            raise BadSample(BAD_TURNS, f"the chat turns after a caption cannot hold {placeholder} (its image is "
+                                       "the caption's)")
+        chat = self.chat.render(messages[2:], bos=bos, eos=eos, placeholder=placeholder, system_prompt=system_prompt)
+        if bos and chat and chat[0][0].startswith(bos):
+            chat[0] = (chat[0][0][len(bos):], chat[0][1])
+        return chunks + [c for c in chat if c[0]]
+
+
+def get_template(name: str, tokenizer) -> BuiltinTemplate | HFTemplate | PlainThenChat:
+    """"auto": the tokenizer's chat template if it has one; "hf": it must; a built-in name; or "plain+NAME": a
+    caption in `plain`, then chat turns in NAME (PlainThenChat)."""
+    if name.startswith("plain+"):
+        return PlainThenChat(get_template(name[len("plain+"):], tokenizer))
     if name in BUILTIN_TEMPLATES:
         return BUILTIN_TEMPLATES[name]
     if name == "hf" or (name == "auto" and getattr(tokenizer, "chat_template", None)):

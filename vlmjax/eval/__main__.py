@@ -9,6 +9,8 @@
     python -m vlmjax.eval --model DIR --out results/ coco_captions --file dataset_coco.json --images coco/
     python -m vlmjax.eval --model DIR --out results/ llava_jsonl --file q.jsonl --images imgs/ --kind vqa
     python -m vlmjax.eval --model DIR --out results/ --dar easy_vqa     # STIC's describe-and-respond
+    python -m vlmjax.eval --model LM_DIR --out results/ mmlu --file mmlu/data/test   # option log-likelihood
+    python -m vlmjax.eval --model LM_DIR --out results/ perplexity --file text.txt   # or records .jsonl {"text"}
 
 Predictions are resumable; results JSON, per-sample scored predictions and a printed table end the run.
 """
@@ -22,7 +24,8 @@ from vlmjax.eval import tasks
 from vlmjax.eval.runner import evaluate, format_table
 from vlmjax.generate import cli
 
-TASKS = ("easy_vqa", "vqav2", "textvqa", "scienceqa", "mmbench", "pope", "coco_captions", "llava_jsonl")
+TASKS = ("easy_vqa", "vqav2", "textvqa", "scienceqa", "mmbench", "pope", "coco_captions", "llava_jsonl", "mmlu",
+         "perplexity")
 # What each task reads, checked before the model loads: flag -> "file" | "dir".
 NEEDS = {
     "easy_vqa": {},
@@ -33,6 +36,8 @@ NEEDS = {
     "pope": {"file": "file", "images": "dir"},
     "coco_captions": {"file": "file", "images": "dir"},
     "llava_jsonl": {"file": "file"},  # --images optional: image paths are then taken as given
+    "mmlu": {"file": "dir"},  # the MMLU data folder of one split (e.g. data/test), subject CSVs
+    "perplexity": {"file": "file"},  # .txt or .jsonl records with a "text" field
 }
 
 
@@ -51,6 +56,8 @@ def build_task(a) -> tasks.Task:
         return tasks.pope(a.file, a.images, limit=a.n)
     if a.task == "coco_captions":
         return tasks.coco_captions(a.file, a.images, split=a.split or "test", limit=a.n)
+    if a.task == "mmlu":
+        return tasks.mmlu(a.file, limit=a.n)
     return tasks.llava_jsonl(a.file, a.images or "", a.kind, limit=a.n)
 
 
@@ -88,16 +95,25 @@ def main(argv=None) -> int:
     for flag, kind in NEEDS[a.task].items():
         if getattr(a, flag) is None:
             p.error(f"{a.task} needs --{flag}")
-    cli.require_paths(p, model=(a.model, "exists"), file=(a.file, "file"), questions=(a.questions, "file"),
+    cli.require_paths(p, model=(a.model, "exists"), file=(a.file, NEEDS[a.task].get("file", "file")),
+                      questions=(a.questions, "file"),
                       annotations=(a.annotations, "file"), images=(a.images, "dir"),
                       pid_splits=(a.pid_splits, "file"))
     try:
-        task = build_task(a)
+        task = build_task(a) if a.task != "perplexity" else None
     except (OSError, ValueError, KeyError, TypeError) as e:  # a file not in the benchmark's layout
         p.error(f"{a.task}: cannot read its files ({type(e).__name__}: {e})")
 
     from vlmjax.generate.loading import load_model
 
+    if a.task == "perplexity":
+        from vlmjax.eval.likelihood import text_perplexity
+
+        model, _, tok = load_model(a.model, dtype=a.dtype)
+        result = text_perplexity(model, tok, a.file, batch_size=a.batch_size, out_dir=a.out)
+        print(format_table([result]))
+        print(json.dumps(result))
+        return 0
     model, _, tok = load_model(a.model, dtype=a.dtype)
     if a.dar:
         from vlmjax.recipes.stic.dar import dar_task

@@ -14,6 +14,12 @@ caption   BLEU-4, CIDEr-D                                       coco_captions: C
                                                                   Karpathy dataset_coco.json (with `split`)
 any       (as `kind`)                                           llava_jsonl: {"question_id", "image", "text",
                                                                   "answer" | "answers" | "label"} per line
+mc        accuracy of the most likely option (method="loglik")  mmlu: the MMLU CSVs (question, A, B, C, D, answer;
+                                                                  no header), one file per subject
+
+Prompting (vlmjax/eval/prompts.py): `shots` k-shot demonstrations drawn from `demos`; `template="plain"` for
+pre-trained (stage-1/2) checkpoints. Samples with `meta["kind"]` (easy-vqa: shape / color / yes_no; VQAv2: the
+answer type; MMLU: the subject) get per-kind metrics in the results (`by_kind`).
 """
 
 from __future__ import annotations
@@ -54,6 +60,15 @@ class Task:
     instruction: str | None = None  # appended to each question; None -> PROMPTS[kind]
     max_new_tokens: int | None = None
     vocab: list[str] | None = None  # closed answer vocabulary (vqa)
+    shots: int = 0  # in-context demonstrations before each query (vlmjax/eval/prompts.py)
+    demos: list[EvalSample] | None = None  # their pool; None -> the task's other samples
+    template: str | None = None  # None: the model's chat template; "plain": pre-training prompts
+    plain_format: str | None = None  # plain prompts' text; None -> "Question: {question} Answer:" ("" captions)
+    seed: int = 0  # demonstration draws
+    demo_kind: bool = False  # demonstrations share the query's meta["kind"] (MMLU: its subject)
+    method: str = "generate"  # "loglik" (mc): pick the option the model finds most likely (eval/likelihood.py)
+    option_format: str = "letter"  # loglik: the continuation scored is the option's letter, or its "text"
+    normalize: str = "sum"  # loglik: option score = "sum" of its token log-probs, or their "mean"
 
     def prompt(self, s: EvalSample) -> str:
         inst = PROMPTS[self.kind] if self.instruction is None else self.instruction
@@ -74,7 +89,7 @@ def vqav2(questions_json, annotations_json, image_folder, *, limit=None) -> Task
         a = ann[item["question_id"]]
         image = os.path.join(image_folder, f"COCO_{subtype}_{int(item['image_id']):012d}.jpg")
         samples.append(EvalSample(str(item["question_id"]), item["question"], [x["answer"] for x in a["answers"]],
-                                  image, meta={"answer_type": a.get("answer_type")}))
+                                  image, meta={"answer_type": a.get("answer_type"), "kind": a.get("answer_type")}))
     return Task("vqav2", "vqa", samples)
 
 
@@ -158,18 +173,61 @@ def coco_captions(json_path, image_folder, *, split: str | None = "test", limit=
     return Task("coco_captions", "caption", samples)
 
 
-def easy_vqa(split: str = "test", *, n: int | None = 200) -> Task:
-    """easy-vqa questions (single-word answers: shapes, colours, yes/no), prompted as in the training data built by
-    `vlmjax.data.easy_vqa` (capitalised question, no instruction). n questions spread evenly over the split."""
-    from vlmjax.data.assets import easy_vqa_data_dir
-
-    root = Path(easy_vqa_data_dir())
-    rows = list(enumerate(json.loads((root / split / "questions.json").read_text())))
+def _spread(rows, n):
     if n is not None and n < len(rows):
         step = len(rows) / n
         rows = [rows[int(i * step)] for i in range(n)]
+    return rows
+
+
+def easy_vqa(split: str = "test", *, n: int | None = 200, shots: int = 0, demo_split: str = "train",
+             n_demos: int = 1000, template: str | None = None) -> Task:
+    """easy-vqa questions (single-word answers: shapes, colours, yes/no), prompted as in the training data built by
+    `vlmjax.data.easy_vqa` (capitalised question, no instruction). n questions spread evenly over the split;
+    meta["kind"] is the answer kind (shape, color, yes_no). With shots, demonstrations come from n_demos
+    questions spread over demo_split."""
+    from vlmjax.data.assets import easy_vqa_data_dir
+    from vlmjax.data.easy_vqa import answer_kind
+
+    root = Path(easy_vqa_data_dir())
+
+    def load(part, count):
+        rows = _spread(list(enumerate(json.loads((root / part / "questions.json").read_text()))), count)
+        return [EvalSample(f"{part}_{i}_{image_id}", q[0].upper() + q[1:], [a],
+                           str(root / part / "images" / f"{image_id}.png"), meta={"kind": answer_kind(a)})
+                for i, (q, a, image_id) in rows]
+
     vocab = [line.strip() for line in (root / "answers.txt").read_text().splitlines() if line.strip()]
-    samples = [EvalSample(f"{split}_{i}_{image_id}", q[0].upper() + q[1:], [a],
-                          str(root / split / "images" / f"{image_id}.png"))
-               for i, (q, a, image_id) in rows]
-    return Task(f"easy_vqa_{split}", "vqa", samples, instruction="", max_new_tokens=8, vocab=vocab)
+    name = f"easy_vqa_{split}" + (f"_{shots}shot" if shots else "") + (f"_{template}" if template else "")
+    return Task(name, "vqa", load(split, n), instruction="", max_new_tokens=8, vocab=vocab, shots=shots,
+                demos=load(demo_split, n_demos) if shots else None, template=template)
+
+
+def mmlu(path, *, subjects=None, limit=None, shots: int = 0, dev_path=None, option_format: str = "letter",
+         normalize: str = "sum") -> Task:
+    """MMLU (Hendrycks et al.): `path` is one `{subject}_test.csv` or a folder of them (rows: question, A, B, C, D,
+    answer letter; no header). Scored by option log-likelihood; meta["kind"] = the subject. Demonstrations (shots)
+    come from `dev_path` (a `{subject}_dev.csv` or folder; the same subject's rows when a folder)."""
+    def read(p):
+        p = Path(p)
+        files = sorted(p.glob("*.csv")) if p.is_dir() else [p]
+        out = []
+        for f in files:
+            subject, part = f.stem.rsplit("_", 1) if "_" in f.stem else (f.stem, "")
+            if subjects is not None and subject not in subjects:
+                continue
+            with open(f, newline="", encoding="utf-8") as fh:
+                for i, row in enumerate(csv.reader(fh)):
+                    if len(row) != 6 or row[5].strip() not in ("A", "B", "C", "D"):
+                        raise ValueError(f"{f}: row {i} is not question,A,B,C,D,answer: {row[:1]}")
+                    out.append(EvalSample(f"{subject}_{part}_{i}", f"{row[0]}\n{_options(row[1:5])}",
+                                          [row[5].strip()], choices=row[1:5], meta={"kind": subject}))
+        if not out:
+            raise ValueError(f"{p}: no MMLU rows" + (f" for subjects {subjects}" if subjects else ""))
+        return out
+
+    if shots and dev_path is None:
+        raise ValueError("mmlu: shots need dev_path (the {subject}_dev.csv demonstrations)")
+    demos = read(dev_path) if shots else None
+    return Task("mmlu", "mc", _limit(read(path), limit), instruction="", max_new_tokens=1, shots=shots, demos=demos,
+                demo_kind=True, method="loglik", option_format=option_format, normalize=normalize)

@@ -29,6 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from vlmjax import sharding as shd
 from vlmjax.models.config import VLMConfig
 from vlmjax.train import optim as opt_lib
+from vlmjax.train.setup import apply_param_dtypes
 from vlmjax.train.step import jit_train_step
 
 
@@ -87,10 +88,12 @@ def aot_memory(config, vcfg: VLMConfig, mesh, *, rules=shd.DEFAULT_RULES) -> dic
     """Lower + compile the train step that `config` (a training ConfigDict: lora, train, optim, dpo, loss, data)
     describes, for model `vcfg` on `mesh`, and return per-device byte counts (see the module docstring).
 
-    vcfg must already carry the execution knobs (dtype, param_dtype, llm remat) the run would use (`with_execution`).
+    vcfg must already carry the execution knobs (dtype, param_dtype, llm remat) the run would use (`with_execution`;
+    param_dtype = `setup.build_param_dtype(config.model)`).
     """
     tc = config.train
     model = abstract_model(vcfg, config.lora if config.lora.rank else None, seed=tc.seed)
+    apply_param_dtypes(model, config.model, tuple(tc.trainable))  # as the loop does (model.frozen_param_dtype)
     graphdef, trainable, rest = opt_lib.split_trainable(model, tuple(tc.trainable))
     trainable = _with_shardings(trainable, mesh, rules)
     rest = _with_shardings(rest, mesh, rules)

@@ -15,6 +15,7 @@ def base() -> ConfigDict:
     c.model = ConfigDict(dict(init="random", path="", llm="", vision="", projector="mlp2x_gelu", tokenizer="smollm2",
                               vlm=ConfigDict(), dtype="float32", param_dtype="float32", remat="none", seed=0,
                               vision_feature_layer=-2))
+    c.model.frozen_param_dtype = ""  # e.g. "bfloat16": the untrained base in it, trained params in param_dtype
     c.model.load_params = ""  # safetensors of parameters by path (a run's trainable.safetensors) to start from
     c.lora = ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0, targets=LLAMA_LINEAR))
     c.train = ConfigDict(dict(

@@ -21,7 +21,7 @@ from vlmjax import sharding as shd
 from vlmjax.train import optim as opt_lib
 from vlmjax.train.checkpoint import Checkpointer
 from vlmjax.train.metrics import MetricsWriter
-from vlmjax.train.setup import build_model, data_config
+from vlmjax.train.setup import apply_param_dtypes, build_model, data_config
 from vlmjax.train.step import eval_loss_fn, jit_train_step, param_count
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,7 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
 
         add_lora(model, rank=config.lora.rank, alpha=config.lora.alpha, dropout=config.lora.dropout,
                  targets=config.lora.targets, seed=tc.seed)
+    apply_param_dtypes(model, config.model, tuple(tc.trainable))  # model.frozen_param_dtype (setup.py)
     if config.model.get("load_params"):
         from vlmjax.train.params_io import load_params
 

@@ -7,11 +7,17 @@ config.model.init:
             VisionConfig fields for a fresh tower) + a fresh config.model.projector
   checkpoint  a vlmjax export (same as hf: exports are HF folders)
 The tokenizer is the checkpoint's, or config.model.tokenizer ('smollm2' or an HF folder) for random init.
+
+config.model.frozen_param_dtype (e.g. "bfloat16"; "" = off): the model is built in that dtype, and after the
+adapters are attached `apply_param_dtypes` casts the parameters that train.trainable selects (LoRA, projector)
+to config.model.param_dtype, so a 7B base is held (and loaded) in bf16 while the trained parameters, their
+gradients and their Adam moments stay fp32 (STIC's LoRA at lr 1e-7: bf16 weights cannot hold those updates).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 from flax import nnx
 
@@ -28,8 +34,42 @@ def _tokenizer(name: str):
     return AutoTokenizer.from_pretrained(name)
 
 
+def build_param_dtype(mc) -> str:
+    """The dtype the model is built / loaded in: frozen_param_dtype when set, else param_dtype."""
+    return mc.get("frozen_param_dtype") or mc.get("param_dtype", "float32")
+
+
+def apply_param_dtypes(model: nnx.Module, mc, trainable: Sequence[str]) -> int:
+    """With model.frozen_param_dtype set: parameters matching `trainable` -> model.param_dtype, the others ->
+    frozen_param_dtype (floating ones; in place, concrete or abstract). Returns how many were cast."""
+    frozen = mc.get("frozen_param_dtype") or ""
+    if not frozen:
+        return 0
+    import jax
+    import jax.numpy as jnp
+
+    from vlmjax.train.optim import regex_filter
+
+    match = regex_filter(trainable)
+    dtypes = {True: jnp.dtype(mc.get("param_dtype", "float32")), False: jnp.dtype(frozen)}
+    n = 0
+    for path, node in list(nnx.iter_graph(model)):
+        if not isinstance(node, nnx.Param):
+            continue
+        x = node.get_value()
+        want = dtypes[bool(match(path, node))]
+        if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == want:
+            continue
+        if isinstance(x, jax.ShapeDtypeStruct):
+            node.set_value(jax.ShapeDtypeStruct(x.shape, want, sharding=x.sharding))
+        else:
+            node.set_value(x.astype(want))
+        n += 1
+    return n
+
+
 def build_model(mc) -> tuple[nnx.Module, VLMConfig, object]:
-    dtype, pdtype = mc.get("dtype", "float32"), mc.get("param_dtype", "float32")
+    dtype, pdtype = mc.get("dtype", "float32"), build_param_dtype(mc)
     if mc.init == "random":
         d = mc.vlm.to_dict() if hasattr(mc.vlm, "to_dict") else dict(mc.vlm)
         llm = LLMConfig(**{**d.pop("llm"), "dtype": dtype, "param_dtype": pdtype, "remat": mc.get("remat", "none")})
