@@ -162,5 +162,5 @@ def test_openclipart_build_on_a_small_tree_shows_progress(tmp_path, capsys):
         Image.new("RGB", (4, 4)).save(tmp_path / "root" / "png" / "a" / f"{name}.png")
     (tmp_path / "root" / "svg" / "a" / "red_bicycle.svg").write_bytes(SVG)
     stats = openclipart.build(str(tmp_path / "out"), root=str(tmp_path / "root"))
-    assert stats == {"images": 2, "with_metadata": 1, "duplicates": 0}
+    assert stats == {"images": 2, "with_metadata": 1, "duplicates": 0, "descriptions": 1}
     assert "openclipart: 2image" in capsys.readouterr().err  # a progress bar (no total without --limit)
