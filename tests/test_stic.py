@@ -219,7 +219,7 @@ def test_make_infused_sft_describes_each_record_when_ids_repeat(tok, model, imag
 
 def test_dar_prefixes_each_question_with_the_models_description(tok, model, images):
     from vlmjax.eval.tasks import EvalSample, Task
-    from vlmjax.recipes.stic.dar import dar_task
+    from vlmjax.eval.dar import dar_task
 
     root, _ = images
     task = Task("t", "vqa", [EvalSample(str(i), "What colour?", ["red"], str(root / f"{i % 2}.png")) for i in range(4)],

@@ -116,7 +116,7 @@ def main(argv=None) -> int:
         return 0
     model, _, tok = load_model(a.model, dtype=a.dtype)
     if a.dar:
-        from vlmjax.recipes.stic.dar import dar_task
+        from vlmjax.eval.dar import dar_task
 
         task = dar_task(model, tok, task, max_new_tokens=a.dar_max_new_tokens, batch_size=a.batch_size, out_dir=a.out,
                         progress=True)

@@ -37,7 +37,7 @@ def ones_init(key, shape, dtype):
     return jnp.ones(shape, dtype)
 
 
-class Linear(nnx.Module):
+class Linear(nnx.Module, lora.Adaptable):
     """y = einsum(x, W) + b with a multi-axis kernel, e.g. (embed) -> (heads, head_dim).
 
     One class for every projection so LoRA and quantisation have a single place to hook into.

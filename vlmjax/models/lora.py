@@ -24,6 +24,12 @@ class LoRAParam(nnx.Param):
     pass
 
 
+class Adaptable:
+    """Mixin for the layers an adapter can attach to (`layers.Linear`): `add_lora` / `merge_lora` find them by this
+    type, so this module never imports the layers that call `lora_delta` (imports run one way). Such a layer holds
+    `lora_a` / `lora_b` slots (None until an adapter is attached), `in_shape`, `out_shape` and `kernel`."""
+
+
 _DISABLED = contextvars.ContextVar("vlmjax_lora_disabled", default=False)
 _DROPOUT_KEY = contextvars.ContextVar("vlmjax_lora_dropout_key", default=None)
 _LAYER_INDEX = contextvars.ContextVar("vlmjax_layer_index", default=None)
@@ -77,13 +83,11 @@ def add_lora(model: nnx.Module, *, rank: int, alpha: float, dropout: float = 0.0
 
     A ~ N(0, 1/fan_in), B = 0, so the adapted model starts equal to the base model.
     """
-    from vlmjax.models.layers import Linear
-
     pattern = re.compile(targets)
     done = []
     key = jax.random.key(seed)
     for path, node in nnx.iter_graph(model):
-        if not isinstance(node, Linear):
+        if not isinstance(node, Adaptable):
             continue
         name = "/".join(map(str, path))
         if not pattern.search(name):
@@ -112,11 +116,9 @@ def add_lora(model: nnx.Module, *, rank: int, alpha: float, dropout: float = 0.0
 
 def merge_lora(model: nnx.Module) -> int:
     """Fold every adapter into its kernel (for export) and remove it. Returns how many were merged."""
-    from vlmjax.models.layers import Linear
-
     n = 0
     for _, node in nnx.iter_graph(model):
-        if isinstance(node, Linear) and node.lora_a is not None:
+        if isinstance(node, Adaptable) and node.lora_a is not None:
             a, b = node.lora_a[...].astype(jnp.float32), node.lora_b[...].astype(jnp.float32)
             k = node.kernel[...]
             lead = k.ndim - len(node.in_shape) - len(node.out_shape)

@@ -152,7 +152,7 @@ def evaluate(model_dir: Path, out: Path, *, n: int, dar: bool) -> dict:
     from vlmjax.eval.runner import predict, score
     from vlmjax.eval.tasks import easy_vqa
     from vlmjax.generate.loading import load_model
-    from vlmjax.recipes.stic.dar import dar_task
+    from vlmjax.eval.dar import dar_task
 
     model, _cfg, tok = load_model(model_dir)
     task = easy_vqa("test", n=n)

@@ -7,6 +7,8 @@ faithful description. Every stored prompt carries the image placeholder (the pub
 
 from __future__ import annotations
 
+from vlmjax.eval.dar import DAR_DESCRIBE, described  # noqa: F401  (DaR's prompt and layout are the library's)
+
 DETAILED = (
     "Describe the image step by step. First name the main subjects and what they are doing. Then describe the "
     "setting, the mood and the lighting. Next describe the colours and the composition. Point out any symbolic or "
@@ -34,17 +36,9 @@ SIMPLE = (
     "Describe the contents of this image.",
 )
 
-DAR_DESCRIBE = "Detail the composition and subjects within the frame."
-
-
 def with_image(prompt: str, placeholder: str = "<image>") -> str:
     """The prompt as stored and trained: the image placeholder first (LLaVA's convention)."""
     return prompt if placeholder in prompt else f"{placeholder}\n{prompt}"
-
-
-def described(description: str, question: str) -> str:
-    """The description block put before a question (stage 2 data and DaR prompts)."""
-    return f"Image description:\n{description.strip()}\n\n{question.strip()}"
 
 
 def infused(description: str, question: str, placeholder: str = "<image>") -> str:

@@ -1,5 +1,6 @@
-"""Describe-and-respond (DaR), STIC's optional inference step: the model first describes the image, then answers
-with that description inserted before the question, in the same layout as the stage-2 training data."""
+"""Describe-and-respond (DaR, from STIC): the model first describes the image, then answers with that description
+inserted before the question. The description block is the layout STIC's stage-2 data is built in
+(`recipes.stic.prompts.infused` uses `described`), so a model trained on it is evaluated on what it saw."""
 
 from __future__ import annotations
 
@@ -7,10 +8,16 @@ import dataclasses
 
 from vlmjax.eval.runner import evaluate, predict
 from vlmjax.eval.tasks import EvalSample, Task
-from vlmjax.recipes.stic import prompts as P
+
+DAR_DESCRIBE = "Detail the composition and subjects within the frame."
 
 
-def dar_task(model, tokenizer, task: Task, *, describe_prompt: str = P.DAR_DESCRIBE, max_new_tokens: int = 256,
+def described(description: str, question: str) -> str:
+    """The description block put before a question (STIC stage-2 data and DaR prompts)."""
+    return f"Image description:\n{description.strip()}\n\n{question.strip()}"
+
+
+def dar_task(model, tokenizer, task: Task, *, describe_prompt: str = DAR_DESCRIBE, max_new_tokens: int = 256,
              batch_size: int = 16, encoder=None, out_dir=None, mesh=None, progress: bool = False) -> Task:
     """`task` with each question prefixed by the model's description of its image (one per distinct image)."""
     images = {}
@@ -21,12 +28,12 @@ def dar_task(model, tokenizer, task: Task, *, describe_prompt: str = P.DAR_DESCR
                     instruction="", max_new_tokens=max_new_tokens)
     desc = predict(model, tokenizer, describe, out_dir=out_dir, batch_size=batch_size, encoder=encoder, mesh=mesh,
                    progress=progress)
-    samples = [dataclasses.replace(s, question=P.described(desc.get(str(s.image), ""), s.question))
+    samples = [dataclasses.replace(s, question=described(desc.get(str(s.image), ""), s.question))
                if s.image is not None else s for s in task.samples]
     return dataclasses.replace(task, name=f"{task.name}_dar", samples=samples)
 
 
-def evaluate_dar(model, tokenizer, task: Task, *, describe_prompt: str = P.DAR_DESCRIBE, max_new_tokens: int = 256,
+def evaluate_dar(model, tokenizer, task: Task, *, describe_prompt: str = DAR_DESCRIBE, max_new_tokens: int = 256,
                  batch_size: int = 16, encoder=None, out_dir=None, mesh=None, progress: bool = False) -> dict:
     """Metrics of `task` answered with describe-and-respond."""
     t = dar_task(model, tokenizer, task, describe_prompt=describe_prompt, max_new_tokens=max_new_tokens,
