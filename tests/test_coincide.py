@@ -288,3 +288,90 @@ def test_baselines_random_stratified_ppl(tmp_path):
     assert S.select_ppl_low(["s0", "s1", "s2", "s3"], scores, 2) == [1, 3]
     with pytest.raises(KeyError, match="no perplexity for \\['s9'\\]"):
         S.select_ppl_low(["s0", "s9"], scores, 1)
+
+
+# ---- end to end -------------------------------------------------------------------------------------------------
+
+README_COMMANDS = [
+    "python -m vlmjax.recipes.coincide features --capture runs/coincide/capture --out runs/coincide/feats",
+    "python -m vlmjax.recipes.coincide kmeans --features runs/coincide/feats --out runs/coincide/clusters --k 4 "
+    "--iters 10 --seed 1234",
+    "python -m vlmjax.recipes.coincide select --data llava.json --features runs/coincide/feats "
+    "--clusters runs/coincide/clusters --out runs/coincide/select --fraction 0.2",
+    "python -m vlmjax.recipes.coincide select --data llava.json --features runs/coincide/feats "
+    "--out runs/coincide/random --fraction 0.2 --method random --seed 0",
+]
+
+
+def _readme_commands():
+    """The commands of the README's COINCIDE section, backslash continuations joined."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    section = text.split("## COINCIDE (vlmjax/recipes/coincide)")[1].split("\n## ")[0]
+    joined = section.replace("\\\n", " ")
+    return [" ".join(line.split()) for line in joined.splitlines()
+            if line.strip().startswith("python -m vlmjax.recipes.coincide")]
+
+
+def test_recipe_end_to_end_on_a_tiny_vlm(tmp_path, monkeypatch):
+    """capture (tiny random VLM) -> features -> k-means -> select -> subset file, by the README's commands."""
+    from PIL import Image
+
+    from test_generate import smol_vlm
+    from vlmjax.data.assets import smollm2_tokenizer
+    from vlmjax.generate import llava_requests
+    from vlmjax.recipes.coincide.__main__ import main
+
+    assert _readme_commands() == README_COMMANDS
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("imgs")
+    rng = np.random.default_rng(0)
+    recs = []
+    for i in range(20):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(f"imgs/{i}.png")
+        recs.append({"id": f"q{i}", "image": f"{i}.png", "kind": ["yes", "color"][i % 2], "conversations": [
+            {"from": "human", "value": "<image>\n" + ["Is it red?", "What colour is it?"][i % 2]},
+            {"from": "gpt", "value": ["Yes.", "Blue."][i % 2]}]})
+    recs += [{"id": f"t{i}", "kind": "text", "conversations": [{"from": "human", "value": f"Say {i}."},
+                                                                 {"from": "gpt", "value": f"{i}."}]} for i in range(2)]
+    recs.insert(5, {"id": "bad", "image": "gone.png", "kind": "yes", "conversations": recs[0]["conversations"]})
+    with open("llava.json", "w") as f:
+        json.dump(recs, f)
+    tok, model = smollm2_tokenizer(), smol_vlm()
+    st = F.capture(model, tok, llava_requests("llava.json", "imgs"), "runs/coincide/capture", layers=(0, 1),
+                   model_name="tiny-random", batch_size=8, progress=False)
+    assert (st["written"], st["failed"]) == (22, 1)
+    outs = [main(shlex.split(c)[3:]) for c in README_COMMANDS]
+    _, x, meta = F.load_features("runs/coincide/feats", expect={"model": "tiny-random", "layers": [0, 1]})
+    d = model.llm.cfg.hidden_size
+    assert x.shape == (22, 2 * 2 * d) and meta["text_only"] == 2 and meta["capture_errors"] == 1
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(x, np.float32), axis=1), 1.0, atol=2e-3)
+    assert outs[1]["k"] == 4 and outs[2]["selected"] == 4 == outs[3]["selected"]  # floor(0.2 x 22 + 0.5)
+    sel = json.load(open("runs/coincide/select/selection.json"))
+    assert sel["method"] == "coincide" and sel["target"] == 4 and sel["pool"] == 22 and sel["capture_errors"] == 1
+    assert sum(c["budget"] for c in sel["clusters"]) == 4 and sel["tau"] == 0.1
+    for r in sel["selected"]:
+        c = sel["clusters"][r["cluster"]]
+        assert (r["T"], r["D"], r["budget"]) == (c["T"], c["D"], c["budget"])
+    subset = json.load(open("runs/coincide/select/llava.json"))
+    chosen = {r["id"] for r in sel["selected"]}
+    assert [r["id"] for r in subset] == [r["id"] for r in recs if r["id"] in chosen] and "bad" not in chosen
+    assert subset[0] == next(r for r in recs if r["id"] == subset[0]["id"])  # the original records, unchanged
+    # deterministic: a rerun selects the same rows; another model's features are refused
+    assert main(shlex.split(README_COMMANDS[2])[3:] + ["--out", "again"])["selected"] == 4
+    assert json.load(open("again/selection.json"))["selected"] == sel["selected"]
+    with pytest.raises(ValueError, match="model='tiny-random'.*expected model='other'"):
+        main(shlex.split(README_COMMANDS[0])[3:] + ["--model", "other", "--out", "x"])
+    with pytest.raises(ValueError, match="K=40 clusters > N=22 samples"):
+        main(shlex.split(README_COMMANDS[1])[3:] + ["--k", "40"])
+    with pytest.raises(ValueError, match="budget 30 > N=22 samples"):
+        main(["select", "--data", "llava.json", "--features", "runs/coincide/feats", "--clusters",
+              "runs/coincide/clusters", "--out", "big", "--target", "30"])
+    out = main(["select", "--data", "llava.json", "--features", "runs/coincide/feats", "--out", "strat",
+                "--target", "11", "--method", "stratified", "--label-field", "kind"])
+    strat = json.load(open("strat/selection.json"))
+    assert out["selected"] == 11 and strat["label_budgets"] == {"color": 5, "text": 1, "yes": 5}
+    # --config fills model / layers / K / seed / tau / fraction: the paper-scale reference's are not these features
+    with pytest.raises(ValueError, match=r"model='tiny-random', layers=\[0, 1\]; expected "
+                                         r"model='llava-hf/llava-interleave-qwen-0.5b-hf', layers=\[3, 7, 11, 15, 19\]"):
+        main(["select", "--data", "llava.json", "--features", "runs/coincide/feats", "--clusters",
+              "runs/coincide/clusters", "--out", "cfg", "--config", os.path.join(ROOT, "configs/coincide/llava15_7b.py")])

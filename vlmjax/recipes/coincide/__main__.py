@@ -5,6 +5,8 @@
     python -m vlmjax.recipes.coincide select --data llava.json --features FEATS --clusters CLUSTERS --out SEL \\
         --fraction 0.2 [--method coincide|transfer_only|density_only|uniform_clusters|random_in_cluster|random|
                         stratified --label-field F|ppl_low --scores ppl.jsonl]
+--config configs/coincide/llava15_7b.py fills the flags not given (model, layers, k, iters, seed, tau, fraction)
+from the config's `coincide` block.
 """
 
 from __future__ import annotations
@@ -99,6 +101,32 @@ def cmd_select(a) -> dict:
             "subset": os.path.join(a.out, subset)}
 
 
+DEFAULTS = {"k": None, "iters": 50, "seed": 1234, "tau": 0.1, "fraction": None}
+
+
+def _fill(a) -> None:
+    """Flags not given: from --config's `coincide` block, else DEFAULTS; kmeans needs K, select a size."""
+    block = {}
+    if a.config:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("coincide_config", a.config)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        cfg = mod.get_config()
+        if "coincide" not in cfg:
+            raise ValueError(f"{a.config} has no `coincide` block")
+        block = cfg.coincide.to_dict()
+    for name in ("model", "layers") + tuple(DEFAULTS):
+        if hasattr(a, name) and getattr(a, name) is None:
+            value = block.get(name, DEFAULTS.get(name))
+            setattr(a, name, list(value) if name == "layers" and value is not None else value)
+    if a.cmd == "kmeans" and a.k is None:
+        raise SystemExit("kmeans: give --k (or --config)")
+    if a.cmd == "select" and a.fraction is None and a.target is None:
+        raise SystemExit("select: give --fraction or --target (or --config)")
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m vlmjax.recipes.coincide", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -108,27 +136,29 @@ def main(argv=None) -> dict:
         s.add_argument("--out", required=True)
         s.add_argument("--model", help="expected reference model name (checked against the capture)")
         s.add_argument("--layers", type=int, nargs="+", help="expected captured layers")
+        s.add_argument("--config", help="a config file with a `coincide` block (configs/coincide/llava15_7b.py)")
         if name == "features":
             s.add_argument("--capture", required=True)
         else:
             s.add_argument("--features", required=(name == "kmeans"))
-            s.add_argument("--seed", type=int, default=1234)
+            s.add_argument("--seed", type=int)
         if name == "kmeans":
-            s.add_argument("--k", type=int, required=True)
-            s.add_argument("--iters", type=int, default=50)
+            s.add_argument("--k", type=int)
+            s.add_argument("--iters", type=int)
             s.add_argument("--backend", default="jax", choices=("jax", "faiss"))
         if name == "select":
             s.add_argument("--data", required=True, help="the original LLaVA-format JSON")
             s.add_argument("--clusters")
             s.add_argument("--method", default="coincide", choices=S.METHODS)
-            g = s.add_mutually_exclusive_group(required=True)
+            g = s.add_mutually_exclusive_group()
             g.add_argument("--fraction", type=float)
             g.add_argument("--target", type=int)
-            s.add_argument("--tau", type=float, default=0.1)
+            s.add_argument("--tau", type=float)
             s.add_argument("--label-field")
             s.add_argument("--scores")
             s.add_argument("--subset-name", help="subset file name (default: the data file's name)")
     a = p.parse_args(argv)
+    _fill(a)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = {"features": cmd_features, "kmeans": cmd_kmeans, "select": cmd_select}[a.cmd](a)
     print(json.dumps(out))

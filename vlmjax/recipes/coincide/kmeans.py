@@ -136,6 +136,8 @@ def spherical_kmeans(x, k: int, *, iters: int = 50, seed: int = 1234, backend: s
         mesh = make_mesh()
     key = {"n": n, "d": d, "k": k, "seed": seed}
     ckpt = os.path.join(out_dir, "kmeans_ckpt.npz") if out_dir else None
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
     c, start, history = init_centroids(x, k, seed), 0, []
     if ckpt and os.path.exists(ckpt):
         z = np.load(ckpt)
