@@ -83,14 +83,19 @@ class _JaxRows:
         nd = mesh.shape["data"]
         self.block = max(1, min(block, -(-self.n // nd)))
         total = -(-self.n // (nd * self.block)) * nd * self.block
-        xs = np.zeros((total, x.shape[1]), np.float32)
-        for s in range(0, self.n, 65536):  # from a memmap without a second fp32 copy of everything
-            e = min(s + 65536, self.n)
-            xs[s:e] = x[s:e]
+        d = x.shape[1]
+
+        def rows(idx):  # one device's block of rows, read from the (memmapped) features and cast on the way
+            lo, hi, _ = idx[0].indices(total)
+            out = np.zeros((hi - lo, d), np.float32)
+            if lo < self.n:
+                out[: min(hi, self.n) - lo] = x[lo: min(hi, self.n)]
+            return out
+
         w = np.zeros(total, np.float32)
         w[: self.n] = 1.0
-        sh = NamedSharding(mesh, P("data"))  # each process places only its own devices' rows
-        self.x = jax.make_array_from_callback(xs.shape, sh, lambda i: xs[i])
+        sh = NamedSharding(mesh, P("data"))  # each process reads only its own devices' rows
+        self.x = jax.make_array_from_callback((total, d), sh, rows)
         self.w = jax.make_array_from_callback(w.shape, sh, lambda i: w[i])
 
     def step(self, c: np.ndarray, k: int):
