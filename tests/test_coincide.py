@@ -183,7 +183,7 @@ def test_kmeans_rows_sharded_over_8_devices_equal_numpy(tmp_path):
 
 def test_kmeans_faiss_backend_same_init():
     """faiss-cpu (optional) from the same init: same assignments, centroids and objective log (no empty clusters
-    here; faiss splits empty clusters its own way)."""
+    here; faiss splits empty clusters its own way). Passes with faiss-cpu 1.15.1."""
     pytest.importorskip("faiss", reason="optional: pip install 'vlmjax[faiss]' (faiss-cpu)")
     x = _blobs()
     r_f = K.spherical_kmeans(x, 6, iters=20, seed=3, backend="faiss")
@@ -191,7 +191,9 @@ def test_kmeans_faiss_backend_same_init():
     assert r_f["empty"] == r_j["empty"] == 0
     np.testing.assert_array_equal(r_f["assign"], r_j["assign"])
     np.testing.assert_allclose(r_f["centroids"], r_j["centroids"], atol=1e-5)
-    np.testing.assert_allclose(r_f["objective"], r_j["objective"], atol=1e-5)
+    m = len(r_f["objective"])  # faiss stops once converged; ours keeps iterating at the same objective
+    np.testing.assert_allclose(r_f["objective"], r_j["objective"][:m], atol=1e-5)
+    np.testing.assert_allclose(r_j["objective"][m:], r_f["objective"][-1], atol=1e-5)
 
 
 # ---- selection formulas -----------------------------------------------------------------------------------------
