@@ -181,6 +181,39 @@ def test_kmeans_rows_sharded_over_8_devices_equal_numpy(tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "c.npy"), c_ref, atol=1e-5)
 
 
+KMEANS_2PROC = """
+import sys, numpy as np, jax
+coordinator, pid = sys.argv[1], int(sys.argv[2])
+jax.distributed.initialize(coordinator, 2, pid)
+from vlmjax.recipes.coincide import kmeans as K
+assert jax.process_count() == 2 and len(jax.devices()) == 2
+r = K.spherical_kmeans(np.load("x.npy", mmap_mode="r"), 7, iters=8, seed=5, block=8)
+np.save(f"a{pid}.npy", r["assign"]); np.save(f"c{pid}.npy", r["centroids"])
+"""
+
+
+@pytest.mark.slow
+def test_kmeans_two_processes_equal_numpy(tmp_path):
+    """Two jax.distributed CPU processes: each places its own rows; per-cluster sums psum'd across processes."""
+    import socket
+
+    x = _blobs(n=203, d=8, k_true=4, seed=2)
+    np.save(tmp_path / "x.npy", x)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "PYTHONPATH": ROOT}
+    procs = [subprocess.Popen([sys.executable, "-c", KMEANS_2PROC, f"127.0.0.1:{port}", str(i)], cwd=tmp_path,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    c_ref, a_ref, _ = numpy_kmeans(x, 7, 8, seed=5)
+    for i in range(2):
+        np.testing.assert_array_equal(np.load(tmp_path / f"a{i}.npy"), a_ref)
+        np.testing.assert_allclose(np.load(tmp_path / f"c{i}.npy"), c_ref, atol=1e-5)
+
+
 def test_kmeans_faiss_backend_same_init():
     """faiss-cpu (optional) from the same init: same assignments, centroids and objective log (no empty clusters
     here; faiss splits empty clusters its own way). Passes with faiss-cpu 1.15.1."""
@@ -280,6 +313,26 @@ def test_select_clusters_exact_count_and_errors():
             assert sum(r["assign"][i] == c["cluster"] for i in out["picked"]) == c["budget"]
     with pytest.raises(ValueError, match="budget 81 > N=80 samples"):
         S.select_clusters(x4, r["assign"], c4, 1, 81)
+
+
+def test_select_clusters_skips_empty_cluster_ids():
+    """A cluster id with no rows (allowed up to 5%) takes no part in T, D or the budgets (the reference's arrays
+    assume every id is present)."""
+    rng = np.random.default_rng(0)
+    x = _l2n_rows(rng.normal(size=(30, 8)))
+    cents = _l2n_rows(rng.normal(size=(4, 8)))
+    assign = np.array([0, 1, 3] * 10)  # cluster 2 empty
+    out = S.select_clusters(x, assign, cents, 1, 9)
+    c = out["clusters"]
+    assert c[2] == {"cluster": 2, "size": 0, "T": None, "D": None, "P": 0.0, "budget": 0}
+    t_ref = S.transferability(cents[[0, 1, 3]], 1)
+    assert np.allclose([c[i]["T"] for i in (0, 1, 3)], t_ref)
+    assert np.isclose(c[3]["D"], S.density(x[assign == 3]))
+    assert sum(v["budget"] for v in c) == 9 == len(out["picked"])
+
+
+def _l2n_rows(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 def test_baselines_random_stratified_ppl(tmp_path):
