@@ -425,6 +425,11 @@ def test_recipe_end_to_end_on_a_tiny_vlm(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="budget 30 > N=22 samples"):
         main(["select", "--data", "llava.json", "--features", "runs/coincide/feats", "--clusters",
               "runs/coincide/clusters", "--out", "big", "--target", "30"])
+    with open("other.json", "w") as f:
+        json.dump(recs[:3], f)
+    with pytest.raises(KeyError, match="19 feature ids are not samples of other.json"):
+        main(["select", "--data", "other.json", "--features", "runs/coincide/feats", "--out", "o", "--target", "2",
+              "--method", "random"])
     out = main(["select", "--data", "llava.json", "--features", "runs/coincide/feats", "--out", "strat",
                 "--target", "11", "--method", "stratified", "--label-field", "kind"])
     strat = json.load(open("strat/selection.json"))

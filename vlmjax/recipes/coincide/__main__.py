@@ -63,6 +63,10 @@ def cmd_select(a) -> dict:
         raise ValueError(f"--method {a.method} needs --features and --clusters")
     else:
         pool = keys
+    known = set(keys)
+    stray = [k for k in pool if k not in known]
+    if stray:
+        raise KeyError(f"{a.features}: {len(stray)} feature ids are not samples of {a.data} (first {stray[:3]})")
     target = _target(a, len(pool))
     info.update(pool=len(pool), target=target)
     if a.method in S.CLUSTER_METHODS:
