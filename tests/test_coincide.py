@@ -36,17 +36,19 @@ def test_sample_vectors_formula_norms_and_text_only():
     rng = np.random.default_rng(0)
     rows = rng.normal(size=(4, 1, 3, 2, 5)).astype(np.float32)
     rows[2, 0, :, 0] = 0.0  # text-only sample: image means are zero
-    vec, text_only = F.sample_vectors(rows)
-    assert vec.shape == (4, 2 * 3 * 5) and text_only.tolist() == [False, False, True, False]
+    vec, text_only, bad = F.sample_vectors(rows)
+    assert vec.shape == (4, 2 * 3 * 5) and text_only.tolist() == [False, False, True, False] and bad == {}
     for i in (0, 1, 3):
         np.testing.assert_allclose(vec[i], _ref_vector(rows[i]), atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(vec, axis=1), 1.0, atol=1e-6)
     img_half = vec[2].reshape(3, 2, 5)[:, 0]
     assert np.all(img_half == 0) and np.all(np.isfinite(vec))
     np.testing.assert_allclose(vec[2], _ref_vector(rows[2]) * np.sqrt(2), atol=1e-6)
-    rows[1, 0, 1, 1] = 0.0
-    with pytest.raises(ValueError, match=r"rows \[1\]: zero text mean"):
-        F.sample_vectors(rows)
+    rows[1, 0, 1, 1] = 0.0  # no text after the image at layer 1: no vector (never NaN)
+    rows[3, 0, 2, 0] = 0.0  # an image mean that is zero at one layer only
+    vec, text_only, bad = F.sample_vectors(rows)
+    assert bad == {1: "zero text mean (no text after the image)", 3: "zero image mean at some layers only"}
+    assert np.all(vec[[1, 3]] == 0) and np.all(np.isfinite(vec)) and text_only.tolist() == [False, False, True, False]
 
 
 def _capture_dir(path, n=10, layers=(3, 7), d=4, span="after_image", seed=0, shard_size=4, centers=None):
@@ -67,11 +69,14 @@ def test_build_features_streams_shards_and_checks_meta(tmp_path):
     text_only = rows[4:5].copy()
     text_only[0, 0, :, 0] = 0.0
     _capture_dir(tmp_path / "cap2", n=10)
+    no_text = rows[:1].copy()
+    no_text[0, 0, 1, 1] = 0.0
     w = ShardWriter(tmp_path / "cap", rows.shape[1:], "float16", shard_size=4)  # a text-only sample appended
-    w.add(["t"], text_only)
+    w.add(["z", "t"], np.concatenate([no_text, text_only]))  # and one without text after its image: dropped
     w.close()
     info = F.build_features(tmp_path / "cap", tmp_path / "f", expect={"layers": (3, 7)}, model="ref-a")
     assert info["dim"] == 2 * 2 * 4 and info["rows"] == 11 and info["text_only"] == 1 and info["model"] == "ref-a"
+    assert info["dropped"] == {"z": "zero text mean (no text after the image)"}
     got_ids, x, meta = F.load_features(tmp_path / "f", expect={"model": "ref-a", "layers": [3, 7]})
     assert got_ids == ids + ["t"] and x.dtype == np.float16 and isinstance(x, np.memmap)
     ref = np.stack([_ref_vector(r) for r in rows] + [_ref_vector(text_only[0]) * np.sqrt(2)])

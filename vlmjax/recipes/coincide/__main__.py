@@ -59,6 +59,7 @@ def cmd_select(a) -> dict:
         pool, x, meta = F.load_features(a.features, expect=_expect(a))
         info["capture_errors"] = meta.get("capture_errors", 0)
         info["text_only"] = meta.get("text_only", 0)
+        info["feature_dropped"] = len(meta.get("dropped", {}))
     elif a.method in S.CLUSTER_METHODS:
         raise ValueError(f"--method {a.method} needs --features and --clusters")
     else:

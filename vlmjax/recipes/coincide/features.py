@@ -3,23 +3,26 @@
 Per layer l (v = image mean, t = after-image text mean of the attention output, from `scoring.capture_dataset`
 with parts=("attn",), span="after_image"):  f_l = [l2n(tanh(v)), l2n(tanh(t))] / sqrt(2L); f = concat_l f_l,
 so |f| = 1 and dim = 2 L D. A text-only sample has v = 0: its image halves stay 0 and its text halves are scaled
-by sqrt(2) so the row norm is still 1 (counted in meta.json as `text_only`); a zero text half (no text after the
-image) is an error, never a NaN row. The reference zeroes NaN rows instead (reference bugs, coincide.md).
+by sqrt(2) so the row norm is still 1 (counted in meta.json as `text_only`). A sample with a zero text mean (no
+text after the image) is dropped and listed in meta.json `dropped` {id: why}, never a NaN or zero row (the
+reference zeroes NaN rows and clusters them).
 
 Output folder: features.npy (N, 2LD) float16 (np.load(..., mmap_mode="r")), ids.json, meta.json
-{"model", "layers", "span", "parts", "hidden", "dim", "rows", "text_only", "capture_errors"}; written under temp
-names and renamed, so a folder with meta.json is complete.
+{"model", "layers", "span", "parts", "hidden", "dim", "rows", "text_only", "capture_errors", "dropped"}; written
+under temp names and renamed, meta.json last, so a folder with meta.json is complete.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import numpy as np
 
 from vlmjax.scoring import open_shards
 
+log = logging.getLogger(__name__)
 EXPECT_KEYS = ("model", "layers", "span", "parts")
 SPAN, PARTS = "after_image", ["attn"]
 
@@ -29,23 +32,22 @@ def _l2n(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x / np.where(n > 0, n, 1.0), n[..., 0]
 
 
-def sample_vectors(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(B, 1, L, 2, D) capture rows -> ((B, 2LD) fp32 unit vectors, (B,) bool text-only). Raises on a row whose
-    text half is zero at some layer (its index in the batch is in the message)."""
+def sample_vectors(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    """(B, 1, L, 2, D) capture rows -> ((B, 2LD) fp32 unit vectors, (B,) bool text-only, {row: why} for rows
+    that cannot make a vector: a zero text mean at some layer (no text after the image) or an image mean that is
+    zero at some layers only; their vectors are left zero for the caller to drop)."""
     x = np.asarray(rows, np.float32)
     if x.ndim != 5 or x.shape[1] != 1 or x.shape[3] != 2:
         raise ValueError(f"capture rows {x.shape}: expected (B, 1 part, L, 2 groups, D)")
     b, _, n_layers, _, d = x.shape
     u, norms = _l2n(np.tanh(x[:, 0]))  # (B, L, 2, D), (B, L, 2)
-    bad = np.flatnonzero((norms[:, :, 1] == 0).any(1))
-    if bad.size:
-        raise ValueError(f"rows {bad.tolist()}: zero text mean (no text after the image)")
     no_image = (norms[:, :, 0] == 0).all(1)
-    partial = (norms[:, :, 0] == 0).any(1) & ~no_image
-    if partial.any():
-        raise ValueError(f"rows {np.flatnonzero(partial).tolist()}: zero image mean at some layers only")
+    bad = {int(i): "zero text mean (no text after the image)" for i in np.flatnonzero((norms[:, :, 1] == 0).any(1))}
+    for i in np.flatnonzero((norms[:, :, 0] == 0).any(1) & ~no_image):
+        bad.setdefault(int(i), "zero image mean at some layers only")
     u[no_image, :, 1] *= np.sqrt(2.0)
-    return (u / np.sqrt(2 * n_layers)).reshape(b, 2 * n_layers * d), no_image
+    u[list(bad)] = 0.0
+    return (u / np.sqrt(2 * n_layers)).reshape(b, 2 * n_layers * d), no_image & ~np.isin(np.arange(b), list(bad)), bad
 
 
 def check_meta(capture_dir, index_meta: dict, expect: dict | None) -> None:
@@ -98,40 +100,43 @@ def build_features(capture_dir, out_dir, *, expect: dict | None = None, model: s
     n_parts, n_layers, n_groups, d = view.row_shape
     dim = 2 * n_layers * d
     os.makedirs(out_dir, exist_ok=True)
+    meta_path = os.path.join(out_dir, "meta.json")
+    if os.path.exists(meta_path):  # meta.json marks a complete folder: gone until this build is
+        os.remove(meta_path)
     final = os.path.join(out_dir, "features.npy")
     tmp = final + ".tmp.npy"
+    # rows are written in capture order; dropped rows shrink the file to the kept count at the end
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(view), dim))
-    start, text_only = 0, 0
+    start, text_only, kept, dropped = 0, 0, [], {}
     for ids, rows in view.iter_shards():
         for b in range(0, len(ids), 4096):
-            chunk = rows[b: b + 4096]
-            try:
-                vec, no_img = sample_vectors(chunk)
-            except ValueError as e:
-                raise ValueError(f"{capture_dir}: {_name_rows(str(e), ids[b:b + 4096])}") from e
-            out[start: start + len(vec)] = vec.astype(np.float16)
+            vec, no_img, bad = sample_vectors(rows[b: b + 4096])
+            keep = np.ones(len(vec), bool)
+            keep[list(bad)] = False
+            for pos, why in bad.items():
+                dropped[ids[b + pos]] = why
+            out[start: start + int(keep.sum())] = vec[keep].astype(np.float16)
+            kept += [i for i, k in zip(ids[b: b + 4096], keep) if k]
             text_only += int(no_img.sum())
-            start += len(vec)
+            start += int(keep.sum())
     out.flush()
     del out
+    if dropped:
+        log.warning("%s: %d samples dropped (%s)", capture_dir, len(dropped), list(dropped.items())[:3])
+        full = np.load(tmp, mmap_mode="r")
+        short = np.lib.format.open_memmap(tmp + ".kept.npy", mode="w+", dtype=np.float16, shape=(start, dim))
+        for s0 in range(0, start, 65536):
+            short[s0: s0 + 65536] = full[s0: min(s0 + 65536, start)]
+        short.flush()
+        del short, full
+        os.replace(tmp + ".kept.npy", tmp)
     os.replace(tmp, final)
     info = {"model": meta.get("model"), "layers": meta.get("layers"), "span": meta.get("span"),
-            "parts": meta.get("parts"), "hidden": d, "dim": dim, "rows": len(view), "text_only": text_only,
-            "capture_errors": len(view.errors)}
-    _write_json(os.path.join(out_dir, "ids.json"), view.ids)
+            "parts": meta.get("parts"), "hidden": d, "dim": dim, "rows": start, "text_only": text_only,
+            "capture_errors": len(view.errors), "dropped": dropped}
+    _write_json(os.path.join(out_dir, "ids.json"), kept)
     _write_json(os.path.join(out_dir, "meta.json"), info)
     return info
-
-
-def _name_rows(msg: str, ids) -> str:
-    """Replace the batch positions in a `sample_vectors` error by the sample ids."""
-    import re
-
-    m = re.match(r"rows \[([0-9, ]*)\]: (.*)", msg)
-    if not m:
-        return msg
-    pos = [int(x) for x in m.group(1).split(",")]
-    return f"samples {[ids[p] for p in pos][:5]}: {m.group(2)}"
 
 
 def _write_json(path: str, obj) -> None:
