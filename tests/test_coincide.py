@@ -430,6 +430,11 @@ def test_recipe_end_to_end_on_a_tiny_vlm(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="budget 30 > N=22 samples"):
         main(["select", "--data", "llava.json", "--features", "runs/coincide/feats", "--clusters",
               "runs/coincide/clusters", "--out", "big", "--target", "30"])
+    F.build_features("runs/coincide/capture", "feats2")  # same rows, other order: the clusters do not fit them
+    ids2 = json.load(open("feats2/ids.json"))
+    json.dump(ids2[::-1], open("feats2/ids.json", "w"))
+    with pytest.raises(ValueError, match="clustered other rows .* than feats2 holds"):
+        main(shlex.split(README_COMMANDS[2].replace("runs/coincide/feats", "feats2"))[3:])
     with open("other.json", "w") as f:
         json.dump(recs[:3], f)
     with pytest.raises(KeyError, match="19 feature ids are not samples of other.json"):

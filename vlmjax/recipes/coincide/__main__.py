@@ -36,8 +36,15 @@ def cmd_kmeans(a) -> dict:
     ids, x, meta = F.load_features(a.features, expect=_expect(a))
     r = K.spherical_kmeans(x, a.k, iters=a.iters, seed=a.seed, backend=a.backend, out_dir=a.out)
     K.save_clusters(a.out, r, ids, {"k": a.k, "iters": a.iters, "seed": a.seed, "backend": a.backend,
-                                    "features": os.path.abspath(a.features), "model": meta.get("model")})
+                                    "features": os.path.abspath(a.features), "model": meta.get("model"),
+                                    "ids_sha1": _ids_sha1(ids)})
     return {"k": a.k, "objective": r["objective"][-1], "empty": r["empty"], "max_centroid_cos": r["max_centroid_cos"]}
+
+
+def _ids_sha1(ids) -> str:
+    import hashlib
+
+    return hashlib.sha1(json.dumps(list(ids)).encode()).hexdigest()
 
 
 def _target(a, n: int) -> int:
@@ -74,8 +81,9 @@ def cmd_select(a) -> dict:
         if not a.clusters:
             raise ValueError(f"--method {a.method} needs --clusters")
         centroids, assign, kinfo = K.load_clusters(a.clusters)
-        if kinfo["n"] != len(pool):
-            raise ValueError(f"{a.clusters} clusters {kinfo['n']} rows, {a.features} has {len(pool)}")
+        if kinfo["n"] != len(pool) or kinfo.get("ids_sha1") != _ids_sha1(pool):
+            raise ValueError(f"{a.clusters} clustered other rows ({kinfo['n']} from {kinfo.get('features')}) than "
+                             f"{a.features} holds ({len(pool)}): rerun kmeans on these features")
         r = S.select_clusters(x, assign, centroids, len(meta["layers"]), target, method=a.method, tau=a.tau,
                               seed=a.seed)
         picked, info["tau"], info["clusters"] = r["picked"], a.tau, r["clusters"]
