@@ -33,7 +33,7 @@ def parse_mesh(text: str | None):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="HF LLaVA (or causal LM) folder")
+    src.add_argument("--model", help="vlmjax native or HF LLaVA (or causal LM) folder")
     src.add_argument("--gguf", help="GGUF file of a text-only LLM")
     p.add_argument("--data", help="LLaVA JSON / JSONL file of conversations (prompt = first human turn)")
     p.add_argument("--image-folder", help="root of the image paths in --data, or the images to describe")
@@ -48,7 +48,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--template", default="auto", help="chat template: auto | hf | a built-in name")
-    p.add_argument("--resize-mode", default="pad_to_square_mean", choices=["pad_to_square_mean", "resize", "crop"])
+    p.add_argument("--resize-mode", default=None, choices=["pad_to_square_mean", "resize", "crop"],
+                   help="default: the model's (its config records it); a different value is an error")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--mesh", default=None, help="data,fsdp,tensor sizes, e.g. -1,1,1")
     args = p.parse_args(argv)
