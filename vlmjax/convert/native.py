@@ -117,10 +117,14 @@ def write_folder(out_dir, record: dict, tensors, tokenizer=None, *, max_shard_by
         return out_dir
     tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    write_safetensors(tensors, tmp, max_shard_bytes)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp))
-    (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2))  # last: its presence marks a complete folder
+    try:
+        write_safetensors(tensors, tmp, max_shard_bytes)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2))  # last: its presence marks a complete folder
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = out_dir.with_name(out_dir.name + f".old-{os.getpid()}")
     if out_dir.exists():
         os.replace(out_dir, old)
