@@ -42,7 +42,7 @@ def stage_config(name: str, root: Path, sources, **over):
     spec.loader.exec_module(m)
     c = m.get_config()
     c.model.dtype, c.model.remat = "float32", "none"
-    c.train.steps, c.train.save_every, c.optim.warmup_frac = 1, 100, 0.0
+    c.train.steps, c.train.save_every, c.optim.schedule = 1, 100, "constant"
     c.data.batch_size, c.data.seq_len, c.data.max_images = 2, 96, 8
     c.data.sources = sources
     c.export_dir = c.export_dir.replace("runs/vila", str(root))
