@@ -88,3 +88,23 @@ def test_average_mismatches_name_what_differs(tmp_path):
     with pytest.raises(Mismatch, match="tensor projector/linear_2/bias is in .*tok2 only"):
         average_folders([tmp_path / "tok", tmp_path / "tok2"], tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_model_init_checkpoint_reads_native_and_hf_folders(tmp_path):
+    from ml_collections import ConfigDict
+
+    from vlmjax.generate.loading import load_model
+    from vlmjax.train.setup import build_model
+
+    model = write(tmp_path / "native")
+    save_vlm(model, tmp_path / "hf", tokenizer=tokenizer())
+    ref = params(model)
+    for init, folder in (("checkpoint", "native"), ("checkpoint", "hf"), ("native", "native"), ("hf", "hf")):
+        mc = ConfigDict(dict(init=init, path=str(tmp_path / folder), dtype="float32", param_dtype="float32"))
+        loaded, cfg, tok = build_model(mc)
+        assert tok.convert_tokens_to_ids("w0") == 3 and cfg.projector == "mlp2x_gelu"
+        assert all(np.array_equal(v, ref[k]) for k, v in params(loaded).items()), (init, folder)
+    with pytest.raises(ValueError, match="is a hf folder, but native was asked for"):
+        build_model(ConfigDict(dict(init="native", path=str(tmp_path / "hf"))))
+    m, cfg, tok = load_model(tmp_path / "native")
+    assert cfg == tiny_cfg() and all(np.array_equal(v, ref[k]) for k, v in params(m).items())

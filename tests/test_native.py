@@ -172,3 +172,22 @@ def test_config_records_preprocessing_and_consumers_use_it():
         image_spec_for(catty, "pad_to_square_mean")
     with pytest.raises(ValueError, match="image_layout='llava_next' needs image_tiling='anyres'"):
         tiny_cfg(tiling="llava_next", image_tiling="none")
+
+
+def test_a_loaded_adapter_continues_and_a_different_rank_is_an_error(tmp_path):
+    from ml_collections import ConfigDict
+
+    from vlmjax.models.lora import add_lora, lora_rank
+    from vlmjax.train.setup import attach_lora
+
+    model = VLM(tiny_cfg("linear"), rngs=nnx.Rngs(0))
+    add_lora(model, rank=4, alpha=8.0, targets=r"llm/layers/self_attn/q_proj$")
+    save_native(model, tmp_path / "m", lora="adapter")
+    lc = ConfigDict(dict(rank=4, alpha=8.0, dropout=0.0, targets="q_proj$"))
+    loaded, _ = load_native(tmp_path / "m")
+    attach_lora(loaded, lc, seed=0)  # continues the stored adapter instead of adding a second one
+    assert lora_rank(loaded) == 4 and np.array_equal(params(loaded)["llm/layers/self_attn/q_proj/lora_a"],
+                                                     params(model)["llm/layers/self_attn/q_proj/lora_a"])
+    lc.rank = 8
+    with pytest.raises(ValueError, match="lora.rank=8 but the loaded model carries rank-4 adapters"):
+        attach_lora(loaded, lc, seed=0)

@@ -107,8 +107,8 @@ def test_train_config_disagreeing_with_the_loaded_model_is_an_error(data, tmp_pa
     from vlmjax.models import VLM
     from vlmjax.train.setup import build_model, data_config
 
-    c = stage_config("stage1_align", tmp_path, (), **{"model.init": "random", "model.vlm": {**TINY_VLM, "projector": "linear"},
-                                                      "model.tokenizer": "smollm2"})
+    c = stage_config("stage1_align", tmp_path, (), **{
+        "model.init": "random", "model.vlm": {**TINY_VLM, "projector": "linear"}, "model.tokenizer": "smollm2"})
     model, cfg, tok = build_model(c.model, image={"tiling": "catty"})
     assert cfg.image_tiling == "catty" and model.cfg == cfg  # a fresh model records the run's preprocessing
     save_native(model, tmp_path / "m", tokenizer=tok)
@@ -116,5 +116,6 @@ def test_train_config_disagreeing_with_the_loaded_model_is_an_error(data, tmp_pa
         "model.path": str(tmp_path / "m"), "data.image": {"tiling": "none"}})
     loaded, cfg2, tok2 = build_model(c2.model, image=c2.data.image)
     assert isinstance(loaded, VLM) and cfg2.image_tiling == "catty"
-    with pytest.raises(ValueError, match="tiling='none' disagrees with the model, whose config records image_tiling='catty'"):
+    with pytest.raises(ValueError, match="tiling='none' disagrees with the model, whose config records "
+                                         "image_tiling='catty'"):
         data_config(c2.data, cfg2, tok2, mode="sft", seed=0)

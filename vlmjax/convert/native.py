@@ -192,7 +192,8 @@ def load_native(folder, *, dtype: str = "float32", param_dtype: str = "float32",
             raise MissingTensor(f"{folder}: no tensor for parameter {name}")
         arr = source.get(name)
         if tuple(arr.shape) != tuple(var.shape):
-            raise ValueError(f"{folder}: tensor {name} has shape {tuple(arr.shape)}, the model's parameter {tuple(var.shape)}")
+            raise ValueError(f"{folder}: tensor {name} has shape {tuple(arr.shape)}, the model's parameter "
+                             f"{tuple(var.shape)}")
         arr = arr.astype(var.dtype, copy=False)
         if mesh is None:
             value = jnp.asarray(arr)

@@ -231,7 +231,8 @@ def model_image_spec(cfg, **over) -> ImageSpec:
     spec = ImageSpec(**kw)
     for key, value in over.items():
         if not hasattr(spec, key):
-            raise ValueError(f"data.image.{key}: no such image setting; known: {sorted(f.name for f in dataclasses.fields(ImageSpec))}")
+            known = sorted(f.name for f in dataclasses.fields(ImageSpec))
+            raise ValueError(f"data.image.{key}: no such image setting; known: {known}")
         if _canon(value) != _canon(getattr(spec, key)):
             where = MODEL_FIELDS.get(key, f"derived {key}")
             raise ValueError(f"image setting {key}={_canon(value)!r} disagrees with the model, whose config records "

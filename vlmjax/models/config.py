@@ -163,7 +163,8 @@ class VLMConfig:
         for name, value in implied.items():  # frozen: fill the layout's defaults once, so JSON holds real values
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
-        choices = dict(image_tiling=("none", "anyres", "catty"), image_resize_mode=("pad_to_square_mean", "resize", "crop"),
+        choices = dict(image_tiling=("none", "anyres", "catty"),
+                       image_resize_mode=("pad_to_square_mean", "resize", "crop"),
                        image_resample=("bicubic", "bilinear", "lanczos"))
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
