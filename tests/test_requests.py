@@ -331,7 +331,7 @@ def test_readme_generation_commands_run_verbatim(tmp_path, tok, monkeypatch, cap
     commands = readme_commands("python -m vlmjax.generate")
     assert len(commands) == 3
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "HF_LLAVA_DIR").mkdir()
+    (tmp_path / "MODEL_DIR").mkdir()
     (tmp_path / "model.gguf").write_bytes(b"")
     (tmp_path / "IMGS").mkdir()
     (tmp_path / "IMGS" / "a.png").write_bytes(png(0))

@@ -1,8 +1,10 @@
-"""python -m vlmjax.convert {assemble,gguf-to-hf,verify} ...
+"""python -m vlmjax.convert {assemble,gguf-to-hf,verify,to-hf,average} ...
 
   assemble    LLM (HF folder or .gguf) + vision tower (HF folder) + fresh projector -> HF LLaVA folder
   gguf-to-hf  a Llama-family GGUF file -> HF *ForCausalLM folder (dequantised)
   verify      load an HF LLaVA or causal-LM folder with vlmjax and transformers; print the max logit difference
+  to-hf       a vlmjax native folder -> HF LLaVA folder, where HF can express the model (else an error saying why)
+  average     the fp32 average of N native or HF folders (same model and tokenizer) -> native folder
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def _verify(folder: Path, atol: float) -> float:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vlmjax.convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="{assemble,gguf-to-hf,verify}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{assemble,gguf-to-hf,verify,to-hf,average}")
     a = sub.add_parser("assemble", help="LLM + vision tower + fresh projector -> HF LLaVA folder",
                        description="Assemble a new LLaVA (the VILA stage-1 start): a pretrained LLM, a pretrained "
                        "vision tower and a freshly initialised projector, written as an HF LLaVA folder with the "
@@ -75,6 +77,20 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("folder", type=Path, help="HF LLaVA or *ForCausalLM folder")
     v.add_argument("--atol", type=float, default=1e-3,
                    help="largest max |logit difference| that passes (default: %(default)s)")
+    t = sub.add_parser("to-hf", help="vlmjax native folder -> HF LLaVA folder (LoRA merged)",
+                       description="Write a native folder as an HF LLaVA folder, where HF can express the model "
+                       "(projector mlp2x_gelu and HF's preprocessing); otherwise exit 2 naming what cannot be.")
+    t.add_argument("native", type=Path, help="native folder (vlmjax_config.json + safetensors)")
+    t.add_argument("--out", required=True, type=Path, help="output folder (created)")
+    t.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the written tensors (default: as stored)")
+    av = sub.add_parser("average", help="weight average of N native or HF folders -> native folder",
+                        description="Streaming fp32 weighted mean, tensor by tensor (peak memory about one model); "
+                        "paths, shapes, dtypes, model config and tokenizer must agree (the error names what differs).")
+    av.add_argument("folders", type=Path, nargs="+", help="native or HF folders of one architecture")
+    av.add_argument("--out", required=True, type=Path, help="output native folder (created)")
+    av.add_argument("--weights", type=float, nargs="+", default=None,
+                    help="one weight per folder (normalised to sum 1; default: uniform)")
     return p
 
 
@@ -97,9 +113,41 @@ def main(argv=None) -> int:
         model, _ = load_gguf(args.gguf)
         hf.save_causal_lm(model, args.out, tokenizer=load_gguf_tokenizer(args.gguf))
         print(f"wrote {args.out}")
+    elif args.cmd == "to-hf":
+        from vlmjax.convert.hf_config import UnsupportedModel
+
+        try:
+            native_to_hf(args.native, args.out, dtype=args.dtype)
+        except UnsupportedModel as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"wrote {args.out}")
+    elif args.cmd == "average":
+        from vlmjax.convert.average import average_folders
+
+        average_folders(args.folders, args.out, weights=args.weights)
+        print(f"wrote {args.out} (average of {len(args.folders)} folders)")
     else:
         return 0 if _verify(args.folder, args.atol) <= args.atol else 1
     return 0
+
+
+def native_to_hf(native: Path, out: Path, dtype: str | None = None) -> Path:
+    """Native folder -> HF LLaVA folder; UnsupportedModel (checked before any weight is read) names what HF lacks."""
+    from vlmjax.convert import hf
+    from vlmjax.convert.hf_config import UnsupportedModel
+    from vlmjax.convert.native import hf_unsupported_reason, load_native, load_tokenizer, read_native_config
+    from vlmjax.models.config import to_dtype
+    from vlmjax.models.lora import merge_lora
+
+    stored = read_native_config(native)[0]
+    reason = hf_unsupported_reason(stored)
+    if reason:
+        raise UnsupportedModel(f"{native} cannot be written as an HF LLaVA folder: {reason}")
+    model, cfg = load_native(native, dtype=stored.dtype, param_dtype=stored.param_dtype)
+    merge_lora(model)
+    return hf.save_vlm(model, out, tokenizer=load_tokenizer(native),
+                       dtype=None if dtype is None else np.dtype(to_dtype(dtype)))
 
 
 if __name__ == "__main__":

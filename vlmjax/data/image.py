@@ -199,14 +199,43 @@ def process_image(data, spec: ImageSpec, name: str | None = None) -> np.ndarray:
     return normalize(load_image(data, spec, name)[0], spec)
 
 
+# ImageSpec field -> where the model config records it (vision.* or VLMConfig.*); the other fields are derived.
+MODEL_FIELDS = {"image_size": "vision.image_size", "mean": "vision.image_mean", "std": "vision.image_std",
+                "resize_mode": "image_resize_mode", "tiling": "image_tiling", "max_tiles": "image_max_tiles",
+                "min_tiles": "image_min_tiles", "thumbnail": "image_thumbnail", "resample": "image_resample",
+                "grid_pinpoints": "image_grid_pinpoints"}
+
+
+def _canon(v):
+    """Lists from JSON / ml_collections compare equal to the config's tuples."""
+    if isinstance(v, (list, tuple)):
+        return tuple(_canon(x) for x in v)
+    return v
+
+
 def model_image_spec(cfg, **over) -> ImageSpec:
-    """The preprocessing a VLM config implies (the tower's size and mean/std, its tokens per tile; for LLaVA-1.6,
-    the anyres tiling and feature layout its checkpoint was trained with, global view stretched to a square as
-    HF's processor does), with `over` on top."""
+    """The preprocessing a VLM config records: its tower's size and mean/std, its tokens per tile, its tiling and
+    resize mode (`VLMConfig.image_*`); for LLaVA-1.6 the feature layout its checkpoint was trained with.
+
+    `over` (a train config's `data.image`, a CLI flag) may only restate what the model records: a different value
+    is an error naming both, because a model fed images prepared otherwise than in training degrades silently."""
     v = cfg.vision
     kw = dict(image_size=v.image_size, mean=tuple(v.image_mean), std=tuple(v.image_std),
-              tokens_per_image=cfg.tokens_per_image)
+              tokens_per_image=cfg.tokens_per_image, resize_mode=cfg.image_resize_mode, tiling=cfg.image_tiling,
+              max_tiles=cfg.image_max_tiles, min_tiles=cfg.image_min_tiles, thumbnail=cfg.image_thumbnail,
+              resample=cfg.image_resample)
+    if cfg.image_grid_pinpoints:
+        kw["grid_pinpoints"] = tuple(tuple(p) for p in cfg.image_grid_pinpoints)
     if cfg.image_layout == "llava_next":
-        kw.update(tiling="anyres", grid_pinpoints=cfg.image_grid_pinpoints, resize_mode="resize",
-                  feature_layout="llava_next", feature_grid=cfg.feature_grid)
-    return ImageSpec(**{**kw, **over})
+        kw.update(feature_layout="llava_next", feature_grid=cfg.feature_grid)
+    spec = ImageSpec(**kw)
+    for key, value in over.items():
+        if not hasattr(spec, key):
+            known = sorted(f.name for f in dataclasses.fields(ImageSpec))
+            raise ValueError(f"data.image.{key}: no such image setting; known: {known}")
+        if _canon(value) != _canon(getattr(spec, key)):
+            where = MODEL_FIELDS.get(key, f"derived {key}")
+            raise ValueError(f"image setting {key}={_canon(value)!r} disagrees with the model, whose config records "
+                             f"{where}={_canon(getattr(spec, key))!r}; the model config carries its preprocessing: "
+                             "drop the setting, or train a model that records it")
+    return spec

@@ -29,7 +29,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vlmjax.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="HF LLaVA (or causal LM) folder")
+    src.add_argument("--model", help="vlmjax native or HF LLaVA (or causal LM) folder")
     src.add_argument("--gguf", help="GGUF file of a text-only LLM")
     data = p.add_mutually_exclusive_group()
     data.add_argument("--data", help="records: a .json list or .jsonl file in --format (llava: the prompt is the "
@@ -56,8 +56,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (each sample's stream also depends on its id)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--template", default="auto", help="chat template: auto | hf | a built-in name (default: auto)")
-    p.add_argument("--resize-mode", default="pad_to_square_mean", choices=["pad_to_square_mean", "resize", "crop"],
-                   help="image preprocessing (default: LLaVA-1.5's pad_to_square_mean)")
+    p.add_argument("--resize-mode", default=None, choices=["pad_to_square_mean", "resize", "crop"],
+                   help="image preprocessing (default: the model's, which its config records; a different value is "
+                   "an error)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight dtype")
     p.add_argument("--mesh", type=cli.mesh_sizes, default=None,
                    help="data,fsdp,tensor device counts, e.g. -1,1,1 (data parallel on every device)")

@@ -26,10 +26,15 @@ def load_tokenizer(path):
 
 
 def load_model(path, *, dtype: str = "float32", param_dtype: str = "float32", mesh=None):
-    """HF LLaVA folder -> VLM; HF *ForCausalLM folder or .gguf file -> text-only LLM. Returns (model, cfg, tok)."""
+    """vlmjax native folder (vlmjax_config.json) or HF LLaVA folder -> VLM; HF *ForCausalLM folder or .gguf file
+    -> text-only LLM. Returns (model, cfg, tok)."""
     path = Path(path)
     kw = dict(dtype=dtype, param_dtype=param_dtype, mesh=mesh)
-    if path.suffix == ".gguf":
+    from vlmjax.convert.native import is_native, load_native
+
+    if is_native(path):
+        model, cfg = load_native(path, **kw)
+    elif path.suffix == ".gguf":
         from vlmjax.convert.gguf import load_gguf
 
         model, cfg = load_gguf(path, **kw)

@@ -215,11 +215,12 @@ def default_eos_ids(tokenizer, cfg=None) -> tuple[int, ...]:
     return tuple(sorted(int(i) for i in ids))
 
 
-def image_spec_for(cfg, resize_mode: str = "pad_to_square_mean"):
-    """`data.image.model_image_spec` with this `resize_mode` (LLaVA-1.6 keeps the stretch its layout implies)."""
+def image_spec_for(cfg, resize_mode: str | None = None):
+    """`data.image.model_image_spec`: the preprocessing the model config records (tiling, resize mode, mean/std).
+    A `resize_mode` that disagrees with the model's is an error naming both."""
     from vlmjax.data.image import model_image_spec
 
-    return model_image_spec(cfg, **({} if cfg.image_layout == "llava_next" else {"resize_mode": resize_mode}))
+    return model_image_spec(cfg, **({} if resize_mode is None else {"resize_mode": resize_mode}))
 
 
 @dataclasses.dataclass
@@ -233,7 +234,7 @@ class Encoded:
 class Encoder:
     """Tokenizer + template + image preprocessing for one model. `cfg` is a VLMConfig or an LLMConfig."""
 
-    def __init__(self, tokenizer, cfg, *, template: str = "auto", resize_mode: str = "pad_to_square_mean",
+    def __init__(self, tokenizer, cfg, *, template: str = "auto", resize_mode: str | None = None,
                  system_prompt: str | None = None):
         from vlmjax.data.text import TextProcessor, TextSpec
 

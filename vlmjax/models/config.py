@@ -102,6 +102,16 @@ class VLMConfig:
     # learned `image_newline` per row; the data pipeline sends the layout as `image_pos`).
     image_layout: str = "tiles"
     image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
+    # Image preprocessing the model was trained with (normalisation: vision.image_mean / image_std). Every consumer
+    # (trainer data, generation / eval / scoring Encoder) builds its `data.image.ImageSpec` from these, so a model is
+    # never evaluated on images prepared differently from its training. None = what `image_layout` implies
+    # (LLaVA-1.5: one tile padded to a square with the mean colour; LLaVA-1.6: anyres tiles, stretched global view).
+    image_tiling: str | None = None  # none | anyres (over image_grid_pinpoints) | catty (POINTS)
+    image_resize_mode: str | None = None  # pad_to_square_mean | resize | crop
+    image_max_tiles: int = 6  # catty
+    image_min_tiles: int = 1  # catty
+    image_thumbnail: bool = True  # catty: a whole-image tile after the grid
+    image_resample: str = "bicubic"  # bicubic | bilinear | lanczos
     # Execution knobs.
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -150,6 +160,18 @@ class VLMConfig:
             raise ValueError(f"image_layout must be 'tiles' or 'llava_next', got {self.image_layout!r}")
         if self.image_layout == "llava_next" and not self.image_grid_pinpoints:
             raise ValueError("image_layout='llava_next' needs image_grid_pinpoints")
+        implied = layout_preprocessing(self.image_layout)
+        for name, value in implied.items():  # frozen: fill the layout's defaults once, so JSON holds real values
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        choices = dict(image_tiling=("none", "anyres", "catty"),
+                       image_resize_mode=("pad_to_square_mean", "resize", "crop"),
+                       image_resample=("bicubic", "bilinear", "lanczos"))
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}: use one of {allowed}")
+        if self.image_layout == "llava_next" and self.image_tiling != "anyres":
+            raise ValueError(f"image_layout='llava_next' needs image_tiling='anyres', got {self.image_tiling!r}")
 
     @property
     def feature_grid(self) -> int:
@@ -158,6 +180,13 @@ class VLMConfig:
         if g * g != self.tokens_per_image:
             raise ValueError(f"{self.tokens_per_image} tokens per image is not a square feature map")
         return g
+
+
+def layout_preprocessing(image_layout: str) -> dict:
+    """The preprocessing an image layout implies (what HF import gives a LLaVA / LLaVA-NeXT checkpoint)."""
+    if image_layout == "llava_next":
+        return dict(image_tiling="anyres", image_resize_mode="resize")
+    return dict(image_tiling="none", image_resize_mode="pad_to_square_mean")
 
 
 def with_dtypes(cfg: VLMConfig, dtype: str, param_dtype: str = "float32") -> VLMConfig:

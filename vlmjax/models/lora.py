@@ -130,3 +130,13 @@ def merge_lora(model: nnx.Module) -> int:
             node.lora_b = nnx.data(None)
             n += 1
     return n
+
+
+def lora_rank(model: nnx.Module) -> int | None:
+    """The rank of the model's adapters, or None without any."""
+    from vlmjax.models.layers import Linear
+
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, Linear) and node.lora_a is not None:
+            return int(node.lora_a.shape[-1])
+    return None

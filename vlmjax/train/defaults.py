@@ -22,6 +22,8 @@ def base() -> ConfigDict:
         objective="sft", steps=100, grad_accum=1, seed=0, trainable=(".*",), save_every=50, keep_checkpoints=2,
         eval_every=0, eval_batches=1, nan_policy="stop", peak_flops_per_device=0.0,
         save_trainable=False))  # True: write the trained parameters (LoRA adapter, projector) to trainable.safetensors
+    c.train.export_format = "auto"  # export_dir as: native | hf | auto (hf when HF can express the model)
+    c.train.export_lora = "merge"  # merge | adapter (native only: the adapter stays its own tensors)
     c.optim = ConfigDict(dict(lr=1e-4, schedule="cosine", warmup_frac=0.03, weight_decay=0.0, b1=0.9, b2=0.999,
                               eps=1e-8, clip_norm=1.0, end_factor=0.0, groups=()))
     c.optim.warmup_steps = None  # overrides warmup_frac when set

@@ -6,7 +6,6 @@ so a resumed run sees exactly the batches (and dropout masks) the uninterrupted 
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -21,7 +20,8 @@ from vlmjax import sharding as shd
 from vlmjax.train import optim as opt_lib
 from vlmjax.train.checkpoint import Checkpointer
 from vlmjax.train.metrics import MetricsWriter
-from vlmjax.train.setup import apply_param_dtypes, build_model, data_config
+from vlmjax.train.export import export, export_plan
+from vlmjax.train.setup import apply_param_dtypes, attach_lora, build_model, data_config
 from vlmjax.train.step import eval_loss_fn, jit_train_step, param_count
 
 log = logging.getLogger(__name__)
@@ -76,12 +76,9 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
         raise ValueError(f"train.objective={tc.objective!r}: use sft or dpo")
     mesh = shd.make_mesh(**config.mesh.to_dict())
     rules = tuple(tuple(r) for r in config.get("sharding_rules", shd.DEFAULT_RULES))
-    model, vcfg, tokenizer = build_model(config.model)
-    if config.lora.rank:
-        from vlmjax.models.lora import add_lora
-
-        add_lora(model, rank=config.lora.rank, alpha=config.lora.alpha, dropout=config.lora.dropout,
-                 targets=config.lora.targets, seed=tc.seed)
+    model, vcfg, tokenizer = build_model(config.model, image=config.data.get("image"))
+    export_format = export_plan(config, vcfg)  # before step 1: a model that cannot be exported fails now
+    attach_lora(model, config.lora, tc.seed)
     apply_param_dtypes(model, config.model, tuple(tc.trainable))  # model.frozen_param_dtype (setup.py)
     if config.model.get("load_params"):
         from vlmjax.train.params_io import load_params
@@ -175,29 +172,12 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
 
         save_params(trainable, os.path.join(workdir, "trainable.safetensors"))
     summary = {"steps": steps, "start": start, "history": history, "model": model, "config": vcfg, "tokenizer": tokenizer}
-    if config.get("export_dir"):
-        summary["export_dir"] = export(model, config.export_dir, tokenizer, image_spec=data_cfg.image)
+    if export_format:
+        summary["export_dir"] = export(model, config.export_dir, tokenizer, fmt=export_format,
+                                       lora=tc.get("export_lora", "merge"))
+        summary["export_format"] = export_format
     return summary
 
 
-def export(model, out_dir: str, tokenizer=None, image_spec=None) -> str:
-    """Merge LoRA adapters into a copy and write an HF folder (with the HF processor for `image_spec`, the
-    preprocessing trained with) through the conversion code."""
-    from vlmjax.convert.hf import save_vlm
-    from vlmjax.models.lora import merge_lora
-
-    model = copy.deepcopy(model) if _has_lora(model) else model
-    merge_lora(model)
-    if jax.process_index() == 0:
-        save_vlm(model, out_dir, tokenizer=tokenizer, image_spec=image_spec)
-    return out_dir
-
-
-def _has_lora(model) -> bool:
-    from vlmjax.models.layers import Linear
-
-    return any(isinstance(n, Linear) and n.lora_a is not None for _, n in nnx.iter_graph(model))
-
-
 def summary_json(summary: dict) -> str:
-    return json.dumps({k: v for k, v in summary.items() if k in ("steps", "start", "history", "export_dir")})
+    return json.dumps({k: v for k, v in summary.items() if k in ("steps", "start", "history", "export_dir", "export_format")})

@@ -5,13 +5,16 @@ config.model.init:
   hf        an HF LLaVA folder (config.model.path)
   assemble  config.model.llm (HF folder / .gguf / 'smollm2') + config.model.vision (HF folder or a dict of
             VisionConfig fields for a fresh tower) + a fresh config.model.projector
-  checkpoint  a vlmjax export (same as hf: exports are HF folders)
+  native    a vlmjax native model folder (vlmjax_config.json + safetensors by parameter path + tokenizer)
+  checkpoint  a vlmjax export, native or HF (told apart by which config file the folder holds)
 The tokenizer is the checkpoint's, or config.model.tokenizer ('smollm2' or an HF folder) for random init.
 
 config.model.frozen_param_dtype (e.g. "bfloat16"; "" = off): the model is built in that dtype, and after the
 adapters are attached `apply_param_dtypes` casts the parameters that train.trainable selects (LoRA, projector)
 to config.model.param_dtype, so a 7B base is held (and loaded) in bf16 while the trained parameters, their
 gradients and their Adam moments stay fp32 (STIC's LoRA at lr 1e-7: bf16 weights cannot hold those updates).
+A fresh model (random, assemble) records the run's `data.image` preprocessing in its config; a loaded one already
+records its own, and `data.image` may only restate it (see `data.image.model_image_spec`).
 """
 
 from __future__ import annotations
@@ -68,7 +71,45 @@ def apply_param_dtypes(model: nnx.Module, mc, trainable: Sequence[str]) -> int:
     return n
 
 
-def build_model(mc) -> tuple[nnx.Module, VLMConfig, object]:
+def build_model(mc, image=None) -> tuple[nnx.Module, VLMConfig, object]:
+    """`image`: the run's data.image settings, recorded in a fresh model's config (random / assemble)."""
+    model, cfg, tok = _build(mc)
+    if mc.init in ("random", "assemble") and image:
+        cfg = _record_image(model, cfg, image.to_dict() if hasattr(image, "to_dict") else dict(image))
+    return model, cfg, tok
+
+
+# data.image keys a fresh model takes into its config (the rest are the tower's or derived: they must agree)
+_RECORDED = {"resize_mode": "image_resize_mode", "tiling": "image_tiling", "max_tiles": "image_max_tiles",
+             "min_tiles": "image_min_tiles", "thumbnail": "image_thumbnail", "resample": "image_resample",
+             "grid_pinpoints": "image_grid_pinpoints"}
+
+
+def _record_image(model, cfg: VLMConfig, image: dict) -> VLMConfig:
+    top = {_RECORDED[k]: (tuple(tuple(p) for p in v) if k == "grid_pinpoints" else v)
+           for k, v in image.items() if k in _RECORDED}
+    vision = {f"image_{k}": tuple(v) for k, v in image.items() if k in ("mean", "std")}
+    new = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, **vision), **top)
+    model.cfg = new
+    return new
+
+
+def attach_lora(model, lc, seed: int) -> None:
+    """Add the config's LoRA adapters, unless the model came with adapters (a native folder exported with
+    train.export_lora='adapter'): those continue, and a different rank in the config is an error naming both."""
+    from vlmjax.models.lora import add_lora, lora_rank
+
+    have = lora_rank(model)
+    if have is None:
+        if lc.rank:
+            add_lora(model, rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout, targets=lc.targets, seed=seed)
+        return
+    if lc.rank and lc.rank != have:
+        raise ValueError(f"lora.rank={lc.rank} but the loaded model carries rank-{have} adapters; set lora.rank={have} "
+                         "to continue them, or export the previous stage with train.export_lora='merge'")
+
+
+def _build(mc) -> tuple[nnx.Module, VLMConfig, object]:
     dtype, pdtype = mc.get("dtype", "float32"), build_param_dtype(mc)
     if mc.init == "random":
         d = mc.vlm.to_dict() if hasattr(mc.vlm, "to_dict") else dict(mc.vlm)
@@ -87,13 +128,12 @@ def build_model(mc) -> tuple[nnx.Module, VLMConfig, object]:
         if cfg.image_token_id >= llm.vocab_size:
             raise ValueError(f"model.vlm: image_token_id {cfg.image_token_id} >= vocab_size {llm.vocab_size}")
         return _init_random(cfg, mc.get("seed", 0)), cfg, tok
-    if mc.init in ("hf", "checkpoint"):
-        from transformers import AutoTokenizer
+    if mc.init in ("hf", "checkpoint", "native"):
+        from vlmjax.convert.native import load_folder
 
-        from vlmjax.convert.hf import load_vlm
-
-        model, cfg = load_vlm(mc.path, dtype=dtype, param_dtype=pdtype)
-        return model, _with_remat(model, cfg, mc), AutoTokenizer.from_pretrained(mc.path)
+        model, cfg, tok = load_folder(mc.path, kind={"checkpoint": None}.get(mc.init, mc.init), dtype=dtype,
+                                      param_dtype=pdtype)
+        return model, _with_remat(model, cfg, mc), tok
     if mc.init == "assemble":
         from vlmjax.convert.assemble import assemble_vlm
 
@@ -113,7 +153,7 @@ def build_model(mc) -> tuple[nnx.Module, VLMConfig, object]:
                                        vision_feature_layer=mc.get("vision_feature_layer", -2),
                                        dtype=dtype, param_dtype=pdtype, seed=mc.get("seed", 0))
         return model, _with_remat(model, cfg, mc), tok
-    raise ValueError(f"model.init={mc.init!r}: use random | hf | checkpoint | assemble")
+    raise ValueError(f"model.init={mc.init!r}: use random | hf | native | checkpoint | assemble")
 
 
 def _init_random(cfg: VLMConfig, seed: int):

@@ -1,12 +1,19 @@
-"""VILA stage 2: pre-training with the LLM UNFROZEN (ViT frozen) on interleaved documents + caption pairs."""
+"""VILA stage 2: pre-training with the LLM UNFROZEN (ViT frozen) on interleaved documents + caption pairs.
 
-from vlmjax.train.defaults import base
+    python -m vlmjax.train --config configs/vila/stage2_pretrain.py --workdir runs/vila/pretrain
+
+Starts from stage 1's export (native or HF folder, told apart by its config file) and writes its own for stage 3.
+"""
+
+from vlmjax.train.defaults import base, sibling_config
+
+ROOT = sibling_config(__file__, "stage1_align.py").ROOT
 
 
 def get_config():
     c = base()
-    c.model.init = "hf"
-    c.model.path = "runs/align/export"  # stage-1 export (an HF LLaVA folder)
+    c.model.init = "checkpoint"
+    c.model.path = f"{ROOT}/align/export"  # stage 1's export
     c.model.dtype = "bfloat16"
     c.model.remat = "full"
     c.train.trainable = ("^projector/", "^llm/")
@@ -21,4 +28,5 @@ def get_config():
     c.data.batch_size = 16
     c.data.seq_len = 4096
     c.data.max_images = 96
+    c.export_dir = f"{ROOT}/pretrain/export"
     return c
