@@ -64,7 +64,7 @@ def test_help_names_the_command_and_every_flag():
     assert out.returncode == 0 and out.stdout.startswith("usage: python -m vlmjax.convert "), out.stderr
     parser = build_parser()
     subs = next(a for a in parser._actions if a.choices and "assemble" in a.choices).choices
-    assert set(subs) == {"assemble", "gguf-to-hf", "verify"}
+    assert set(subs) == {"assemble", "gguf-to-hf", "verify", "to-hf", "average"}
     for name, sub in subs.items():
         assert sub.prog == f"python -m vlmjax.convert {name}" and sub.description
         for action in sub._actions:

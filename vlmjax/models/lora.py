@@ -134,9 +134,7 @@ def merge_lora(model: nnx.Module) -> int:
 
 def lora_rank(model: nnx.Module) -> int | None:
     """The rank of the model's adapters, or None without any."""
-    from vlmjax.models.layers import Linear
-
     for _, node in nnx.iter_graph(model):
-        if isinstance(node, Linear) and node.lora_a is not None:
+        if isinstance(node, Adaptable) and node.lora_a is not None:
             return int(node.lora_a.shape[-1])
     return None
