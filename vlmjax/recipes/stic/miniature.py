@@ -30,7 +30,7 @@ import numpy as np
 
 from vlmjax.eval.easy_vqa import answer_kind, description_accuracy, description_task, evaluate_by_kind  # noqa: F401
 from vlmjax.generate.jsonl import read_jsonl
-from vlmjax.recipes.mini_base import DESCRIBE_PROMPTS, sft_turns
+from vlmjax.recipes.mini_base import DESCRIBE_PROMPTS, base_gate, sft_turns
 from vlmjax.recipes.stic import prompts as P
 from vlmjax.train import stages
 
@@ -172,6 +172,9 @@ def run(root: Path, *, negatives: str = "generated", quick: bool = False, n_eval
     results = {"base": evaluate(base, root / "results" / "base.json", n=n_eval, dar=False),
                "base_dar": evaluate(base, root / "results" / "base_dar.json", n=n_eval, dar=True)}
     print(f"[3/6] base on easy-vqa test: {results['base']} | DaR {results['base_dar']}", flush=True)
+    passed, gate_lines = base_gate(results["base"])
+    results["base_gate"] = {"passed": passed, "lines": gate_lines}
+    print("\n".join(gate_lines), flush=True)
 
     stic = root / (f"stic_{negatives}" + (f"_seed{stic_seed}" if stic_seed else ""))
     stic.mkdir(exist_ok=True)
@@ -208,6 +211,7 @@ def run(root: Path, *, negatives: str = "generated", quick: bool = False, n_eval
     results["pairs_by_kind"] = pair_report(stic / "pairs.jsonl", data / "train_captions.jsonl")
     (stic / "results" / "summary.json").write_text(json.dumps(results, indent=1))
     print(f"[6/6] final model exported to {s2}; transformers reloads it: max |logit diff| = {err:.2e}", flush=True)
+    print("\n".join(gate_lines))  # the gate first: a base that does not see makes the table below unreadable
     print(format_table(results, negatives))
     return results
 
