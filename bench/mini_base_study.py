@@ -45,13 +45,12 @@ ARMS = {
 
 
 def run_arm(name: str, cache: Path, n: int) -> dict:
-    from vlmjax.eval.easy_vqa import evaluate_by_kind
-    from vlmjax.recipes.mini_base import build_base
+    from vlmjax.recipes.mini_base import build_base, evaluate_base
 
     augment, over, what = ARMS[name]
     t0 = time.time()
     base = build_base(cache, seed=0, augment=augment, over=over, root=cache / name, quiet=True)
-    res = evaluate_by_kind(base["model"], cache / name / "results" / f"n{n}.json", n=n)
+    res = evaluate_base(base, n=n)
     st = base["stages"]
     return {"arm": name, "what": what, "augment": augment, "over": over,
             "steps": {s: st[s]["steps"] for s in st}, "loss_last": {s: round(st[s]["loss_last"], 4) for s in st},
