@@ -126,7 +126,11 @@ def prepare_data(data: Path, *, seed: int = 0, augment: int = AUGMENT, pool: tup
 
 
 def fingerprint(config_file: Path, over: dict | None) -> str:
-    text = Path(config_file).read_text() + json.dumps(over or {}, sort_keys=True, default=str)
+    """Hash of the resolved stage configs and the overrides (not the file text: a docstring edit keeps the cache)."""
+    from vlmjax.train.stages import stage_config
+
+    stages = [stage_config(config_file, s).to_json(sort_keys=True) for s in ("align", "sft")]
+    text = json.dumps([stages, over or {}], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
