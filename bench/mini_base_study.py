@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 V = "model.vlm.vision."
 FROZEN_TOWER = ("^projector/", "^llm/")
@@ -60,13 +60,36 @@ def run_arm(name: str, cache: Path, n: int) -> dict:
             "arm_wall_seconds_this_call": round(time.time() - t0, 1), "results": res}
 
 
+def probe_arm(name: str, cache: Path, out: Path) -> dict:
+    """Alignment only, then bench/mini_base_probe.py on its export: does the tower learn shape at all (a minute of
+    probing instead of SFT + evaluation)?"""
+    import mini_base_probe
+
+    from vlmjax.recipes.mini_base import CONFIG, prepare_data
+    from vlmjax.train.stages import train_stage
+
+    augment, over, _what = ARMS[name]
+    data = cache / f"data_seed0_aug{augment}"
+    prepare_data(data, seed=0, augment=augment)
+    align = train_stage("align", cache / name / "align", config_file=CONFIG, image_root=str(data / "images"),
+                        source=str(data / "base_captions.jsonl"), tokenizer=str(data / "tokenizer"),
+                        over={"train.seed": 0, "model.seed": 0, **over.get("align", {})}, quiet=True)
+    mini_base_probe.main(["--model", str(align), "--out", str(out)])
+    return json.loads(out.read_text())
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument("--n", type=int, default=300, help="easy-vqa test questions (n/3 described images)")
     ap.add_argument("--cache", type=Path, default=REPO / "runs" / "mini_base_study")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "mini_base_study.json")
+    ap.add_argument("--probe-only", action="store_true", help="align each arm and probe its image tokens only")
     args = ap.parse_args(argv)
+    if args.probe_only:
+        for name in args.arms.split(","):
+            probe_arm(name, args.cache, args.out.parent / f"mini_base_probe_{name}_align.json")
+        return 0
     table = json.loads(args.out.read_text()) if args.out.exists() else {}
     for name in args.arms.split(","):
         if name not in ARMS:
