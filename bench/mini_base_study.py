@@ -28,7 +28,7 @@ FROZEN_TOWER = ("^projector/", "^llm/")
 
 # name -> (augment, {"align": {...}, "sft": {...}}, what the arm tests)
 ARMS = {
-    "v0": (1, {}, "the old STIC-miniature design on the base pool: 16 px patches (16 tokens), 3x128 tower, no augmentation"),
+    "v0": (1, {}, "the STIC miniature's design on the base pool: 16 px patches (16 tokens), 3x128 tower, no views"),
     "aug4": (4, {}, "v0 + each image in 4 dihedral views (flips / quarter turns)"),
     "frozen": (4, {"align": {"train.trainable": FROZEN_TOWER}}, "aug4, tower frozen (random) in alignment"),
     "p8ds": (4, {s: {V + "patch_size": 8, "model.vlm.projector": "downsample2x2_mlp"} for s in ("align",)},

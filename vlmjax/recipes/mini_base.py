@@ -151,7 +151,9 @@ def build_base(cache: str | Path = "runs/mini_base", *, seed: int = 0, augment: 
     prep = {"seconds": round(time.time() - t0, 1), "cpu_seconds": round(time.process_time() - cpu0, 1)}
     if not (data / "prep_time.json").exists():
         _write_json(data / "prep_time.json", prep)
-    root = Path(root) if root else cache / f"{fingerprint(config_file, {**(over or {}), 'scale': steps_scale})}_seed{seed}"
+    if root is None:
+        root = cache / f"{fingerprint(config_file, {**(over or {}), 'scale': steps_scale})}_seed{seed}"
+    root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     images = str(data / "images")
     over = over or {}
