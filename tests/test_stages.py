@@ -56,6 +56,7 @@ def caption_data(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_train_stage_applies_overrides_then_skips_when_exported(caption_data, tmp_path, monkeypatch):
     work = tmp_path / "align"
     export = stages.train_stage("align", work, config_file=MINI, image_root=str(caption_data / "images"),
