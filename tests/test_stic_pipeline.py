@@ -18,6 +18,8 @@ def test_quick_pipeline_runs_every_stage(tmp_path):
     for key in ("base", "base_dar", "stage1", "stic", "stic_dar"):
         assert 0.0 <= r[key]["accuracy"] <= 1.0 and r[key]["n"] == 16
     assert "describe_both" in r["base"] and "describe_both" not in r["base_dar"]
+    # the base gate is printed and recorded; a few steps of training cannot pass it
+    assert r["base_gate"]["passed"] is False and "FAILED" in r["base_gate"]["lines"][0]
     stic = tmp_path / "stic_generated"
     pairs = [json.loads(line) for line in (stic / "pairs.jsonl").read_text().splitlines()]
     assert r["pairs"]["pairs"] == len(pairs) and r["pairs"]["images"] == 12

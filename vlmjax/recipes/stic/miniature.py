@@ -20,7 +20,6 @@ WORKDIR/results/*.json and a printed table.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import time
@@ -29,21 +28,20 @@ from pathlib import Path
 
 import numpy as np
 
+from vlmjax.eval.easy_vqa import answer_kind, description_accuracy, description_task, evaluate_by_kind  # noqa: F401
 from vlmjax.generate.jsonl import read_jsonl
+from vlmjax.recipes.mini_base import DESCRIBE_PROMPTS, base_gate, sft_turns
 from vlmjax.recipes.stic import prompts as P
+from vlmjax.train import stages
 
 REPO = Path(__file__).resolve().parents[3]
-DESCRIBE_PROMPTS = P.SIMPLE + (P.DETAILED, P.DAR_DESCRIBE)
 
 
 CONFIGS = {"scratch": REPO / "configs" / "stic" / "mini.py", "smollm2": REPO / "configs" / "stic" / "mini_smollm2.py"}
 
 
 def stage_config(stage: str, config_file: Path = CONFIGS["scratch"]):
-    spec = importlib.util.spec_from_file_location("_stic_mini_config", config_file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(stage)
+    return stages.stage_config(config_file, stage)
 
 
 # ----------------------------------------------------------------------------------------------------- data
@@ -78,128 +76,24 @@ def prepare_data(root: Path, *, n_base: int, n_unlabeled: int, seed: int = 0) ->
     return info
 
 
-def sft_turns(turns: list[dict], rng: np.random.Generator) -> list[dict]:
-    """easy-vqa's conversation (description turn, then its QA) in a random order, so any question can be the first
-    turn that carries the image (as the evaluation asks it); the description is asked with one of STIC's
-    simple / detailed / DaR prompts."""
-    pairs = [[turns[i]["value"].replace("<image>\n", ""), turns[i + 1]["value"]] for i in range(0, len(turns), 2)]
-    if pairs[0][0] == "Describe the image briefly.":
-        pairs[0][0] = DESCRIBE_PROMPTS[int(rng.integers(len(DESCRIBE_PROMPTS)))]
-    order = rng.permutation(len(pairs))
-    out = []
-    for k, i in enumerate(order):
-        q, a = pairs[i]
-        out += [{"from": "human", "value": P.with_image(q) if k == 0 else q}, {"from": "gpt", "value": a}]
-    return out
-
-
 # ----------------------------------------------------------------------------------------------------- training
 
 
-def train_stage(stage: str, workdir: Path, *, model_path: str | None = None, source: str | None = None,
-                image_root: str, load_params: str | None = None, steps_scale: float = 1.0, over=None,
-                config_file: Path = CONFIGS["scratch"]):
-    """Train one stage (resumes from its checkpoints); returns the export folder. Skipped if already exported."""
-    from vlmjax.train.loop import train
-
-    export = workdir / "export"
-    if (export / "config.json").exists():
-        return export
-    c = stage_config(stage, config_file)
-    if c.model.init == "random":
-        c.model.tokenizer = str(workdir.parent / "tokenizer")  # written by prepare_data
-    if model_path is not None:
-        c.model.path = model_path
-    if load_params is not None:
-        c.model.load_params = load_params
-    src = dict(c.data.sources[0])
-    src.update(image_root=image_root, **({"path": source} if source else {}))
-    c.data.sources = (src,)
-    c.train.steps = max(2, int(round(c.train.steps * steps_scale)))
-    c.export_dir = str(export)
-    for k, v in (over or {}).items():
-        node = c
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    t0 = time.time()
-    summary = train(c, str(workdir))
-    losses = [h["loss"] for h in summary["history"]]
-    log = {"stage": stage, "steps": c.train.steps, "seconds": round(time.time() - t0, 1),
-           "loss_first": losses[0] if losses else None, "loss_last": float(np.mean(losses[-5:])) if losses else None}
-    if c.train.objective == "dpo" and summary["history"]:
-        log["reward_margin_last"] = float(np.mean([h.get("rewards/margin", np.nan) for h in summary["history"][-5:]]))
-    (workdir / "stage.json").write_text(json.dumps(log))
-    print(f"  {stage}: {log}", flush=True)
-    return export
+def train_stage(stage: str, workdir: Path, *, config_file: Path = CONFIGS["scratch"], **kw):
+    """`vlmjax.train.stages.train_stage` on one of the miniature's stage configs."""
+    return stages.train_stage(stage, workdir, config_file=config_file, **kw)
 
 
 # ----------------------------------------------------------------------------------------------------- evaluation
 
 
-def answer_kind(gold: str) -> str:
-    from vlmjax.data.easy_vqa import COLORS, SHAPES
-
-    g = gold.lower()
-    return "shape" if g in SHAPES else "color" if g in COLORS else "yes/no"
-
-
 def evaluate(model_dir: Path, out: Path, *, n: int, dar: bool) -> dict:
-    """easy-vqa test accuracy (overall and by answer kind), directly or with describe-and-respond."""
-    if out.exists():
-        return json.loads(out.read_text())
-    from vlmjax.eval.runner import predict, score
-    from vlmjax.eval.tasks import easy_vqa
-    from vlmjax.generate.loading import load_model
+    """easy-vqa test accuracy (overall and by answer kind), directly (plus describing n/3 test images) or with
+    describe-and-respond."""
     from vlmjax.eval.dar import dar_task
 
-    model, _cfg, tok = load_model(model_dir)
-    task = easy_vqa("test", n=n)
-    if dar:
-        task = dar_task(model, tok, task, max_new_tokens=24)
-    metrics, rows = score(task, predict(model, tok, task, progress=False))
-    by_kind = {}
-    for r in rows:
-        by_kind.setdefault(answer_kind(r["gold"][0]), []).append(r["exact_match"])
-    res = {"accuracy": metrics["accuracy"], "n": metrics["n"], **{k: float(np.mean(v)) for k, v in sorted(by_kind.items())}}
-    if not dar:  # image comprehension measured directly: describe held-out test images
-        describe = description_task(max(8, n // 3))
-        res.update(description_accuracy(predict(model, tok, describe, progress=False), describe))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res))
-    return res
-
-
-def description_task(n: int):
-    """Test images whose shape and colour the easy-vqa questions determine, asked for a plain description; the
-    references are the true attributes. Scored by `description_accuracy` (both words right)."""
-    from vlmjax.data.assets import easy_vqa_data_dir
-    from vlmjax.data.easy_vqa import infer_attributes
-    from vlmjax.eval.tasks import EvalSample, Task
-
-    root = Path(easy_vqa_data_dir()) / "test"
-    by_image: dict[int, list] = {}
-    for q, a, image_id in json.loads((root / "questions.json").read_text()):
-        by_image.setdefault(int(image_id), []).append((q, a))
-    samples = []
-    for image_id in sorted(by_image):
-        attrs = infer_attributes(by_image[image_id])
-        if attrs["shape"] and attrs["color"]:
-            samples.append(EvalSample(f"test_{image_id}", P.SIMPLE[3], [attrs["color"], attrs["shape"]],
-                                      str(root / "images" / f"{image_id}.png")))
-    step = max(1, len(samples) // n)
-    return Task("easy_vqa_describe", "caption", samples[::step][:n], instruction="", max_new_tokens=24)
-
-
-def description_accuracy(preds: dict, task) -> dict:
-    from vlmjax.data.easy_vqa import COLORS, SHAPES
-    from vlmjax.eval.answers import first_vocab_answer
-
-    color = [first_vocab_answer(preds.get(s.id, ""), list(COLORS)) == s.answers[0] for s in task.samples]
-    shape = [first_vocab_answer(preds.get(s.id, ""), list(SHAPES)) == s.answers[1] for s in task.samples]
-    return {"describe_color": float(np.mean(color)), "describe_shape": float(np.mean(shape)),
-            "describe_both": float(np.mean([c and s for c, s in zip(color, shape)]))}
+    transform = (lambda model, tok, task: dar_task(model, tok, task, max_new_tokens=24)) if dar else None
+    return evaluate_by_kind(model_dir, out, n=n, transform=transform, describe=not dar)
 
 
 def pair_report(pairs_path: Path, captions_path: Path) -> dict:
@@ -278,6 +172,9 @@ def run(root: Path, *, negatives: str = "generated", quick: bool = False, n_eval
     results = {"base": evaluate(base, root / "results" / "base.json", n=n_eval, dar=False),
                "base_dar": evaluate(base, root / "results" / "base_dar.json", n=n_eval, dar=True)}
     print(f"[3/6] base on easy-vqa test: {results['base']} | DaR {results['base_dar']}", flush=True)
+    passed, gate_lines = base_gate(results["base"])
+    results["base_gate"] = {"passed": passed, "lines": gate_lines}
+    print("\n".join(gate_lines), flush=True)
 
     stic = root / (f"stic_{negatives}" + (f"_seed{stic_seed}" if stic_seed else ""))
     stic.mkdir(exist_ok=True)
@@ -314,6 +211,7 @@ def run(root: Path, *, negatives: str = "generated", quick: bool = False, n_eval
     results["pairs_by_kind"] = pair_report(stic / "pairs.jsonl", data / "train_captions.jsonl")
     (stic / "results" / "summary.json").write_text(json.dumps(results, indent=1))
     print(f"[6/6] final model exported to {s2}; transformers reloads it: max |logit diff| = {err:.2e}", flush=True)
+    print("\n".join(gate_lines))  # the gate first: a base that does not see makes the table below unreadable
     print(format_table(results, negatives))
     return results
 

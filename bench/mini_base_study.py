@@ -1,0 +1,111 @@
+"""The mini base study (README "A mini base that sees"): which design of the from-scratch tiny VLM learns to see
+easy-vqa's shapes and colours within the CPU budget of a miniature's base.
+
+    python bench/mini_base_study.py --arms v0,aug4 --n 300 [--cache runs/mini_base_study] [--out bench/results/...]
+
+Each arm is configs/mini/base.py plus overrides (tower width/depth, patch size, image tokens, align/SFT steps and
+learning rates, tower trained or frozen in alignment, augmented views); all arms share seed 0's data and tokenizer
+(one folder per augment setting) and are scored on the same easy-vqa test questions (n spread over the split, and
+n/3 described test images). An arm already done is read back, so the study resumes. Results: one JSON with every
+arm's overrides, step counts, wall and CPU seconds (`time.process_time`, all threads: on a machine shared with other
+jobs wall-clock is inflated, CPU time much less so) and scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
+
+V = "model.vlm.vision."
+FROZEN_TOWER = ("^projector/", "^llm/")
+
+# name -> (augment, {"align": {...}, "sft": {...}}, what the arm tests)
+ARMS = {
+    "v0": (1, {}, "the STIC miniature's design on the base pool: 16 px patches (16 tokens), 3x128 tower, no views"),
+    "aug4": (4, {}, "v0 + each image in 4 dihedral views (flips / quarter turns)"),
+    "frozen": (4, {"align": {"train.trainable": FROZEN_TOWER}}, "aug4, tower frozen (random) in alignment"),
+    "p8ds": (4, {s: {V + "patch_size": 8, "model.vlm.projector": "downsample2x2_mlp"} for s in ("align",)},
+             "aug4, 8 px patches (64 tower tokens) merged 2x2 to 16 image tokens"),
+    "p8": (4, {"align": {V + "patch_size": 8, "data.seq_len": 256, "data.max_images": 160},
+               "sft": {"data.seq_len": 384}}, "aug4, 8 px patches, 64 image tokens"),
+    "wide": (4, {"align": {V + "hidden_size": 192, V + "intermediate_size": 576, V + "num_layers": 4,
+                           V + "num_heads": 6}}, "aug4, 4x192 tower"),
+    "lr3": (4, {"align": {"optim.lr": 3e-3}, "sft": {"optim.lr": 3e-3}}, "aug4, lr 3e-3 in both stages"),
+    "steps2": (4, {"align": {"train.steps": 600}, "sft": {"train.steps": 500}}, "aug4, twice the steps"),
+    "align2": (4, {"align": {"train.steps": 600}}, "aug4, twice the alignment steps"),
+    "aug8": (8, {}, "all 8 dihedral views"),
+}
+
+
+def run_arm(name: str, cache: Path, n: int) -> dict:
+    from vlmjax.recipes.mini_base import build_base, evaluate_base
+
+    augment, over, what = ARMS[name]
+    t0 = time.time()
+    base = build_base(cache, seed=0, augment=augment, over=over, root=cache / name, quiet=True)
+    res = evaluate_base(base, n=n)
+    st = base["stages"]
+    return {"arm": name, "what": what, "augment": augment, "over": over,
+            "steps": {s: st[s]["steps"] for s in st}, "loss_last": {s: round(st[s]["loss_last"], 4) for s in st},
+            "train_seconds": round(sum(s["seconds"] for s in st.values()), 1),
+            "train_cpu_seconds": round(sum(s["cpu_seconds"] for s in st.values()), 1),
+            "build_seconds": base["seconds"], "build_cpu_seconds": base["cpu_seconds"],
+            "arm_wall_seconds_this_call": round(time.time() - t0, 1), "results": res}
+
+
+def probe_arm(name: str, cache: Path, out: Path) -> dict:
+    """Alignment only, then bench/mini_base_probe.py on its export: does the tower learn shape at all (a minute of
+    probing instead of SFT + evaluation)?"""
+    import mini_base_probe
+
+    from vlmjax.recipes.mini_base import CONFIG, prepare_data
+    from vlmjax.train.stages import train_stage
+
+    augment, over, _what = ARMS[name]
+    data = cache / f"data_seed0_aug{augment}"
+    prepare_data(data, seed=0, augment=augment)
+    align = train_stage("align", cache / name / "align", config_file=CONFIG, image_root=str(data / "images"),
+                        source=str(data / "base_captions.jsonl"), tokenizer=str(data / "tokenizer"),
+                        over={"train.seed": 0, "model.seed": 0, **over.get("align", {})}, quiet=True)
+    mini_base_probe.main(["--model", str(align), "--out", str(out)])
+    return json.loads(out.read_text())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--n", type=int, default=300, help="easy-vqa test questions (n/3 described images)")
+    ap.add_argument("--cache", type=Path, default=REPO / "runs" / "mini_base_study")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "mini_base_study.json")
+    ap.add_argument("--probe-only", action="store_true", help="align each arm and probe its image tokens only")
+    args = ap.parse_args(argv)
+    if args.probe_only:
+        for name in args.arms.split(","):
+            probe_arm(name, args.cache, args.out.parent / f"mini_base_probe_{name}_align.json")
+        return 0
+    table = json.loads(args.out.read_text()) if args.out.exists() else {}
+    for name in args.arms.split(","):
+        if name not in ARMS:
+            raise SystemExit(f"unknown arm {name!r}; arms: {', '.join(ARMS)}")
+        row = run_arm(name, args.cache, args.n)
+        table[f"{name}@n{args.n}"] = row
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(table, indent=1))
+        os.replace(tmp, args.out)
+        r = row["results"]
+        print(f"{name:8s} steps {row['steps']} cpu {row['train_cpu_seconds']:.0f}s wall {row['train_seconds']:.0f}s | "
+              + " ".join(f"{k} {r[k]:.3f}" for k in ("accuracy", "shape", "color", "yes/no", "describe_both")),
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

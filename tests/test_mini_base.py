@@ -1,0 +1,71 @@
+"""The miniature kit: the shared mini base (data split, augmented views, cache reuse), the easy-vqa evaluation by
+answer kind / describe colour + shape, and the gate every miniature prints."""
+
+import json
+
+import numpy as np
+import pytest
+
+from vlmjax.eval.easy_vqa import answer_kind, description_accuracy
+from vlmjax.eval.tasks import EvalSample, Task
+from vlmjax.recipes import mini_base
+
+
+def test_dihedral_gives_the_eight_distinct_views_of_a_square():
+    a = np.random.default_rng(0).integers(0, 255, (5, 5, 3), dtype=np.uint8)
+    views = [mini_base.dihedral(a, k) for k in range(8)]
+    assert np.array_equal(views[0], a)
+    assert len({v.tobytes() for v in views}) == 8
+    assert np.array_equal(views[1], np.rot90(a)) and np.array_equal(views[4], a[:, ::-1])
+
+
+def test_answer_kind_and_description_accuracy():
+    assert [answer_kind(g) for g in ("Circle", "teal", "Yes", "no")] == ["shape", "color", "yes/no", "yes/no"]
+    task = Task("d", "caption", [EvalSample(str(i), "Describe the image.", ans, "x.png") for i, ans in
+                                 enumerate([["red", "circle"], ["blue", "triangle"], ["gray", "rectangle"]])])
+    preds = {"0": "A red circle.", "1": "The image shows a blue rectangle.", "2": ""}  # both / colour only / none
+    assert description_accuracy(preds, task) == pytest.approx(
+        {"describe_color": 2 / 3, "describe_shape": 1 / 3, "describe_both": 1 / 3})
+
+
+def test_base_gate_names_each_failing_skill():
+    good = {"n": 2000, "shape": 0.9, "color": 0.95, "yes/no": 0.93, "describe_both": 0.7}
+    passed, lines = mini_base.base_gate(good)
+    assert passed and "passed" in lines[0] and len(lines) == 5 and all(line.endswith("ok") for line in lines[1:])
+    passed, lines = mini_base.base_gate({**good, "shape": 0.34, "describe_both": None})
+    assert not passed and "FAILED" in lines[0] and "shape questions" in lines[0]
+    assert "describes colour + shape" in lines[0] and "missing" in lines[4]
+    assert sum(line.endswith("FAIL") for line in lines) == 2
+
+
+@pytest.mark.slow
+def test_tiny_base_is_built_on_its_own_pool_and_reused(tmp_path, monkeypatch):
+    pytest.importorskip("easy_vqa")
+    from test_stages import TINY
+
+    over = {"align": TINY, "sft": {"data.batch_size": 2}}
+    base = mini_base.build_base(tmp_path, seed=0, augment=2, over=over, steps_scale=1e-3, quiet=True)
+    data = tmp_path / "data_seed0_aug2"
+    sft = json.loads((data / "base_sft.json").read_text())
+    caps = [json.loads(line) for line in (data / "base_captions.jsonl").read_text().splitlines()]
+    # images 3000-3999 only (the recipes' pools 0-2999 never seen), each in 2 views; the view is the turned image
+    for rows in (sft, caps):
+        numbers = {int(r["id"].split("_")[1]) for r in rows}
+        assert min(numbers) == 3000 and max(numbers) == 3999
+    assert len(sft) == 2000 and sum(r["id"].endswith("_aug1") for r in sft) == 1000
+    from PIL import Image
+
+    rec = next(r for r in sft if r["id"] == "train_3000_aug1")
+    orig = np.asarray(Image.open(data / "images" / "train" / "3000.png").convert("RGB"))
+    assert np.array_equal(np.asarray(Image.open(data / "images" / rec["image"])), mini_base.dihedral(orig, 1))
+    assert all(r["conversations"][0]["value"].startswith("<image>\n") for r in sft)
+    assert base["stages"]["align"]["steps"] == 2 and base["stages"]["sft"]["steps"] == 2
+    assert (data / "images" / "train" / "0.png").exists()  # the recipes' images come with the cache
+    res = mini_base.evaluate_base(base, n=6)
+    assert res["n"] == 6 and {"shape", "color", "yes/no", "describe_both"} <= set(res)
+    # a second build finds everything done and trains nothing
+    import vlmjax.train.loop as loop
+
+    monkeypatch.setattr(loop, "train", lambda *a, **k: pytest.fail("the cached base was trained again"))
+    again = mini_base.build_base(tmp_path, seed=0, augment=2, over=over, steps_scale=1e-3, quiet=True)
+    assert again["model"] == base["model"] and mini_base.evaluate_base(again, n=6) == res

@@ -1,0 +1,221 @@
+"""The shared mini base of the recipes' miniatures: data, tokenizer and an aligned + SFT'd tiny VLM, built once per
+seed into a cache folder and reused, so each miniature spends its CPU budget on its own arms.
+
+    python -m vlmjax.recipes.mini_base [--cache runs/mini_base] [--seed 0] [--n-eval 2000]
+
+Data split (easy-vqa train, 4000 images): images 3000-3999 train the base (captions for alignment, then the QA
+conversations with a description turn for SFT), each also seen in `augment` dihedral views (flips / 90 degree
+turns: an easy-vqa image's shape and colour, hence every caption and answer, are unchanged by them); images 0-2999
+are the recipes' pools and are never seen by the base. The test split is only evaluated.
+
+Cache layout: CACHE/data_seed{S}_aug{A}/ (images, captions, SFT conversations, the corpus tokenizer) and
+CACHE/{fingerprint}_seed{S}/{align,sft}/export (the models; the fingerprint hashes the config file and overrides,
+so a changed design builds afresh instead of reusing a stale model). Every step is skipped when its output exists.
+`base_gate` is the check every miniature prints before its own results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from vlmjax.recipes.stic import prompts as P
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "configs" / "mini" / "base.py"
+POOL = (3000, 4000)  # easy-vqa train images of the base; the recipes' pools are 0-2999
+RECIPE_POOL = (0, 3000)
+AUGMENT = 4
+# The description turn is asked with generic describe requests (STIC's simple / detailed / DaR prompts, so STIC's
+# stage 1 can use the base as it is); the tokenizer also covers STIC's hallucination prompts.
+DESCRIBE_PROMPTS = P.SIMPLE + (P.DETAILED, P.DAR_DESCRIBE)
+EXTRA_TEXTS = DESCRIBE_PROMPTS + P.HALLUCINATION + ("Image description:", "user", "assistant", "system")
+GATE = {"shape": 0.85, "color": 0.85, "yes/no": 0.90, "describe_both": 0.60}
+
+
+# ----------------------------------------------------------------------------------------------------- data
+
+
+def sft_turns(turns: list[dict], rng: np.random.Generator, prompts=DESCRIBE_PROMPTS) -> list[dict]:
+    """easy-vqa's conversation (description turn, then its QA) in a random order, so any question can be the first
+    turn that carries the image (as the evaluation asks it); the description is asked with one of `prompts`."""
+    pairs = [[turns[i]["value"].replace("<image>\n", ""), turns[i + 1]["value"]] for i in range(0, len(turns), 2)]
+    if pairs[0][0] == "Describe the image briefly.":
+        pairs[0][0] = prompts[int(rng.integers(len(prompts)))]
+    order = rng.permutation(len(pairs))
+    out = []
+    for k, i in enumerate(order):
+        q, a = pairs[i]
+        out += [{"from": "human", "value": P.with_image(q) if k == 0 else q}, {"from": "gpt", "value": a}]
+    return out
+
+
+def dihedral(a: np.ndarray, k: int) -> np.ndarray:
+    """View k in 0..7 of the square image a (H, W, C): k % 4 quarter turns, mirrored when k >= 4."""
+    a = np.rot90(a, k % 4)
+    return np.ascontiguousarray(a[:, ::-1] if k >= 4 else a)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def prepare_data(data: Path, *, seed: int = 0, augment: int = AUGMENT, pool: tuple[int, int] = POOL) -> dict:
+    """easy-vqa train split -> data/images (all 4000 train images, for the recipes too), the base's captions and SFT
+    conversations on `pool` (+ augmented views) and data/tokenizer fitted to the corpus. Skipped when done."""
+    from PIL import Image
+
+    from vlmjax.data import easy_vqa
+    from vlmjax.data.tokenizer import train_tokenizer
+    from vlmjax.generate.jsonl import read_jsonl
+
+    data = Path(data)
+    done = data / "prepared.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    if not 1 <= augment <= 8:
+        raise ValueError(f"augment={augment}: the number of dihedral views per image is 1..8")
+    easy_vqa.build(str(data), splits=("train",))
+    records = {r["id"]: r for r in json.loads((data / "train.json").read_text())}
+    captions = read_jsonl(data / "train_captions.jsonl")
+    ids = [f"train_{n}" for n in range(*pool)]
+    missing = [i for i in ids if i not in records]
+    if missing:
+        raise ValueError(f"{data / 'train.json'}: easy-vqa train images {missing[:3]}... of the base pool {pool} are "
+                         "missing")
+    (data / "images" / "aug").mkdir(parents=True, exist_ok=True)
+    sft, caps = [], []
+    for sample_id in ids:
+        rec, n = records[sample_id], int(sample_id.split("_")[1])
+        pixels = np.asarray(Image.open(data / "images" / rec["image"]).convert("RGB"))
+        for k in range(augment):
+            image = rec["image"]
+            if k:
+                image = f"aug/{n}_{k}.png"
+                if not (data / "images" / image).exists():
+                    Image.fromarray(dihedral(pixels, k)).save(data / "images" / image)
+            vid = sample_id + (f"_aug{k}" if k else "")
+            rng = np.random.default_rng(zlib.crc32(f"{seed}:{vid}".encode()))
+            sft.append({"id": vid, "image": image, "conversations": sft_turns(rec["conversations"], rng)})
+            if sample_id in captions:
+                cap = captions[sample_id]
+                text = easy_vqa.caption({"shape": cap["shape"], "color": cap["color"]}, n + k)
+                caps.append({**cap, "id": vid, "image": image, "caption": text})
+    _write_json(data / "base_sft.json", sft)
+    with open(data / "base_captions.jsonl.tmp", "w") as f:
+        f.writelines(json.dumps(c) + "\n" for c in caps)
+    os.replace(data / "base_captions.jsonl.tmp", data / "base_captions.jsonl")
+    texts = [t["value"].replace("<image>", "") for r in sft for t in r["conversations"]] + list(EXTRA_TEXTS)
+    train_tokenizer(sorted(set(texts)), data / "tokenizer", vocab_size=1024)  # sorted: BPE ties follow text order
+    info = {"pool": list(pool), "images": len(ids), "augment": augment, "sft": len(sft), "captions": len(caps),
+            "seed": seed}
+    _write_json(done, info)
+    return info
+
+
+# ----------------------------------------------------------------------------------------------------- build
+
+
+def fingerprint(config_file: Path, over: dict | None) -> str:
+    """Hash of the resolved stage configs and the overrides (not the file text: a docstring edit keeps the cache)."""
+    from vlmjax.train.stages import stage_config
+
+    stages = [stage_config(config_file, s).to_json(sort_keys=True) for s in ("align", "sft")]
+    text = json.dumps([stages, over or {}], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def build_base(cache: str | Path = "runs/mini_base", *, seed: int = 0, augment: int = AUGMENT,
+               config_file: str | Path = CONFIG, over: dict | None = None, steps_scale: float = 1.0,
+               root: str | Path | None = None, quiet: bool = False) -> dict:
+    """Build (or reuse) the base for `seed`: -> {"model" (the SFT'd export), "align", "tokenizer", "images" (all
+    easy-vqa train images: the recipes' pools are RECIPE_POOL), "data", "root", "stages" (each stage's
+    stage.json), "seconds", "cpu_seconds" (what building took, summed over stages and data)}.
+    over = {"align": {dotted: value}, "sft": {...}} changes the design (a fresh fingerprint folder, unless `root`
+    names the model folder); steps_scale shrinks both stages (tests)."""
+    from vlmjax.train.stages import train_stage
+
+    cache, config_file = Path(cache), Path(config_file)
+    t0, cpu0 = time.time(), time.process_time()
+    data = cache / f"data_seed{seed}_aug{augment}"
+    info = prepare_data(data, seed=seed, augment=augment)
+    prep = {"seconds": round(time.time() - t0, 1), "cpu_seconds": round(time.process_time() - cpu0, 1)}
+    if not (data / "prep_time.json").exists():
+        _write_json(data / "prep_time.json", prep)
+    if root is None:
+        root = cache / f"{fingerprint(config_file, {**(over or {}), 'scale': steps_scale})}_seed{seed}"
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    images = str(data / "images")
+    over = over or {}
+    seeds = {"train.seed": seed, "model.seed": seed}
+    kw = dict(config_file=config_file, image_root=images, steps_scale=steps_scale, quiet=quiet)
+    align = train_stage("align", root / "align", source=str(data / "base_captions.jsonl"),
+                        tokenizer=str(data / "tokenizer"), over={**seeds, **over.get("align", {})}, **kw)
+    sft = train_stage("sft", root / "sft", model_path=str(align), source=str(data / "base_sft.json"),
+                      over={**seeds, **over.get("sft", {})}, **kw)
+    stages = {s: json.loads((root / s / "stage.json").read_text()) for s in ("align", "sft")}
+    spent = json.loads((data / "prep_time.json").read_text())
+    out = {"model": str(sft), "align": str(align), "tokenizer": str(data / "tokenizer"), "images": images,
+           "data": str(data), "root": str(root), "data_info": info, "stages": stages,
+           "seconds": round(spent["seconds"] + sum(s["seconds"] for s in stages.values()), 1),
+           "cpu_seconds": round(spent["cpu_seconds"] + sum(s.get("cpu_seconds", 0) for s in stages.values()), 1)}
+    _write_json(root / "base.json", {k: v for k, v in out.items() if k != "stages"})
+    return out
+
+
+def evaluate_base(base: dict, *, n: int = 2000) -> dict:
+    """The base's easy-vqa test results by answer kind + describe colour/shape (cached in ROOT/results)."""
+    from vlmjax.eval.easy_vqa import evaluate_by_kind
+
+    return evaluate_by_kind(base["model"], Path(base["root"]) / "results" / f"base_n{n}.json", n=n)
+
+
+def base_gate(results: dict, gate: dict = GATE) -> tuple[bool, list[str]]:
+    """Does the base see? -> (passed, printable lines): each gated metric against its threshold. A miniature prints
+    these before its own results, so a failed base is never read past."""
+    names = {"shape": "shape questions", "color": "colour questions", "yes/no": "yes/no questions",
+             "describe_both": "describes colour + shape"}
+    rows, failed = [], []
+    for key, floor in gate.items():
+        value = results.get(key)
+        ok = value is not None and value >= floor
+        failed += [] if ok else [names.get(key, key)]
+        shown = "missing" if value is None else f"{value:.3f}"
+        rows.append(f"  {names.get(key, key):<26} {shown:>7}  (gate >= {floor:.2f})  {'ok' if ok else 'FAIL'}")
+    head = f"mini base gate (easy-vqa test, n={results.get('n', '?')} questions): "
+    if failed:
+        head += ("FAILED - the base does not see well enough (" + ", ".join(failed) + "); differences below that run "
+                 "through these skills cannot be read as the recipe's effect")
+    else:
+        head += "passed"
+    return not failed, [head] + rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cache", type=Path, default=Path("runs/mini_base"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n-eval", type=int, default=2000)
+    args = ap.parse_args(argv)
+    base = build_base(args.cache, seed=args.seed)
+    print(f"mini base: {base['model']} (built in {base['seconds']:.0f} s wall, {base['cpu_seconds']:.0f} s CPU)")
+    passed, lines = base_gate(evaluate_base(base, n=args.n_eval))
+    print("\n".join(lines))
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    from vlmjax.runtime import tune_process
+
+    tune_process()
+    raise SystemExit(main())
