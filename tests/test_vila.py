@@ -201,3 +201,31 @@ def test_vila_sh_dry_run_commands_parse_as_trainer_flags(config, tmp_path):
             assert c.model.path == f"W/{'align' if stage == 'pretrain' else 'pretrain'}/export"
         if stage == "pretrain":
             assert [s["format"] for s in c.data.sources] == ["interleaved", "caption"]
+
+
+def test_readme_vila_commands_run_verbatim(tmp_path, monkeypatch):
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## VILA (vlmjax/recipes/vila"):]
+    section = section[:section.index("\n## ", 5)]
+    cmds = [line.strip() for line in section.splitlines() if line.startswith("    ") and
+            ("vlmjax.recipes.vila.prepare" in line or "scripts/vila.sh" in line)]
+    assert len(cmds) == 4
+    raw, images = tmp_path / "raw", tmp_path / "data" / "mmc4" / "images"
+    raw.mkdir()
+    images.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(images / "a.png")
+    write_jsonl(raw / "mmc4.jsonl", [{"url": "u", "text_list": ["Hi.", "There."],
+                                      "image_info": [{"image_name": "a.png", "matched_text_index": 1, "matched_sim": 0.3}]}])
+    write_jsonl(raw / "coyo.jsonl", [{"id": i, "text": f"c{i}", "key": str(i), "clip_similarity_vitl14": i / 10}
+                                     for i in range(4)])
+    write_jsonl(raw / "flan.jsonl", [{"inputs": "1+1?", "targets": "2"}])
+    monkeypatch.chdir(tmp_path)
+    for cmd in cmds[:3]:
+        argv = shlex.split(cmd)
+        assert argv[:3] == ["python", "-m", "vlmjax.recipes.vila.prepare"]
+        prepare.main(argv[3:])
+    assert len(read_jsonl("data/mmc4/docs.jsonl")) == 1 and len(read_jsonl("data/flan/flan_1m.jsonl")) == 1
+    assert [p["id"] for p in read_jsonl("data/coyo/pairs.jsonl")] == ["2", "3"]
+    out = subprocess.run(["bash", "-c", cmds[3]], cwd=ROOT, capture_output=True,
+                         text=True, check=True, env={"PATH": "/usr/bin:/bin"}).stdout
+    assert out.count("python -m vlmjax.train") == 3 and "runs/vila/sft/export" in out
