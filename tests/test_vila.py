@@ -69,16 +69,25 @@ def test_prepare_mmc4_keeps_matched_sim_escapes_and_reports(mmc4, tmp_path):
 def test_prepare_coyo_keeps_top_clip_scores_in_input_order(tmp_path):
     recs = [{"id": i, "url": f"u{i}", "text": f"cap {i}", "key": f"{i:05d}", "clip_similarity_vitl14": s}
             for i, s in enumerate([0.2, 0.5, 0.3, 0.5, 0.1])]
-    recs += [{"id": 5, "text": "no score", "key": "x"}, {"id": 6, "text": " ", "key": "y", "clip_similarity_vitl14": 1}]
+    recs[3]["text"] = "cap <image> 3"
+    recs += [{"id": 5, "text": "no score", "key": "x"}, {"id": 6, "text": " ", "key": "y", "clip_similarity_vitl14": 1},
+             {"id": 7, "text": "nan", "key": "z", "clip_similarity_vitl14": float("nan")},
+             {"id": 8, "text": "low <image>", "key": "w", "clip_similarity_vitl14": 0.0}]  # escaped only if kept
     src, out = write_jsonl(tmp_path / "coyo.jsonl", recs), str(tmp_path / "pairs.jsonl")
     report = prepare.main(["coyo", "--in", src, "--out", out, "--top", "3"])
     pairs = read_jsonl(out)
     assert [p["id"] for p in pairs] == ["1", "2", "3"]  # top 3 by score (ties: both 0.5 kept), input order
-    assert pairs[0] == {"id": "1", "image": "00001", "caption": "cap 1", "url": "u1"}
-    assert report["counts"] == {"below_top_clip_score": 2, "no_clip_score": 1, "empty_caption": 1}
-    assert parse_caption(pairs[0]).images == ["00001"]
+    assert pairs[0] == {"id": "1", "image": "00001.jpg", "caption": "cap 1", "url": "u1"}  # img2dataset KEY.jpg
+    assert pairs[2]["caption"] == "cap <IMAGE> 3"
+    assert report["records_in"] == 9 and report["records_out"] == 3
+    assert report["counts"] == {"below_top_clip_score": 3, "no_clip_score": 2, "empty_caption": 1,
+                                "escaped_image_tag": 1}
+    assert parse_caption(pairs[0]).images == ["00001.jpg"]
+    prepare.main(["coyo", "--in", src, "--out", out, "--top", "1"])
+    assert [p["id"] for p in read_jsonl(out)] == ["1"]  # a tie at the cut (#1, #3 at 0.5) goes to the earlier
     report = prepare.main(["coyo", "--in", src, "--out", out, "--top", "1", "--score-key", "id"])
-    assert [p["id"] for p in read_jsonl(out)] == ["5"]  # ranked by the given key (no score key needed for #5 here)
+    assert [p["id"] for p in read_jsonl(out)] == ["8"]  # ranked by the given key
+    assert prepare.main(["coyo", "--in", src, "--out", out])["records_out"] == 6  # no --top: every usable pair
 
 
 def test_prepare_flan_text_only_llava(tmp_path):

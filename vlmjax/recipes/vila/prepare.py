@@ -10,8 +10,8 @@ mmc4: documents {"text_list", "image_info": [{"image_name", "matched_text_index"
   fails when it has no reference, its `matched_text_index` is outside the document, or (with --images) its file is
   missing or unreadable; failed images are dropped, and a document whose images ALL fail is skipped (VILA trains
   interleaved docs for their images; text alone belongs to the text corpus).
-coyo: {"url", "text" | "caption", clip scores, "image" | "key" | "image_name"} -> `caption` records, the --top
-  records by --score-key (VILA keeps the top COYO pairs by CLIP score), in input order.
+coyo: {"url", "text" | "caption", clip scores, "image" | "image_name" | "key" (img2dataset: KEY.jpg)} -> `caption`
+  records, the --top records by --score-key (VILA keeps the top COYO pairs by CLIP score), in input order.
 flan: {"inputs", "targets"} -> text-only `llava` records (one user turn, one assistant turn).
 Everywhere a literal `<image>` in raw text becomes `<IMAGE>` (as VILA does), so it cannot pose as a placeholder;
 each such rewrite is counted. Output is written atomically; the report (`OUT.report.json`, also printed) lists
@@ -21,12 +21,15 @@ records in/out and counts by reason.
 from __future__ import annotations
 
 import argparse
+import array
 import collections
-import heapq
+import math
 import json
 import os
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from vlmjax.data.formats import ESCAPED_PLACEHOLDER as ESCAPED
 from vlmjax.data.formats import PLACEHOLDER
@@ -142,17 +145,19 @@ def convert_flan(rec: dict, where: str, report: Report) -> dict | None:
                               {"from": "gpt", "value": report.escape(targets.strip(), where)}]}
 
 
-def convert_coyo(rec: dict, where: str, report: Report) -> dict | None:
+def convert_coyo(rec: dict, where: str, report: Report, key_suffix: str = ".jpg", escape: bool = True) -> dict | None:
     caption = next((rec[k] for k in ("caption", "text") if isinstance(rec.get(k), str)), "").strip()
     if not caption:
         report.add("empty_caption", where)
         return None
-    ref = next((rec[k] for k in ("image", "image_name", "key") if rec.get(k)), None)
+    ref = next((rec[k] for k in ("image", "image_name") if rec.get(k)), None)
+    if ref is None and rec.get("key"):  # img2dataset: the image is KEY.jpg in the folder / tar shards
+        ref = f"{rec['key']}{key_suffix}"
     if ref is None:
         report.add("image_no_reference", where)
         return None
     out = {"id": str(rec.get("id") if rec.get("id") is not None else where), "image": str(ref),
-           "caption": report.escape(caption, where)}
+           "caption": report.escape(caption, where) if escape else caption}
     if rec.get("url"):
         out["url"] = rec["url"]
     return out
@@ -160,51 +165,68 @@ def convert_coyo(rec: dict, where: str, report: Report) -> dict | None:
 
 def _score(rec: dict, key: str, where: str, report: Report) -> float | None:
     try:
-        return float(rec[key])
+        score = float(rec[key])
     except (KeyError, TypeError, ValueError):
+        score = math.nan
+    if math.isnan(score):
         report.add("no_clip_score", where)
         return None
+    return score
+
+
+def _coyo_threshold(src: str, top: int | None, score_key: str, key_suffix: str, report: Report):
+    """Pass 1 over COYO: count bad records and find the `top`-th best score without holding the records (COYO is
+    hundreds of millions of rows; one float each fits). Returns (threshold, ties at it to keep, usable count)."""
+    scores = array.array("d")
+    for i, rec in read_records(src):
+        where = f"{src}:{i}"
+        if convert_coyo(rec, where, report, key_suffix, escape=False) is not None:
+            score = _score(rec, score_key, where, report)
+            if score is not None:
+                scores.append(score)
+    s = np.frombuffer(scores, np.float64) if len(scores) else np.zeros(0)
+    if top is None or len(s) <= top:
+        return -np.inf, 0, len(s)
+    threshold = float(np.partition(s, len(s) - top)[len(s) - top])
+    return threshold, top - int((s > threshold).sum()), len(s)
 
 
 def prepare(kind: str, src: str, out: str, *, images: str | None = None, top: int | None = None,
-            score_key: str = "clip_similarity_vitl14") -> dict:
-    """Convert `src` into `out` (JSONL, atomic); return the report (also written to `out`.report.json)."""
+            score_key: str = "clip_similarity_vitl14", key_suffix: str = ".jpg") -> dict:
+    """Convert `src` into `out` (JSONL streamed to a temp file, then renamed); return the report (also written
+    to `out`.report.json)."""
     report = Report(kind, src)
     root = Path(images) if images else None
-    n_in, kept = 0, []
     if kind == "coyo":
-        n_valid, heap = 0, []  # heap: (score, -order, record): the `top` best, ties to the earlier record
-        for i, rec in read_records(src):
-            n_in += 1
-            where = f"{src}:{i}"
-            doc = convert_coyo(rec, where, report)
-            score = _score(rec, score_key, where, report) if doc else None
-            if doc is None or score is None:
-                continue
-            n_valid += 1
-            item = (score, -n_in, doc)
-            if top is None or len(heap) < top:
-                heapq.heappush(heap, item)
-            elif item[:2] > heap[0][:2]:
-                heapq.heapreplace(heap, item)
-        if n_valid > len(heap):
-            report.add("below_top_clip_score", src, n_valid - len(heap))
-        kept = [doc for _, _, doc in sorted(heap, key=lambda t: -t[1])]
+        threshold, ties, n_valid = _coyo_threshold(src, top, score_key, key_suffix, report)
+        quiet = Report(kind, src)  # pass 2 re-meets the bad records pass 1 counted
+
+        def convert(rec, where):
+            nonlocal ties
+            doc = convert_coyo(rec, where, quiet, key_suffix, escape=False)
+            score = _score(rec, score_key, where, quiet) if doc else None
+            if score is None or score < threshold or (score == threshold and ties <= 0 and top is not None):
+                return None
+            if score == threshold and top is not None:
+                ties -= 1  # ties at the threshold go to the earlier records
+            doc["caption"] = report.escape(doc["caption"], where)
+            return doc
     else:
         convert = {"mmc4": lambda r, w: convert_mmc4(r, w, report, root),
                    "flan": lambda r, w: convert_flan(r, w, report)}[kind]
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    tmp, n_in, n_out = out + ".tmp", 0, 0
+    with open(tmp, "w", encoding="utf-8") as f:
         for i, rec in read_records(src):
             n_in += 1
             doc = convert(rec, f"{src}:{i}")
             if doc is not None:
-                kept.append(doc)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = out + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for doc in kept:
-            f.write(json.dumps(doc, ensure_ascii=False) + "\n")
+                f.write(json.dumps(doc, ensure_ascii=False) + "\n")
+                n_out += 1
     os.replace(tmp, out)
-    result = report.to_json(n_in, len(kept))
+    if kind == "coyo" and n_valid > n_out:
+        report.add("below_top_clip_score", src, n_valid - n_out)
+    result = report.to_json(n_in, n_out)
     with open(out + ".report.json.tmp", "w") as f:
         json.dump(result, f, indent=1)
     os.replace(out + ".report.json.tmp", out + ".report.json")
@@ -219,10 +241,13 @@ def main(argv=None):
     p.add_argument("--images", help="mmc4: folder holding image_info[].image_name; missing/unreadable files fail")
     p.add_argument("--top", type=int, help="coyo: keep this many records with the highest --score-key")
     p.add_argument("--score-key", default="clip_similarity_vitl14", help="coyo: the CLIP score field")
+    p.add_argument("--key-suffix", default=".jpg", help="coyo: records naming their image by img2dataset `key` "
+                   "refer to KEY + this (the member name in the folder or tar shards)")
     a = p.parse_args(argv)
     if a.top is not None and a.top < 1:
         p.error("--top must be >= 1")
-    result = prepare(a.kind, a.src, a.out, images=a.images, top=a.top, score_key=a.score_key)
+    result = prepare(a.kind, a.src, a.out, images=a.images, top=a.top, score_key=a.score_key,
+                     key_suffix=a.key_suffix)
     print(json.dumps(result), file=sys.stdout)
     return result
 
