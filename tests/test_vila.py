@@ -95,7 +95,8 @@ def test_prepare_flan_text_only_llava(tmp_path):
     src, out = write_jsonl(tmp_path / "flan.jsonl", recs), str(tmp_path / "flan_out.jsonl")
     report = prepare.main(["flan", "--in", src, "--out", out])
     (rec,) = read_jsonl(out)
-    assert rec["conversations"] == [{"from": "human", "value": "Q: what is <IMAGE>?"}, {"from": "gpt", "value": "A tag."}]
+    assert rec["conversations"] == [{"from": "human", "value": "Q: what is <IMAGE>?"},
+                                    {"from": "gpt", "value": "A tag."}]
     assert report["counts"] == {"escaped_image_tag": 1, "empty_inputs_or_targets": 1}
     ex = parse_llava(rec)
     assert ex.images == [] and ex.messages[1]["content"] == "A tag."
@@ -223,8 +224,8 @@ def test_readme_vila_commands_run_verbatim(tmp_path, monkeypatch):
     raw.mkdir()
     images.mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(images / "a.png")
-    write_jsonl(raw / "mmc4.jsonl", [{"url": "u", "text_list": ["Hi.", "There."],
-                                      "image_info": [{"image_name": "a.png", "matched_text_index": 1, "matched_sim": 0.3}]}])
+    info = [{"image_name": "a.png", "matched_text_index": 1, "matched_sim": 0.3}]
+    write_jsonl(raw / "mmc4.jsonl", [{"url": "u", "text_list": ["Hi.", "There."], "image_info": info}])
     write_jsonl(raw / "coyo.jsonl", [{"id": i, "text": f"c{i}", "key": str(i), "clip_similarity_vitl14": i / 10}
                                      for i in range(4)])
     write_jsonl(raw / "flan.jsonl", [{"inputs": "1+1?", "targets": "2"}])

@@ -1,17 +1,20 @@
 """VILA-7B (Lin et al., CVPR 2024; shared/recipes/vila.md): Llama-2-7B + CLIP-L/14-336 + a `linear` projector (the
 paper's best), three stages, each starting from the previous stage's export folder:
 
-    scripts/vila.sh WORKDIR                                                       # all stages, resumable
-    python -m vlmjax.train --config configs/vila/llama2_7b.py:align --workdir W/align --config.export_dir=W/align/export \\
-        --config.model.llm=/ckpt/Llama-2-7b-hf --config.model.vision=/ckpt/clip-vit-large-patch14-336
+    scripts/vila.sh WORKDIR LLM_DIR VISION_DIR DATA_ROOT                          # all stages, resumable
+    python -m vlmjax.train --config configs/vila/llama2_7b.py:align --workdir W/align \\
+        --config.export_dir=W/align/export --config.model.llm=/ckpt/Llama-2-7b-hf \\
+        --config.model.vision=/ckpt/clip-vit-large-patch14-336
     python -m vlmjax.train --config configs/vila/llama2_7b.py:pretrain --workdir W/pretrain \\
         --config.model.path=W/align/export --config.export_dir=W/pretrain/export
 
-align:    LLaVA-CC3M-595K caption pairs, `plain` template, only the projector trains; lr 1e-3, global batch 256, len 2048.
+align:    LLaVA-CC3M-595K caption pairs, `plain` template, only the projector trains; lr 1e-3, global batch 256,
+          len 2048.
 pretrain: MMC4-core interleaved docs (<= 6 images each) + COYO-25M pairs (top CLIP score; prepared with
           `python -m vlmjax.recipes.vila.prepare mmc4|coyo`), LLM + projector train, ViT frozen; lr 5e-5, global
           batch 1024, len 4096, loss on all text.
 sft:      LLaVA-1.5 mix665k + 1M FLAN text-only (`prepare flan`), vicuna_v1 template; lr 2e-5, global 128, len 4096.
+          The two sources are sampled by weights proportional to their sizes, so the steps cover each ~once.
 All 1 epoch (as steps: the sample counts below / global batch), cosine, warmup 3%, no weight decay.
 Global batch = hosts x data.batch_size x train.grad_accum (one 8-GPU host here; on N hosts divide grad_accum by N).
 Stage hand-off: model.init="checkpoint" from WORKDIR/<previous stage>/export (the native checkpoint folder makes
@@ -42,7 +45,8 @@ def steps(samples: int, global_batch: int) -> int:
 
 
 def get_config(stage: str = "align", *, workdir: str = WORKDIR, llm: str = "/path/to/Llama-2-7b-hf",
-               vision: str = "/path/to/clip-vit-large-patch14-336", projector: str = "linear", sft_template="vicuna_v1"):
+               vision: str = "/path/to/clip-vit-large-patch14-336", projector: str = "linear",
+               sft_template: str = "vicuna_v1"):
     if stage not in STAGES:
         raise ValueError(f"configs/vila:{stage}: stages are {STAGES}")
     from vlmjax.train.defaults import base
