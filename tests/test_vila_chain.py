@@ -1,8 +1,7 @@
-"""The VILA stage chain (align -> pretrain -> sft) from configs/vila/*.py with tiny models: each stage writes the
+"""The VILA stage chain (align -> pretrain -> sft) from configs/vila/llama2_7b.py with tiny models: each stage writes the
 export the next one reads (native for `linear` / `downsample2x2_mlp`, which HF LLaVA cannot hold), the preprocessing
 the first stage records travels with the model, and the generate CLI reads the final native folder."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from flax import nnx
 
 from train_utils import write_dataset
 from vlmjax.convert.native import folder_kind, load_native
+from vlmjax.train import stages
 from vlmjax.train.loop import train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "vila"
@@ -36,11 +36,11 @@ def data(tmp_path_factory):
     return {**d, "captions": str(root / "captions.jsonl"), "docs": str(root / "docs.jsonl")}
 
 
+STAGES = {"stage1_align": "align", "stage2_pretrain": "pretrain", "stage3_sft": "sft"}
+
+
 def stage_config(name: str, root: Path, sources, **over):
-    spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
-    m = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(m)
-    c = m.get_config()
+    c = stages.stage_config(CONFIGS / "llama2_7b.py", STAGES[name])
     c.model.dtype, c.model.remat = "float32", "none"
     c.train.steps, c.train.save_every, c.optim.schedule = 1, 100, "constant"
     c.data.batch_size, c.data.seq_len, c.data.max_images = 2, 96, 8

@@ -15,6 +15,7 @@ from vlmjax.data.errors import BAD_RECORD, EMPTY_CONVERSATION, IMAGE_COUNT, UNKN
 from vlmjax.data.templates import check_turns
 
 PLACEHOLDER = "<image>"
+ESCAPED_PLACEHOLDER = "<IMAGE>"  # what a literal "<image>" in raw document text becomes (VILA's escape)
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -140,8 +141,11 @@ def parse_interleaved(record: dict, max_images: int = 8, min_similarity: float |
     """MMC4: {"text_list": [sentences], "image_info": [{"image_name" | "image" | "bytes", "matched_text_index",
     "matched_sim"}]}. Each image goes right before its matched sentence; only the first `max_images` (in document
     order, after dropping those below `min_similarity`) are kept; images with no text after them are dropped;
-    loss on all text."""
-    sentences = [_text(s, "text_list") for s in (record.get("text_list") or [])]
+    loss on all text; a literal "<image>" in the text becomes "<IMAGE>". The record is never modified."""
+    # A literal "<image>" in web text would pose as a placeholder (and miscount the images): escaped as VILA does.
+    raw = [_text(s, "text_list") for s in (record.get("text_list") or [])]
+    sentences = [s.replace(PLACEHOLDER, ESCAPED_PLACEHOLDER) for s in raw]
+    escaped = sum(s.count(PLACEHOLDER) for s in raw)
     if not any(s.strip() for s in sentences):
         raise BadSample(EMPTY_CONVERSATION, "document has no text")
     placed = []
@@ -173,6 +177,8 @@ def parse_interleaved(record: dict, max_images: int = 8, min_similarity: float |
     text = " ".join(p for p in parts if p)
     messages = [{"role": "assistant", "content": text}]
     meta = {k: record[k] for k in ("url",) if k in record}
+    if escaped:
+        meta["escaped_image_tags"] = escaped
     return Example(record_id(record), messages, images, template="plain", loss_on="all", document=True, meta=meta)
 
 
