@@ -191,7 +191,8 @@ def test_combine_refuses_other_rounds_models_duplicates_and_gaps(tmp_path):
     with pytest.raises(StateMismatch, match="round 1 by model 'vila0', but .*state.json says round 2 by model "
                                             "'vila1'"):
         combine(spec, out, 1)
-    write_state_and_recaptions(out, HAND, round_=2, model="vila0", start=False)  # round 2's file, written by the wrong model
+    # round 2's file, written by another model than state.json names for round 2
+    write_state_and_recaptions(out, HAND, round_=2, model="vila0", start=False)
     with pytest.raises(StateMismatch, match="round 2 by model 'vila0', but .* round 2 by model 'vila1'"):
         combine(spec, out, 2)
     # host shards: a duplicate across shards, then a missing id, are errors; nothing is written
