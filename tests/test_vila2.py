@@ -212,6 +212,12 @@ def test_combine_refuses_other_rounds_models_duplicates_and_gaps(tmp_path):
     assert not os.path.exists(recaptions_path(shards, 1)) and not os.path.exists(combined_path(shards, 1))
     with pytest.raises(ValueError, match="mode must be one of"):
         combine(spec, out, 2, mode="append")
+    # a recaption run over the first N records combines with the same limit (and only with it)
+    part = tmp_path / "part"
+    write_state_and_recaptions(part, HAND[:3])
+    assert combine(spec, part, 1, limit=3)["written"] == 3
+    with pytest.raises(IncompleteShards, match="4 of 7 ids are missing"):
+        combine(spec, part, 1)
 
 
 README_COMMANDS = [

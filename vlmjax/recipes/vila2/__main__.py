@@ -31,13 +31,13 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0, help="sampling seed (each image's stream also depends on its id)")
     r.add_argument("--shard-index", type=cli.non_negative_int, default=None)
     r.add_argument("--shard-count", type=cli.positive_int, default=None)
-    r.add_argument("--limit", type=cli.positive_int, default=None, help="only the first N records")
     c = sub.add_parser("combine", help="round K's training captions: original + recaption")
     c.add_argument("--mode", default="concat", choices=["concat", "replace", "original"])
     for q in (r, c):
         q.add_argument("--data", required=True, help="caption-format records (.json / .jsonl)")
         q.add_argument("--round", type=cli.non_negative_int, required=True)
         q.add_argument("--out", required=True, help="the run's folder (state.json, recaptions, combined captions)")
+        q.add_argument("--limit", type=cli.positive_int, default=None, help="only the first N records")
     return p
 
 
@@ -51,7 +51,8 @@ def main(argv=None) -> dict:
     if args.cmd == "combine":
         from vlmjax.recipes.vila2.combine import combine
 
-        out = combine(SourceSpec(format="caption", path=args.data), args.out, args.round, mode=args.mode)
+        out = combine(SourceSpec(format="caption", path=args.data), args.out, args.round, mode=args.mode,
+                      limit=args.limit)
         out = {k: v for k, v in out.items() if k != "bad_records"}
     else:
         cli.require_paths(p, model=(args.model, "dir"))

@@ -79,15 +79,16 @@ def quantiles(lengths) -> dict:
     return {"n": int(len(x)), "mean": float(x.mean()), **dict(zip(("min", "p25", "p50", "p75", "max"), map(float, q)))}
 
 
-def combine(spec, out_dir, round_: int, *, mode: str = "concat") -> dict:
+def combine(spec, out_dir, round_: int, *, mode: str = "concat", limit: int | None = None) -> dict:
     """Write DIR/combined.r{k}.jsonl (caption records: the source record with "caption" replaced, plus
     "orig_caption", "recaption", "round", "source_model", "prompt_id", "truncated", "kept_original") and
     DIR/combined.r{k}.manifest.json (counts, word-length quantiles); mark the round's combine step in state.json.
-    `spec`: the caption `SourceSpec` that was recaptioned (its images are not read)."""
+    `spec`: the caption `SourceSpec` that was recaptioned (its images are not read); `limit`: its first N records,
+    as recaptioned with the same limit."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     state = RunState(out_dir)
-    reqs = requests_from_source(spec, role="generate")
+    reqs = requests_from_source(spec, role="generate", limit=limit)
     keys = sample_keys(reqs)
     recs = gather(out_dir, round_, keys)
     made_by = sorted({(int(r["round"]), str(r["model"])) for r in recs.values()})
@@ -95,6 +96,7 @@ def combine(spec, out_dir, round_: int, *, mode: str = "concat") -> dict:
         state.check(r, m, f"the recaptions in {recaptions_path(out_dir, round_)}")
     model = made_by[0][1] if made_by else state.entry(round_)["model"]
     records, name = spec.open()
+    records = [records[i] for i in range(len(reqs))] if limit is not None else records
     if len(records) != len(reqs):
         raise ValueError(f"{name}: {len(records)} records but {len(reqs)} requests (not a caption source?)")
     counts = {"records": len(reqs), "written": 0, "recaptioned": 0, "failed": 0, "empty": 0, "truncated": 0,
