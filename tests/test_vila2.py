@@ -254,5 +254,5 @@ def test_readme_commands_recaption_and_combine(tmp_path, monkeypatch):
     assert man["recaptioned"] + man["failed"] + man["empty"] + man["truncated"] == 4
     again = main(shlex.split(README_COMMANDS[0])[3:])  # resumed: nothing left to do
     assert (again["written"], again["skipped_done"], again["previous_errors"]) == (0, 3, 2)
-    with pytest.raises(StateMismatch, match="not 'other'"):
-        main(shlex.split(README_COMMANDS[0])[3:] + ["--model-name", "other"])
+    with pytest.raises(StateMismatch, match="not 'other'"):  # refused before the weights load
+        main(shlex.split(README_COMMANDS[0])[3:] + ["--model-name", "other", "--model", "."])

@@ -58,14 +58,16 @@ def main(argv=None) -> dict:
         cli.require_paths(p, model=(args.model, "dir"))
         from vlmjax.generate import GenerationConfig, SamplingConfig, default_eos_ids, load_model
         from vlmjax.recipes.vila2.recaption import recaption
+        from vlmjax.recipes.vila2.state import RunState
 
+        name = args.model_name or os.path.normpath(args.model)
+        RunState(args.out).start(args.round, name)  # another model's round fails here, before loading weights
         model, cfg, tok = load_model(args.model)
         config = GenerationConfig(max_new_tokens=args.max_new_tokens, sampling=SamplingConfig(args.temperature),
                                   eos_token_ids=default_eos_ids(tok, cfg), seed=args.seed)
         spec = SourceSpec(format="caption", path=args.data, image_root=args.image_root)
-        out = recaption(model, tok, spec, args.out, args.round, args.model_name or os.path.normpath(args.model),
-                        config, batch_size=args.batch_size, shard_index=args.shard_index,
-                        shard_count=args.shard_count, limit=args.limit)
+        out = recaption(model, tok, spec, args.out, args.round, name, config, batch_size=args.batch_size,
+                        shard_index=args.shard_index, shard_count=args.shard_count, limit=args.limit)
     print(json.dumps(out))
     return out
 
