@@ -22,7 +22,7 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("recaption", help="round K's recaptions of every caption record's image")
-    r.add_argument("--model", required=True, help="HF LLaVA folder of VILA^K")
+    r.add_argument("--model", required=True, help="VILA^K: a model folder, read by generate.load_model")
     r.add_argument("--model-name", default=None, help="name recorded as the recaptioning model (default: --model)")
     r.add_argument("--image-root", default=None, help="image folder, .tar shard or quoted glob of shards")
     r.add_argument("--batch-size", type=cli.positive_int, default=16)
