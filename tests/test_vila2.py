@@ -1,0 +1,258 @@
+"""VILA^2 recipe core: seeded prompt choice, resumable host-sharded recaptioning, combine's modes, counts, escaping
+and refusals, state.json, and the README's commands (tiny random VLM, SmolLM2 tokenizer; seconds)."""
+
+import collections
+import json
+import os
+import shlex
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vlmjax.data.pipeline import SourceSpec
+from vlmjax.generate import GenerationConfig, SamplingConfig
+from vlmjax.generate.shards import IncompleteShards, shard_paths
+from vlmjax.recipes.vila2.combine import combine, combined_path
+from vlmjax.recipes.vila2.prompts import PROMPTS, prompt_id
+from vlmjax.recipes.vila2.recaption import recaption, recaption_requests, recaptions_path
+from vlmjax.recipes.vila2.state import RunState, StateMismatch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_captions(root, n=7):
+    """n caption records with images, one whose image is missing, one with an empty caption (does not parse)."""
+    os.makedirs(root / "images", exist_ok=True)
+    rng = np.random.default_rng(0)
+    recs = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / "images" / f"{i}.png")
+        key = ("caption", "text")[i % 2]  # the caption parser reads either; combine writes "caption"
+        recs.append({"id": f"c{i}", "image": f"{i}.png", key: f"A shape {i}.", "source": "toy"})
+    recs.append({"id": "gone", "image": "missing.png", "caption": "A lost image."})
+    recs.append({"id": "blank", "image": "0.png", "caption": "  "})
+    with open(root / "captions.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in recs)
+    return recs
+
+
+def gen_config(max_new_tokens=6):
+    # every 3rd token id ends a reply: a random model then finishes some rows (some at once: empty) and runs
+    # others to max_new_tokens (truncated)
+    return GenerationConfig(max_new_tokens=max_new_tokens, sampling=SamplingConfig(temperature=1.0), seed=3,
+                            eos_token_ids=tuple(range(0, 49216, 3)))
+
+
+def test_prompt_choice_is_a_function_of_round_and_key(tmp_path):
+    keys = [f"img{i}" for i in range(3000)]
+    picks = [prompt_id(1, k) for k in keys]
+    assert picks == [prompt_id(1, k) for k in keys]  # deterministic (no process-salted hash)
+    freq = np.bincount(picks, minlength=3) / len(keys)
+    np.testing.assert_allclose(freq, 1 / 3, atol=0.03)  # uniform: 3 sd of a binomial share is ~0.026
+    changed = np.mean([prompt_id(2, k) != p for k, p in zip(keys, picks)])
+    assert 0.6 < changed < 0.74  # a new round draws afresh (2/3 expected)
+    assert len(PROMPTS) == 3 and all(len(set(p.split(". "))) == len(p.split(". ")) for p in PROMPTS)
+    assert "imagin" in PROMPTS[2] and "list" in PROMPTS[2]
+    # requests carry their prompt and provenance whatever the slice of the data they are built from
+    write_captions(tmp_path)
+    spec = SourceSpec(format="caption", path=str(tmp_path / "captions.jsonl"), image_root=str(tmp_path / "images"))
+    reqs = recaption_requests(spec, 1, "m")
+    some = recaption_requests(spec, 1, "m", limit=3)
+    for r in reqs[:7] + some:
+        pid = prompt_id(1, r.id)
+        assert r.messages == [{"role": "user", "content": "<image>\n" + PROMPTS[pid]}]
+        assert (r.meta["round"], r.meta["model"], r.meta["prompt_id"]) == (1, "m", pid)
+    assert reqs[8].error is not None and reqs[8].meta["prompt_id"] == prompt_id(1, "blank")
+
+
+def _rows(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_recaption_resumes_and_two_shards_merge_to_one_host(tmp_path):
+    from test_generate import smol_vlm
+    from vlmjax.data.assets import smollm2_tokenizer
+
+    write_captions(tmp_path)
+    spec = SourceSpec(format="caption", path=str(tmp_path / "captions.jsonl"), image_root=str(tmp_path / "images"))
+    model, tok, cfg = smol_vlm(), smollm2_tokenizer(), gen_config()
+    one = tmp_path / "one"
+    st = recaption(model, tok, spec, one, 1, "vila0", cfg, batch_size=4, shard_index=0, shard_count=1,
+                   progress=False)
+    assert (st["requests"], st["written"], st["failed"]) == (9, 7, 2)
+    ref = {r["id"]: r for r in _rows(recaptions_path(one, 1))}
+    assert sorted(ref) == sorted([f"c{i}" for i in range(7)] + ["gone", "blank"])
+    for r in ref.values():
+        assert (r["round"], r["model"], r["prompt_id"]) == (1, "vila0", prompt_id(1, r["id"]))
+    assert "image file not found" in ref["gone"]["error"] and "empty caption" in ref["blank"]["error"]
+    assert ref["c3"]["caption"] == "A shape 3." and ref["c3"]["prompt"] == "<image>\n" + PROMPTS[ref["c3"]["prompt_id"]]
+    state = json.load(open(one / "state.json"))
+    assert state["round"] == 1 and state["rounds"]["1"]["last_step"] == "recaption"
+    # two hosts as separate jobs (run here one after the other); host 0 crashes after its first batch
+    two = tmp_path / "two"
+    paths = shard_paths(recaptions_path(two, 1), 2)
+    assert recaption(model, tok, spec, two, 1, "vila0", cfg, batch_size=4, shard_index=1, shard_count=2,
+                     progress=False)["merged"] is None
+    recaption(model, tok, spec, two, 1, "vila0", cfg, batch_size=4, shard_index=0, shard_count=2, progress=False)
+    lines = open(paths[0]).read().splitlines(keepends=True)
+    with open(paths[0], "w") as f:
+        f.write("".join(lines[:3]) + lines[3][:10])  # three records and a torn line
+    assert json.load(open(two / "state.json"))["rounds"]["1"]["last_step"] is None  # not merged yet
+    with pytest.raises(IncompleteShards, match="00000-of-00002.jsonl:4: torn last line"):
+        combine(spec, two, 1)
+    with open(paths[0], "w") as f:
+        f.write("".join(lines[:3]))
+    with pytest.raises(IncompleteShards, match="2 of 9 ids are missing"):
+        combine(spec, two, 1)
+    with open(paths[0], "a") as f:
+        f.write(lines[3][:10])  # the torn line again: the resumed host cuts it off
+    st = recaption(model, tok, spec, two, 1, "vila0", cfg, batch_size=4, shard_index=0, shard_count=2,
+                   progress=False)
+    assert (st["requests"], st["skipped_done"], st["written"] + st["failed"]) == (5, 3, 2)
+    man = combine(spec, two, 1)
+    merged = _rows(recaptions_path(two, 1))
+    assert [r["id"] for r in merged] == [f"c{i}" for i in range(7)] + ["gone", "blank"]  # data order
+    assert {r["id"]: r for r in merged} == ref  # == one host, outputs included (sampling streams per id)
+    assert man == {**combine(spec, one, 1), "out": combined_path(two, 1)}
+    statuses = collections.Counter(r["kept_original"] for r in _rows(combined_path(two, 1)))
+    assert sum(statuses.values()) == 8 and statuses["failed"] == 1  # the eos ids give ok and kept rows
+
+
+def write_state_and_recaptions(out, recs, round_=1, model="vila0", start=True):
+    if start:
+        RunState(out).start(round_, model)
+    with open(recaptions_path(out, round_), "w") as f:
+        f.writelines(json.dumps({"round": round_, "model": model, "prompt_id": 0, **r}) + "\n" for r in recs)
+
+
+HAND = [  # recaption records by hand: one of each outcome
+    {"id": "c0", "output": " A red circle on white. ", "finish_reason": "eos", "num_tokens": 7},
+    {"id": "c1", "output": "See <image> here.", "finish_reason": "stop", "num_tokens": 5},
+    {"id": "c2", "output": "A very long", "finish_reason": "length", "num_tokens": 8},
+    {"id": "c3", "output": "  ", "finish_reason": "eos", "num_tokens": 1},
+    {"id": "c4", "error": "OSError: image file not found"},
+    {"id": "gone", "error": "OSError: image file not found"},
+    {"id": "blank", "error": "BadSample: empty caption"},
+]
+
+
+def test_combine_modes_counts_escaping_and_manifest(tmp_path):
+    recs = write_captions(tmp_path, n=5)
+    spec = SourceSpec(format="caption", path=str(tmp_path / "captions.jsonl"))
+    out = tmp_path / "run"
+    write_state_and_recaptions(out, HAND)
+    want = {"concat": ["A shape 0. A red circle on white.", "A shape 1. See [image] here."],
+            "replace": ["A red circle on white.", "See [image] here."],
+            "original": ["A shape 0.", "A shape 1."]}
+    for mode, (c0, c1) in want.items():
+        man = combine(spec, out, 1, mode=mode)
+        rows = {r["id"]: r for r in _rows(combined_path(out, 1))}
+        assert [rows["c0"]["caption"], rows["c1"]["caption"]] == [c0, c1]
+        assert [rows[f"c{i}"]["caption"] for i in (2, 3, 4)] == ["A shape 2.", "A shape 3.", "A shape 4."]
+        assert {k: man[k] for k in ("records", "written", "recaptioned", "failed", "empty", "truncated",
+                                    "bad_record")} == {"records": 7, "written": 6, "recaptioned": 2, "failed": 2,
+                                                       "empty": 1, "truncated": 1, "bad_record": 1}
+        assert man["bad_records"][0]["id"] == "blank" and "empty caption" in man["bad_records"][0]["error"]
+    # provenance and flags (last mode: original)
+    assert rows["c1"]["recaption"] == "See [image] here." and rows["c1"]["orig_caption"] == "A shape 1."
+    assert "text" not in rows["c1"] and rows["c1"]["source"] == "toy" and rows["c1"]["image"] == "1.png"
+    assert (rows["c2"]["truncated"], rows["c2"]["kept_original"], rows["c0"]["kept_original"]) == \
+        (True, "truncated", None)
+    assert rows["c4"]["recaption"] is None and rows["c4"]["kept_original"] == "failed"
+    assert rows["gone"]["caption"] == "A lost image." and rows["c0"]["source_model"] == "vila0"
+    assert all(r["round"] == 1 for r in rows.values()) and "blank" not in rows
+    # manifest word lengths (concat), by hand: originals 3,3,3,3,3,3 words; recaptions 5 and 3
+    man = combine(spec, out, 1, mode="concat")
+    assert man["words"]["recaption"] == {"n": 2, "mean": 4.0, "min": 3.0, "p25": 3.5, "p50": 4.0, "p75": 4.5,
+                                         "max": 5.0}
+    concat = [8, 6, 3, 3, 3, 3]
+    assert man["words"]["caption"]["mean"] == pytest.approx(np.mean(concat))
+    assert man["words"]["caption"]["p75"] == pytest.approx(np.quantile(concat, 0.75))
+    assert json.load(open(str(combined_path(out, 1))[:-6] + ".manifest.json")) == man
+    state = json.load(open(out / "state.json"))["rounds"]["1"]
+    assert state["last_step"] == "combine" and state["combine"]["mode"] == "concat"
+    # the combined file is a caption source the trainer parses
+    from vlmjax.generate import requests_from_source
+
+    parsed = requests_from_source(SourceSpec(format="caption", path=combined_path(out, 1)), on_bad_sample="error")
+    assert [r.meta["caption"] for r in parsed][:2] == want["concat"]
+    assert recs[1]["text"] == "A shape 1."
+
+
+def test_combine_refuses_other_rounds_models_duplicates_and_gaps(tmp_path):
+    write_captions(tmp_path, n=5)
+    spec = SourceSpec(format="caption", path=str(tmp_path / "captions.jsonl"))
+    out = tmp_path / "run"
+    write_state_and_recaptions(out, HAND)
+    with pytest.raises(StateMismatch, match="round 1 is recaptioned by model 'vila0', not 'vila9'"):
+        RunState(out).start(1, "vila9")
+    RunState(out).start(2, "vila1")  # the run moved on: round 1's recaptions no longer match state.json
+    with pytest.raises(StateMismatch, match="round 1 by model 'vila0', but .*state.json says round 2 by model "
+                                            "'vila1'"):
+        combine(spec, out, 1)
+    # round 2's file, written by another model than state.json names for round 2
+    write_state_and_recaptions(out, HAND, round_=2, model="vila0", start=False)
+    with pytest.raises(StateMismatch, match="round 2 by model 'vila0', but .* round 2 by model 'vila1'"):
+        combine(spec, out, 2)
+    # host shards: a duplicate across shards, then a missing id, are errors; nothing is written
+    shards = tmp_path / "shards"
+    RunState(shards).start(1, "vila0")
+    paths = shard_paths(recaptions_path(shards, 1), 2)
+    head = {"round": 1, "model": "vila0", "prompt_id": 0}
+    for p, part in zip(paths, (HAND[0::2], HAND[1::2] + [HAND[0]])):
+        with open(p, "w") as f:
+            f.writelines(json.dumps({**head, **r}) + "\n" for r in part)
+    with pytest.raises(ValueError, match="'c0' in .*00000-of-00002.jsonl:1 and .*00001-of-00002.jsonl:4"):
+        combine(spec, shards, 1)
+    with open(paths[1], "w") as f:
+        f.writelines(json.dumps({**head, **r}) + "\n" for r in HAND[1:4:2])
+    with pytest.raises(IncompleteShards, match="1 of 7 ids are missing from the shards: 'gone'"):
+        combine(spec, shards, 1)
+    assert not os.path.exists(recaptions_path(shards, 1)) and not os.path.exists(combined_path(shards, 1))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        combine(spec, out, 2, mode="append")
+    # a recaption run over the first N records combines with the same limit (and only with it)
+    part = tmp_path / "part"
+    write_state_and_recaptions(part, HAND[:3])
+    assert combine(spec, part, 1, limit=3)["written"] == 3
+    with pytest.raises(IncompleteShards, match="4 of 7 ids are missing"):
+        combine(spec, part, 1)
+
+
+README_COMMANDS = [
+    "python -m vlmjax.recipes.vila2 recaption --model runs/vila2/vila0 --data captions.jsonl --image-root images "
+    "--round 1 --out runs/vila2 --max-new-tokens 8",
+    "python -m vlmjax.recipes.vila2 combine --data captions.jsonl --round 1 --out runs/vila2 --mode concat",
+]
+
+
+def _readme_commands():
+    text = open(os.path.join(ROOT, "README.md")).read()
+    section = text.split("## VILA^2 (vlmjax/recipes/vila2)")[1].split("\n## ")[0]
+    return [" ".join(line.split()) for line in section.replace("\\\n", " ").splitlines()
+            if line.strip().startswith("python -m vlmjax.recipes.vila2")]
+
+
+def test_readme_commands_recaption_and_combine(tmp_path, monkeypatch):
+    from test_generate import smol_vlm
+    from vlmjax.convert import hf
+    from vlmjax.data.assets import smollm2_tokenizer
+    from vlmjax.recipes.vila2.__main__ import main
+
+    assert _readme_commands() == README_COMMANDS
+    monkeypatch.chdir(tmp_path)
+    write_captions(tmp_path, n=3)
+    hf.save_vlm(smol_vlm(), tmp_path / "runs" / "vila2" / "vila0", tokenizer=smollm2_tokenizer())
+    st = main(shlex.split(README_COMMANDS[0])[3:])
+    assert (st["requests"], st["written"], st["failed"]) == (5, 3, 2)
+    rows = _rows("runs/vila2/recaptions.r1.jsonl")
+    assert all(r["model"] == "runs/vila2/vila0" and r["round"] == 1 for r in rows)
+    assert all(r["num_tokens"] <= 8 for r in rows if "error" not in r)
+    man = main(shlex.split(README_COMMANDS[1])[3:])
+    assert (man["records"], man["written"], man["bad_record"], man["source_model"]) == (5, 4, 1, "runs/vila2/vila0")
+    assert man["recaptioned"] + man["failed"] + man["empty"] + man["truncated"] == 4
+    again = main(shlex.split(README_COMMANDS[0])[3:])  # resumed: nothing left to do
+    assert (again["written"], again["skipped_done"], again["previous_errors"]) == (0, 3, 2)
+    with pytest.raises(StateMismatch, match="not 'other'"):  # refused before the weights load
+        main(shlex.split(README_COMMANDS[0])[3:] + ["--model-name", "other", "--model", "."])
