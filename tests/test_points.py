@@ -1,0 +1,147 @@
+"""POINTS recipe core: PPL filtering (score vs an independent forward + numpy, select's cut/ties/report, header and
+bad-input checks, 2 host shards == 1) and the configs. CATTY's points rule is in test_data_image.py."""
+
+import json
+import math
+import os
+import shlex
+
+import numpy as np
+import pytest
+
+from vlmjax.data.pipeline import SourceSpec
+from vlmjax.recipes.points import filter as PF
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _pool(tmp_path, n=6):
+    from PIL import Image
+
+    os.makedirs(tmp_path / "imgs", exist_ok=True)
+    rng = np.random.default_rng(0)
+    recs = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+        recs.append({"id": f"p{i}", "image": f"{i}.png", "caption": f"A teal triangle {i}.", "src": "clean"})
+    recs.append({"id": "empty", "image": "0.png", "caption": "  "})
+    recs.append({"id": "gone", "image": "missing.png", "caption": "A red circle."})
+    with open(tmp_path / "caps.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in recs)
+    return recs, SourceSpec(format="caption", path=str(tmp_path / "caps.jsonl"), image_root=str(tmp_path / "imgs"))
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    from test_generate import smol_vlm
+
+    from vlmjax.data.assets import smollm2_tokenizer
+
+    return smollm2_tokenizer(), smol_vlm()
+
+
+def test_score_ppl_is_exp_mean_nll_of_caption_plus_end_of_turn(tmp_path, scorer):
+    import jax
+
+    from vlmjax.generate import Encoder
+    from vlmjax.generate.requests import collate_images
+
+    tok, model = scorer
+    _, spec = _pool(tmp_path)
+    st = PF.score(model, tok, spec, tmp_path / "ppl.jsonl", scorer="tiny-random", batch_size=4, progress=False)
+    assert (st["written"], st["failed"], st["pool"]) == (6, 2, 8)
+    lines = (tmp_path / "ppl.jsonl").read_text().splitlines()
+    head = json.loads(lines[0])["header"]
+    assert head["scorer"] == "tiny-random" and head["prompt"] == "please generate a caption for this image."
+    got = {r["id"]: r for r in map(json.loads, lines[1:])}
+    assert "[empty_conversation]" in got["empty"]["error"] and "[missing_image]" in got["gone"]["error"]
+    enc = Encoder(tok, model.cfg)
+    reqs = {r.id: r for r in PF.caption_requests(spec)}
+    for sid in ("p0", "p3"):
+        e = enc.scored(reqs[sid])
+        ids = np.asarray(e.ids)
+        text = tok.decode(ids[~np.asarray(e.target)])
+        assert "please generate a caption for this image." in text and "<|im_start|>assistant" in text
+        caption = f"A teal triangle {sid[1]}.<|im_end|>"  # caption + end-of-turn, tokenised on its own
+        assert ids[e.target].tolist() == tok.encode(caption, add_special_tokens=False)
+        px, rows = collate_images([e.pixels])
+        logits = np.asarray(jax.device_get(model(ids[None], px, rows)), np.float64)[0]
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        pos = np.flatnonzero(e.target)
+        nll = -logp[pos - 1, ids[pos]]
+        assert got[sid]["num_tokens"] == len(pos)
+        np.testing.assert_allclose(got[sid]["perplexity"], np.exp(nll.mean()), rtol=2e-4)
+    # resumable: a rerun writes nothing; another scorer / prompt on the same file is refused
+    assert PF.score(model, tok, spec, tmp_path / "ppl.jsonl", scorer="tiny-random", progress=False)["written"] == 0
+    with pytest.raises(ValueError, match="another setup.*'scorer': \\('tiny-random', 'other'\\)"):
+        PF.score(model, tok, spec, tmp_path / "ppl.jsonl", scorer="other", progress=False)
+    with pytest.raises(ValueError, match="another setup.*prompt"):
+        PF.score(model, tok, spec, tmp_path / "ppl.jsonl", scorer="tiny-random", prompt="Describe.", progress=False)
+    # two host shards hold the same scores as one run; select merges them
+    for i in range(2):
+        PF.score(model, tok, spec, tmp_path / "two.jsonl", scorer="tiny-random", batch_size=4, shard_index=i,
+                 shard_count=2, progress=False)
+    rep1 = PF.select(tmp_path / "ppl.jsonl", spec, tmp_path / "sel1", fraction=0.5)
+    rep2 = PF.select(tmp_path / "two.jsonl", spec, tmp_path / "sel2", fraction=0.5)
+    assert rep1["kept"] == 3 and rep1["failed"] == {"empty_conversation": 1, "missing_image": 1}
+    k1 = (tmp_path / "sel1/kept.jsonl").read_text().splitlines()
+    k2 = (tmp_path / "sel2/kept.jsonl").read_text().splitlines()
+    assert [json.loads(x)["id"] for x in k1] == [json.loads(x)["id"] for x in k2]
+    np.testing.assert_allclose([json.loads(x)["ppl"] for x in k1], [json.loads(x)["ppl"] for x in k2], rtol=1e-5)
+    first = json.loads(k1[0])
+    assert first["src"] == "clean" and first["ppl"] == min(r["perplexity"] for r in got.values() if "error" not in r)
+
+
+def _write_ppl(path, rows, head=None):
+    with open(path, "w") as f:
+        f.write(json.dumps(PF.header("s", "chatml") if head is None else head) + "\n")
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def test_select_cut_ties_and_report_on_hand_made_ppl(tmp_path):
+    # 11 pairs: 9 scored (one NaN), ppl with a tie at the cut; 2 errors
+    ppl = {"a": 5.0, "b": 2.0, "c": 2.0, "d": 9.0, "e": 1.5, "f": 30.0, "g": 2.0, "h": 7.0, "i": float("nan")}
+    rows = [{"id": k, "perplexity": v} for k, v in ppl.items()]
+    rows += [{"id": "x", "error": "BadSample: [missing_image] no file (sample 'x' in caps)"},
+             {"id": "y", "error": "BadSample: [empty_conversation] empty caption (sample 'y' in caps)"}]
+    recs = {r["id"]: r for r in rows}
+    kept, rep = PF.select_ppl(recs, 0.2)
+    # scored = 8 finite; floor(0.2 * 8) = 1 -> e
+    assert [r["id"] for r in kept] == ["e"] and rep["kept"] == 1 and rep["scored"] == 8 and rep["cut"] == 1.5
+    assert rep["non_finite_ppl"] == 1 and rep["failed"] == {"empty_conversation": 1, "missing_image": 1}
+    kept, rep = PF.select_ppl(recs, 0.5)  # floor(4.0) = 4: e, then the 2.0 tie broken by id: b, c, g
+    assert [r["id"] for r in kept] == ["e", "b", "c", "g"] and rep["cut"] == 2.0
+    kept, _ = PF.select_ppl(recs, 0.3)  # floor(2.4) = 2: e, b (c and g lose the tie by id)
+    assert [r["id"] for r in kept] == ["e", "b"]
+    finite = np.array(sorted(v for v in ppl.values() if not math.isnan(v)))
+    assert rep["quantiles"]["p50"] == pytest.approx(np.quantile(finite, 0.5))
+    assert rep["quantiles"]["p0"] == 1.5 and rep["quantiles"]["p100"] == 30.0
+    hist = rep["histogram"]
+    assert len(hist) == 12 and sum(int(h.split()[-1]) for h in hist) == 8 and hist[0].split()[0] == "1.500"
+    with pytest.raises(ValueError, match="fraction"):
+        PF.select_ppl(recs, 0.0)
+
+
+def test_select_refuses_mixed_headers_duplicates_and_uncovered_pools(tmp_path):
+    _, spec = _pool(tmp_path, n=2)
+    ids = ["p0", "p1", "empty", "gone"]
+    _write_ppl(tmp_path / "m-00000-of-00002.jsonl", [{"id": "p0", "perplexity": 2.0}])
+    _write_ppl(tmp_path / "m-00001-of-00002.jsonl", [{"id": "p1", "perplexity": 2.0}], PF.header("other", "chatml"))
+    with pytest.raises(ValueError, match="m-00001-of-00002.jsonl: header .* differs"):
+        PF.select(tmp_path / "m.jsonl", spec, tmp_path / "out")
+    _write_ppl(tmp_path / "d.jsonl", [{"id": "p0", "perplexity": 2.0}, {"id": "p0", "perplexity": 3.0}])
+    with pytest.raises(ValueError, match="d.jsonl:3: id 'p0' already in .*d.jsonl:2"):
+        PF.select(tmp_path / "d.jsonl", spec, tmp_path / "out")
+    _write_ppl(tmp_path / "u.jsonl", [{"id": i, "perplexity": 2.0} for i in ids[:3]])
+    with pytest.raises(ValueError, match="1 pairs unscored \\(first \\['gone'\\]\\)"):
+        PF.select(tmp_path / "u.jsonl", spec, tmp_path / "out")
+    (tmp_path / "n.jsonl").write_text(json.dumps({"id": "p0", "perplexity": 1.0}) + "\n")
+    with pytest.raises(ValueError, match="n.jsonl: no POINTS ppl header"):
+        PF.select(tmp_path / "n.jsonl", spec, tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="none.jsonl: neither the file nor host shards"):
+        PF.select(tmp_path / "none.jsonl", spec, tmp_path / "out")
+    _write_ppl(tmp_path / "ok.jsonl", [{"id": i, "perplexity": 2.0} for i in ids])
+    with pytest.raises(ValueError, match="scored with scorer='s', expected 'tiny'"):
+        PF.select(tmp_path / "ok.jsonl", spec, tmp_path / "out", expect={"scorer": "tiny"})
+    assert not os.path.exists(tmp_path / "out")
