@@ -145,3 +145,62 @@ def test_select_refuses_mixed_headers_duplicates_and_uncovered_pools(tmp_path):
     with pytest.raises(ValueError, match="scored with scorer='s', expected 'tiny'"):
         PF.select(tmp_path / "ok.jsonl", spec, tmp_path / "out", expect={"scorer": "tiny"})
     assert not os.path.exists(tmp_path / "out")
+
+
+README_COMMANDS = [
+    "python -m vlmjax.recipes.points filter score --model scorer --data caps.jsonl --images imgs "
+    "--out runs/points/ppl.jsonl --batch-size 4",
+    "python -m vlmjax.recipes.points filter select --ppl runs/points/ppl.jsonl --data caps.jsonl --images imgs "
+    "--out runs/points/filter --fraction 0.5 --scorer scorer",
+]
+
+
+def _readme_commands():
+    text = open(os.path.join(ROOT, "README.md")).read()
+    section = text.split("## POINTS (vlmjax/recipes/points)")[1].split("\n## ")[0]
+    joined = section.replace("\\\n", " ")
+    return [" ".join(line.split()) for line in joined.splitlines()
+            if line.strip().startswith("python -m vlmjax.recipes.points")]
+
+
+def test_readme_commands_score_and_select_from_disk(tmp_path, monkeypatch, scorer):
+    """The README's commands, verbatim, on a tiny random scorer saved as an HF LLaVA folder."""
+    from vlmjax.convert import hf as hfconv
+    from vlmjax.recipes.points.__main__ import main
+
+    assert _readme_commands() == README_COMMANDS
+    tok, model = scorer
+    monkeypatch.chdir(tmp_path)
+    _pool(tmp_path)
+    hfconv.save_vlm(model, "scorer", tokenizer=tok)
+    st = main(shlex.split(README_COMMANDS[0])[3:] + ["--no-progress"])
+    assert (st["written"], st["failed"], st["header"]["scorer"]) == (6, 2, "scorer")
+    rep = main(shlex.split(README_COMMANDS[1])[3:])
+    assert rep["kept"] == 3 and rep["scored"] == 6 and rep["failed"] == {"empty_conversation": 1, "missing_image": 1}
+    report = json.load(open("runs/points/filter/filter_report.json"))
+    kept = [json.loads(x) for x in open("runs/points/filter/kept.jsonl")]
+    assert len(kept) == 3 and [r["ppl"] for r in kept] == sorted(r["ppl"] for r in kept)
+    assert kept[-1]["ppl"] == report["cut"] and report["header"]["scorer"] == "scorer"
+    with pytest.raises(ValueError, match="scored with scorer='scorer', expected 'other'"):
+        main(shlex.split(README_COMMANDS[1])[3:] + ["--scorer", "other"])
+
+
+def test_points_config_loads_with_catty_points_tiling():
+    import importlib.util
+
+    from vlmjax.data.image import ImageSpec
+    from vlmjax.models import VisionConfig, VLMConfig
+
+    spec = importlib.util.spec_from_file_location("yi9b", os.path.join(ROOT, "configs/points/yi9b.py"))
+    m = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(m)
+    pre, sft = m.get_config("pretrain"), m.get_config("sft")
+    assert pre.model.projector == "pixel_shuffle_mlp" and pre.model.init == "assemble"
+    assert sft.model.path == pre.export_dir and sft.train.trainable == ("^projector/", "^llm/")
+    img = ImageSpec(**pre.data.image.to_dict())
+    assert img.catty_rule == "points" and img.max_tiles == 8 and img.max_tiles_per_image == 9
+    cfg = VLMConfig(vision=VisionConfig(), projector="pixel_shuffle_mlp")  # CLIP-L/14-336
+    assert cfg.tokens_per_image == 144  # 24x24 patches -> 12x12 after the 0.25 pixel shuffle
+    assert pre.data.max_images % img.max_tiles_per_image == 0
+    with pytest.raises(ValueError, match="stages are"):
+        m.get_config("dpo")

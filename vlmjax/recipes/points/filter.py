@@ -27,6 +27,9 @@ from typing import Sequence
 import numpy as np
 
 PROMPT = "please generate a caption for this image."
+# The paper's scorer is Qwen2-VL-7B, which vlmjax cannot load (core-gaps G11); this importable LLaVA model is the
+# labelled substitute (any HF LLaVA folder works: --model).
+DEFAULT_SCORER = "llava-hf/llava-1.5-7b-hf"
 HEADER_ID = "__points_ppl_header__"
 
 
