@@ -40,59 +40,6 @@ def scorer():
     return smollm2_tokenizer(), smol_vlm()
 
 
-def test_score_ppl_is_exp_mean_nll_of_caption_plus_end_of_turn(tmp_path, scorer):
-    import jax
-
-    from vlmjax.generate import Encoder
-    from vlmjax.generate.requests import collate_images
-
-    tok, model = scorer
-    _, spec = _pool(tmp_path)
-    st = PF.score(model, tok, spec, tmp_path / "ppl.jsonl", scorer="tiny-random", batch_size=4, progress=False)
-    assert (st["written"], st["failed"], st["pool"]) == (6, 2, 8)
-    lines = (tmp_path / "ppl.jsonl").read_text().splitlines()
-    head = json.loads(lines[0])["header"]
-    assert head["scorer"] == "tiny-random" and head["prompt"] == "please generate a caption for this image."
-    got = {r["id"]: r for r in map(json.loads, lines[1:])}
-    assert "[empty_conversation]" in got["empty"]["error"] and "[missing_image]" in got["gone"]["error"]
-    enc = Encoder(tok, model.cfg)
-    reqs = {r.id: r for r in PF.caption_requests(spec)}
-    for sid in ("p0", "p3"):
-        e = enc.scored(reqs[sid])
-        ids = np.asarray(e.ids)
-        text = tok.decode(ids[~np.asarray(e.target)])
-        assert "please generate a caption for this image." in text and "<|im_start|>assistant" in text
-        caption = f"A teal triangle {sid[1]}.<|im_end|>"  # caption + end-of-turn, tokenised on its own
-        assert ids[e.target].tolist() == tok.encode(caption, add_special_tokens=False)
-        px, rows = collate_images([e.pixels])
-        logits = np.asarray(jax.device_get(model(ids[None], px, rows)), np.float64)[0]
-        logp = logits - logits.max(-1, keepdims=True)
-        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-        pos = np.flatnonzero(e.target)
-        nll = -logp[pos - 1, ids[pos]]
-        assert got[sid]["num_tokens"] == len(pos)
-        np.testing.assert_allclose(got[sid]["perplexity"], np.exp(nll.mean()), rtol=2e-4)
-    # resumable: a rerun writes nothing; another scorer / prompt on the same file is refused
-    assert PF.score(model, tok, spec, tmp_path / "ppl.jsonl", scorer="tiny-random", progress=False)["written"] == 0
-    with pytest.raises(ValueError, match="another setup.*'scorer': \\('tiny-random', 'other'\\)"):
-        PF.score(model, tok, spec, tmp_path / "ppl.jsonl", scorer="other", progress=False)
-    with pytest.raises(ValueError, match="another setup.*prompt"):
-        PF.score(model, tok, spec, tmp_path / "ppl.jsonl", scorer="tiny-random", prompt="Describe.", progress=False)
-    # two host shards hold the same scores as one run; select merges them
-    for i in range(2):
-        PF.score(model, tok, spec, tmp_path / "two.jsonl", scorer="tiny-random", batch_size=4, shard_index=i,
-                 shard_count=2, progress=False)
-    rep1 = PF.select(tmp_path / "ppl.jsonl", spec, tmp_path / "sel1", fraction=0.5)
-    rep2 = PF.select(tmp_path / "two.jsonl", spec, tmp_path / "sel2", fraction=0.5)
-    assert rep1["kept"] == 3 and rep1["failed"] == {"empty_conversation": 1, "missing_image": 1}
-    k1 = (tmp_path / "sel1/kept.jsonl").read_text().splitlines()
-    k2 = (tmp_path / "sel2/kept.jsonl").read_text().splitlines()
-    assert [json.loads(x)["id"] for x in k1] == [json.loads(x)["id"] for x in k2]
-    np.testing.assert_allclose([json.loads(x)["ppl"] for x in k1], [json.loads(x)["ppl"] for x in k2], rtol=1e-5)
-    first = json.loads(k1[0])
-    assert first["src"] == "clean" and first["ppl"] == min(r["perplexity"] for r in got.values() if "error" not in r)
-
-
 def _write_ppl(path, rows, head=None):
     with open(path, "w") as f:
         f.write(json.dumps(PF.header("s", "chatml") if head is None else head) + "\n")
@@ -163,26 +110,66 @@ def _readme_commands():
             if line.strip().startswith("python -m vlmjax.recipes.points")]
 
 
-def test_readme_commands_score_and_select_from_disk(tmp_path, monkeypatch, scorer):
-    """The README's commands, verbatim, on a tiny random scorer saved as an HF LLaVA folder."""
+def test_score_ppl_is_exp_mean_nll_and_readme_commands(tmp_path, monkeypatch, scorer):
+    """The README's commands, verbatim, on a tiny random scorer saved as an HF LLaVA folder; its PPL checked
+    against an independent forward + numpy; resume, header refusal, 2 host shards == 1 run."""
+    import jax
+
     from vlmjax.convert import hf as hfconv
+    from vlmjax.generate import Encoder
+    from vlmjax.generate.requests import collate_images
     from vlmjax.recipes.points.__main__ import main
 
     assert _readme_commands() == README_COMMANDS
     tok, model = scorer
     monkeypatch.chdir(tmp_path)
-    _pool(tmp_path)
+    _, spec = _pool(tmp_path)
     hfconv.save_vlm(model, "scorer", tokenizer=tok)
     st = main(shlex.split(README_COMMANDS[0])[3:] + ["--no-progress"])
-    assert (st["written"], st["failed"], st["header"]["scorer"]) == (6, 2, "scorer")
+    assert (st["written"], st["failed"], st["pool"]) == (6, 2, 8)
+    lines = open("runs/points/ppl.jsonl").read().splitlines()
+    head = json.loads(lines[0])["header"]
+    assert head["scorer"] == "scorer" and head["prompt"] == "please generate a caption for this image."
+    got = {r["id"]: r for r in map(json.loads, lines[1:])}
+    assert "[empty_conversation]" in got["empty"]["error"] and "[missing_image]" in got["gone"]["error"]
+    enc = Encoder(tok, model.cfg)
+    e = enc.scored(next(r for r in PF.caption_requests(spec) if r.id == "p3"))
+    ids = np.asarray(e.ids)
+    text = tok.decode(ids[~np.asarray(e.target)])
+    assert "please generate a caption for this image." in text and "<|im_start|>assistant" in text
+    # the scored span is the caption + end-of-turn, tokenised on its own
+    assert ids[e.target].tolist() == tok.encode("A teal triangle 3.<|im_end|>", add_special_tokens=False)
+    px, rows = collate_images([e.pixels])
+    logits = np.asarray(jax.device_get(model(ids[None], px, rows)), np.float64)[0]
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    pos = np.flatnonzero(e.target)
+    nll = -logp[pos - 1, ids[pos]]
+    assert got["p3"]["num_tokens"] == len(pos)
+    np.testing.assert_allclose(got["p3"]["perplexity"], np.exp(nll.mean()), rtol=2e-4)
+    # resumable: a rerun writes nothing; another scorer / prompt on the same file is refused
+    assert main(shlex.split(README_COMMANDS[0])[3:] + ["--no-progress"])["written"] == 0
+    ppl = "runs/points/ppl.jsonl"
+    with pytest.raises(ValueError, match="another setup.*'scorer': \\('scorer', 'other'\\)"):
+        PF.score(model, tok, spec, ppl, scorer="other", progress=False)
+    with pytest.raises(ValueError, match="another setup.*prompt"):
+        PF.score(model, tok, spec, ppl, scorer="scorer", prompt="Describe.", progress=False)
     rep = main(shlex.split(README_COMMANDS[1])[3:])
     assert rep["kept"] == 3 and rep["scored"] == 6 and rep["failed"] == {"empty_conversation": 1, "missing_image": 1}
     report = json.load(open("runs/points/filter/filter_report.json"))
     kept = [json.loads(x) for x in open("runs/points/filter/kept.jsonl")]
-    assert len(kept) == 3 and [r["ppl"] for r in kept] == sorted(r["ppl"] for r in kept)
-    assert kept[-1]["ppl"] == report["cut"] and report["header"]["scorer"] == "scorer"
+    assert [r["ppl"] for r in kept] == sorted(r["perplexity"] for r in got.values() if "error" not in r)[:3]
+    assert kept[-1]["ppl"] == report["cut"] and kept[0]["src"] == "clean" and report["header"] == head
     with pytest.raises(ValueError, match="scored with scorer='scorer', expected 'other'"):
         main(shlex.split(README_COMMANDS[1])[3:] + ["--scorer", "other"])
+    # two host shards (every 2nd pair each) hold the same scores; select merges them
+    for i in range(2):
+        PF.score(model, tok, spec, "two.jsonl", scorer="scorer", batch_size=4, shard_index=i, shard_count=2,
+                 progress=False)
+    PF.select("two.jsonl", spec, "sel2", fraction=0.5)
+    kept2 = [json.loads(x) for x in open("sel2/kept.jsonl")]
+    assert [r["id"] for r in kept2] == [r["id"] for r in kept]
+    np.testing.assert_allclose([r["ppl"] for r in kept2], [r["ppl"] for r in kept], rtol=1e-5)
 
 
 def test_points_config_loads_with_catty_points_tiling():
