@@ -112,12 +112,12 @@ def _readme_commands():
 
 def test_score_ppl_is_exp_mean_nll_and_readme_commands(tmp_path, monkeypatch, scorer):
     """The README's commands, verbatim, on a tiny random scorer saved as an HF LLaVA folder; its PPL checked
-    against an independent forward + numpy; resume, header refusal, 2 host shards == 1 run."""
-    import jax
+    against transformers+torch on the saved folder + numpy; resume, header refusal, 2 host shards == 1 run."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
 
     from vlmjax.convert import hf as hfconv
     from vlmjax.generate import Encoder
-    from vlmjax.generate.requests import collate_images
     from vlmjax.recipes.points.__main__ import main
 
     assert _readme_commands() == README_COMMANDS
@@ -139,8 +139,11 @@ def test_score_ppl_is_exp_mean_nll_and_readme_commands(tmp_path, monkeypatch, sc
     assert "please generate a caption for this image." in text and "<|im_start|>assistant" in text
     # the scored span is the caption + end-of-turn, tokenised on its own
     assert ids[e.target].tolist() == tok.encode("A teal triangle 3.<|im_end|>", add_special_tokens=False)
-    px, rows = collate_images([e.pixels])
-    logits = np.asarray(jax.device_get(model(ids[None], px, rows)), np.float64)[0]
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained("scorer").eval()  # what we saved, in torch
+    with torch.no_grad():
+        logits = hf(input_ids=torch.from_numpy(ids[None]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                    pixel_values=torch.from_numpy(np.asarray(e.pixels).transpose(0, 3, 1, 2))).logits
+    logits = logits[0].double().numpy()
     logp = logits - logits.max(-1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
     pos = np.flatnonzero(e.target)
