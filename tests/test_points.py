@@ -130,6 +130,7 @@ def test_score_ppl_is_exp_mean_nll_and_readme_commands(tmp_path, monkeypatch, sc
     lines = open("runs/points/ppl.jsonl").read().splitlines()
     head = json.loads(lines[0])["header"]
     assert head["scorer"] == "scorer" and head["prompt"] == "please generate a caption for this image."
+    assert head["template"].startswith("hf:")  # the SmolLM2 tokenizer's chat template, by hash
     got = {r["id"]: r for r in map(json.loads, lines[1:])}
     assert "[empty_conversation]" in got["empty"]["error"] and "[missing_image]" in got["gone"]["error"]
     enc = Encoder(tok, model.cfg)
@@ -157,6 +158,8 @@ def test_score_ppl_is_exp_mean_nll_and_readme_commands(tmp_path, monkeypatch, sc
         PF.score(model, tok, spec, ppl, scorer="other", progress=False)
     with pytest.raises(ValueError, match="another setup.*prompt"):
         PF.score(model, tok, spec, ppl, scorer="scorer", prompt="Describe.", progress=False)
+    with pytest.raises(ValueError, match="another setup.*'template': \\('hf:[0-9a-f]+', 'chatml'\\)"):
+        PF.score(model, tok, spec, ppl, scorer="scorer", template="chatml", progress=False)
     rep = main(shlex.split(README_COMMANDS[1])[3:])
     assert rep["kept"] == 3 and rep["scored"] == 6 and rep["failed"] == {"empty_conversation": 1, "missing_image": 1}
     report = json.load(open("runs/points/filter/filter_report.json"))
@@ -166,9 +169,10 @@ def test_score_ppl_is_exp_mean_nll_and_readme_commands(tmp_path, monkeypatch, sc
     with pytest.raises(ValueError, match="scored with scorer='scorer', expected 'other'"):
         main(shlex.split(README_COMMANDS[1])[3:] + ["--scorer", "other"])
     # two host shards (every 2nd pair each) hold the same scores; select merges them
-    for i in range(2):
-        PF.score(model, tok, spec, "two.jsonl", scorer="scorer", batch_size=4, shard_index=i, shard_count=2,
-                 progress=False)
+    for i in range(2):  # same CLI, same folder: the compiled scorer is reused
+        main(shlex.split(README_COMMANDS[0].replace("runs/points/ppl.jsonl", "two.jsonl"))[3:]
+             + ["--no-progress", "--shard-index", str(i), "--shard-count", "2"])
+    assert sorted(os.listdir(".")).count("two-00001-of-00002.jsonl") == 1
     PF.select("two.jsonl", spec, "sel2", fraction=0.5)
     kept2 = [json.loads(x) for x in open("sel2/kept.jsonl")]
     assert [r["id"] for r in kept2] == [r["id"] for r in kept]

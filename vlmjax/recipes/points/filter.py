@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import json
 import math
 import os
@@ -35,6 +36,13 @@ HEADER_ID = "__points_ppl_header__"
 
 def header(scorer: str, template: str, prompt: str = PROMPT) -> dict:
     return {"id": HEADER_ID, "header": {"scorer": scorer, "prompt": prompt, "template": template}}
+
+
+def template_id(template, tokenizer) -> str:
+    """A built-in template's name, or "hf:" + a hash of the tokenizer's chat template (every HF template is "hf")."""
+    if template.name != "hf":
+        return template.name
+    return "hf:" + hashlib.sha1(str(tokenizer.chat_template).encode()).hexdigest()[:12]
 
 
 def caption_requests(spec, prompt: str = PROMPT):
@@ -71,15 +79,14 @@ def score(model, tokenizer, spec, out_path, *, scorer: str, prompt: str = PROMPT
     from vlmjax.scoring import score_dataset
 
     encoder = Encoder(tokenizer, model.cfg, template=template)
-    want = header(scorer, encoder.text.template.name, prompt)
+    want = header(scorer, template_id(encoder.text.template, tokenizer), prompt)
     reqs = caption_requests(spec, prompt)
     keyed = [dataclasses.replace(r, id=k) for r, k in zip(reqs, sample_keys(reqs))]  # keys of the whole pool
     i, n = host_shard(shard_index, shard_count)
     path = shard_path(out_path, i, n)
     if not _check_header(path, want):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(json.dumps(want) + "\n")
+        _atomic(path, json.dumps(want) + "\n")  # a crash never leaves a torn header
     stats = score_dataset(model, tokenizer, take_shard(keyed, i, n), path, batch_size=batch_size, encoder=encoder,
                           shard_index=0, shard_count=1, progress=progress)
     return {**stats, "header": want["header"], "pool": len(keyed)}
@@ -173,7 +180,8 @@ def select(ppl, spec, out_dir, *, fraction: float = 0.2, expect: dict | None = N
     reqs = caption_requests(spec, head["prompt"])
     keys = sample_keys(reqs)
     missing = [k for k in keys if k not in records]
-    stray = [k for k in records if k not in set(keys)]
+    known = set(keys)
+    stray = [k for k in records if k not in known]
     if missing or stray:
         raise ValueError(f"{ppl} does not cover {spec.path}: {len(missing)} pairs unscored (first {missing[:3]}), "
                          f"{len(stray)} unknown ids (first {stray[:3]})")
