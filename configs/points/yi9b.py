@@ -23,8 +23,9 @@ STAGES = ("pretrain", "sft")
 ROOT = "runs/points"
 
 # CATTY as POINTS runs it: <= 8 tiles + thumbnail (9 tiles max, 9 x 144 = 1296 image tokens per image).
+# WePOINTS resizes with PIL resample=2 (bilinear) and squashes the thumbnail to a square ("resize").
 IMAGE = dict(tiling="catty", max_tiles=8, thumbnail=True, catty_rule="points", catty_squash_extreme=True,
-             resize_mode="resize")
+             resize_mode="resize", resample="bilinear")
 
 
 def get_config(stage: str = "pretrain"):

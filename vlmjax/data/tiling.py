@@ -15,6 +15,9 @@ Two published schemes, both returning PIL tiles of `tile x tile` pixels in the o
         along one axis and overlaps along the other; among grids of that ratio, the tile count closest to the
         image's own size in tiles (ties: fewer tiles); the thumbnail always; aspect beyond `max_tiles`:1 is an
         error unless `squash_extreme` (the reference's do_resize: squash to exactly `max_tiles`:1).
+    Both rules share `catty_layout`: the reference truncates the resized side (int) where this rounds, and steps
+    crops by an integer stride (L - tile) // (n - 1) where this spreads them by round(i (L - tile) / (n - 1)), so
+    crop offsets can differ by a pixel or two; the grid, tile count and order match.
 The geometry is in pure functions of sizes so that tests can check it against hand-computed numbers.
 `llava_next_positions` says how LLaVA-1.6 then arranges the tiles' features into image tokens.
 """
