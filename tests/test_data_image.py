@@ -186,3 +186,41 @@ def test_folder_and_tar_stores(tmp_path):
     assert decode_image(resolve_image(np.zeros((5, 4, 3), np.uint8), store)).size == (4, 5)
     with pytest.raises(BadSample, match="bad_record"):
         resolve_image(17, store)
+
+
+# catty_rule="points" (WePOINTS split_image_with_catty), tile 336, max 8 tiles. Grid ratios with <= 8 tiles:
+# 1 (1x1, 2x2), 3:2, 2 (2x1, 4x2), 3..8 (nx1) and their inverses. in_tiles = w*h / 336^2.
+POINTS_TABLE = [
+    ((336, 336), (1, 1)),    # aspect 1: all ratios; 1:1 grids 1x1 / 2x2, in_tiles 1 -> 1x1
+    ((1000, 1000), (2, 2)),  # in_tiles 8.86: |4-8.86| < |1-8.86|
+    ((1000, 500), (2, 1)),   # ratio 2: 2x1 or 4x2, in_tiles 4.43 -> 2x1 (internvl: 4x2)
+    ((1400, 700), (4, 2)),   # in_tiles 8.68 -> 4x2
+    ((1000, 600), (4, 2)),   # 1.67: only ratios >= 1.67 -> 2; in_tiles 5.31 -> 4x2 (internvl: 3x2, closer 1.5)
+    ((1200, 1000), (3, 2)),  # 1.2: ratios >= 1.2 -> 3:2 (internvl: 2x2, closer 1:1)
+    ((100, 40), (3, 1)),     # 2.5: ratios >= 2.5 -> 3 (internvl, small image: 2x1)
+    ((700, 500), (3, 2)),    # 1.4 -> 3:2
+    ((500, 1000), (1, 2)),   # portrait 0.5: ratios <= 0.5 -> 1:2 (1x2 or 2x4), in_tiles 4.43 -> 1x2
+    ((336, 672), (1, 2)),    # exactly 1:2 stays eligible (the far side includes equality)
+    ((400, 1000), (1, 3)),   # 0.4: ratios <= 0.4 -> 1:3
+    ((2688, 336), (8, 1)),   # aspect exactly 8 is allowed
+]
+
+
+@pytest.mark.parametrize("size,grid", POINTS_TABLE, ids=[f"{w}x{h}" for (w, h), _ in POINTS_TABLE])
+def test_catty_points_rule_hand_table(size, grid):
+    assert tiling.catty_grid(size, 336, 8, rule="points") == grid
+
+
+def test_catty_points_thumbnail_always_and_extreme_aspect():
+    spec = ImageSpec(tiling="catty", max_tiles=8, catty_rule="points")
+    assert spec.max_tiles_per_image == 9
+    tiles = image_tiles(solid((336, 336), GREEN), spec)
+    assert len(tiles) == 2  # 1x1 grid + thumbnail (the internvl rule gives 1 tile)
+    assert len(image_tiles(solid((336, 336), GREEN), ImageSpec(tiling="catty", max_tiles=8))) == 1
+    assert len(image_tiles(solid((1000, 600), GREEN), spec)) == 9  # 4x2 + thumbnail
+    with pytest.raises(ValueError, match=r"2700x336: aspect ratio 8.04 is outside"):
+        image_tiles(solid((2700, 336), GREEN), spec)
+    squash = ImageSpec(tiling="catty", max_tiles=8, catty_rule="points", catty_squash_extreme=True)
+    assert len(image_tiles(solid((2700, 336), GREEN), squash)) == 9  # squashed to 2688x336 -> 8x1 + thumbnail
+    with pytest.raises(ValueError, match="catty_rule"):
+        ImageSpec(tiling="catty", catty_rule="nope")

@@ -35,6 +35,9 @@ class ImageSpec:
     tiling: "none" (one tile per image), "anyres" (LLaVA-1.6; `grid_pinpoints` as (width, height)), or "catty"
       (POINTS; up to `max_tiles` tiles plus a thumbnail when `thumbnail`). The global view/thumbnail is the whole
       image processed with `resize_mode`.
+    catty_rule: "internvl" (default; InternVL's grid choice and tie rule, no thumbnail for a 1x1 grid) or
+      "points" (the WePOINTS reference: far-side ratios, tile count closest to the image's, thumbnail always;
+      aspect beyond max_tiles:1 is an error unless `catty_squash_extreme`). See `vlmjax.data.tiling`.
     feature_layout: how tile features become image tokens. "tiles": every tile's `tokens_per_image` features in
       order (LLaVA-1.5, POINTS, VILA). "llava_next": HF LLaVA-1.6 (global view, then the stitched grid cropped to
       the image's aspect ratio with a newline token per row; needs tiling="anyres" and `feature_grid`, the side of
@@ -51,6 +54,8 @@ class ImageSpec:
     max_tiles: int = 6
     min_tiles: int = 1
     thumbnail: bool = True
+    catty_rule: Literal["internvl", "points"] = "internvl"
+    catty_squash_extreme: bool = False
     resample: Literal["bicubic", "bilinear", "lanczos"] = "bicubic"
     feature_layout: Literal["tiles", "llava_next"] = "tiles"
     feature_grid: int = 0
@@ -60,6 +65,8 @@ class ImageSpec:
             raise ValueError(f"unknown resize_mode {self.resize_mode!r}")
         if self.tiling not in ("none", "anyres", "catty"):
             raise ValueError(f"unknown tiling {self.tiling!r}")
+        if self.catty_rule not in tiles_lib.CATTY_RULES:
+            raise ValueError(f"unknown catty_rule {self.catty_rule!r}; one of {tiles_lib.CATTY_RULES}")
         if self.tiling == "anyres" and any(w % self.image_size or h % self.image_size for w, h in self.grid_pinpoints):
             raise ValueError(f"grid_pinpoints {self.grid_pinpoints} must be multiples of image_size {self.image_size}")
         if self.feature_layout not in ("tiles", "llava_next"):
@@ -76,7 +83,7 @@ class ImageSpec:
         if self.tiling == "anyres":
             return 1 + max((w // self.image_size) * (h // self.image_size) for w, h in self.grid_pinpoints)
         if self.tiling == "catty":
-            return self.max_tiles + (1 if self.thumbnail and self.max_tiles > 1 else 0)
+            return self.max_tiles + (1 if self.thumbnail and (self.max_tiles > 1 or self.catty_rule == "points") else 0)
         return 1
 
 
@@ -160,7 +167,7 @@ def image_tiles(img: Image.Image, spec: ImageSpec) -> list[Image.Image]:
     if spec.tiling == "anyres":
         return tiles_lib.anyres_tiles(img, spec.image_size, spec.grid_pinpoints, view, resample)
     return tiles_lib.catty_tiles(img, spec.image_size, spec.max_tiles, spec.min_tiles,
-                              view if spec.thumbnail else None, resample)
+                              view if spec.thumbnail else None, resample, spec.catty_rule, spec.catty_squash_extreme)
 
 
 def normalize(tiles, spec: ImageSpec) -> np.ndarray:
@@ -203,7 +210,8 @@ def process_image(data, spec: ImageSpec, name: str | None = None) -> np.ndarray:
 MODEL_FIELDS = {"image_size": "vision.image_size", "mean": "vision.image_mean", "std": "vision.image_std",
                 "resize_mode": "image_resize_mode", "tiling": "image_tiling", "max_tiles": "image_max_tiles",
                 "min_tiles": "image_min_tiles", "thumbnail": "image_thumbnail", "resample": "image_resample",
-                "grid_pinpoints": "image_grid_pinpoints"}
+                "grid_pinpoints": "image_grid_pinpoints", "catty_rule": "image_catty_rule",
+                "catty_squash_extreme": "image_catty_squash_extreme"}
 
 
 def _canon(v):
@@ -223,7 +231,8 @@ def model_image_spec(cfg, **over) -> ImageSpec:
     kw = dict(image_size=v.image_size, mean=tuple(v.image_mean), std=tuple(v.image_std),
               tokens_per_image=cfg.tokens_per_image, resize_mode=cfg.image_resize_mode, tiling=cfg.image_tiling,
               max_tiles=cfg.image_max_tiles, min_tiles=cfg.image_min_tiles, thumbnail=cfg.image_thumbnail,
-              resample=cfg.image_resample)
+              resample=cfg.image_resample, catty_rule=cfg.image_catty_rule,
+              catty_squash_extreme=cfg.image_catty_squash_extreme)
     if cfg.image_grid_pinpoints:
         kw["grid_pinpoints"] = tuple(tuple(p) for p in cfg.image_grid_pinpoints)
     if cfg.image_layout == "llava_next":

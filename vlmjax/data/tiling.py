@@ -7,7 +7,17 @@ Two published schemes, both returning PIL tiles of `tile x tile` pixels in the o
   * POINTS "CATTY" (consistent aspect ratio dynamic high resolution): choose the grid of at most `max_tiles` tiles
     whose aspect ratio is closest to the image's, resize the image *proportionally* so it fits that grid, and cut
     `cols x rows` overlapping crops whose stride spreads them evenly over the image, so no tile is distorted or
-    padded; a global thumbnail goes last (none when the grid is 1x1).
+    padded; a global thumbnail goes last. Two grid rules (`catty_grid(rule=...)`):
+      - "internvl" (the default, kept for existing configs): closest aspect ratio among all grids, InternVL's tie
+        rule, no thumbnail for a 1x1 grid.
+      - "points" (WePOINTS `split_image_with_catty`): only grids on the image's far side of its aspect ratio
+        (at least as wide as a landscape image, as tall as a portrait one), so the resized image fills the grid
+        along one axis and overlaps along the other; among grids of that ratio, the tile count closest to the
+        image's own size in tiles (ties: fewer tiles); the thumbnail always; aspect beyond `max_tiles`:1 is an
+        error unless `squash_extreme` (the reference's do_resize: squash to exactly `max_tiles`:1).
+    Both rules share `catty_layout`: the reference truncates the resized side (int) where this rounds, and steps
+    crops by an integer stride (L - tile) // (n - 1) where this spreads them by round(i (L - tile) / (n - 1)), so
+    crop offsets can differ by a pixel or two; the grid, tile count and order match.
 The geometry is in pure functions of sizes so that tests can check it against hand-computed numbers.
 `llava_next_positions` says how LLaVA-1.6 then arranges the tiles' features into image tokens.
 """
@@ -61,11 +71,18 @@ def anyres_tiles(img: Image.Image, tile: int, resolutions, global_view: Image.Im
     return tiles
 
 
-def catty_grid(size: tuple[int, int], tile: int, max_tiles: int, min_tiles: int = 1) -> tuple[int, int]:
+CATTY_RULES = ("internvl", "points")
+
+
+def catty_grid(size: tuple[int, int], tile: int, max_tiles: int, min_tiles: int = 1,
+               rule: str = "internvl") -> tuple[int, int]:
     """(cols, rows) with min_tiles <= cols*rows <= max_tiles whose aspect ratio is closest to the image's.
 
-    Ties (e.g. 2:1 and 3:1 for a 2.5:1 image) go to the larger grid when the image has more than half the pixels
-    that grid's tiles hold (the InternVL rule POINTS inherits), else to the smaller one."""
+    rule "internvl": ties (e.g. 2:1 and 3:1 for a 2.5:1 image) go to the larger grid when the image has more than
+    half the pixels that grid's tiles hold, else to the smaller one. rule "points": see the module docstring; an
+    image wider or taller than max_tiles:1 raises (squash it first: `squash_extreme_size`)."""
+    if rule not in CATTY_RULES:
+        raise ValueError(f"unknown catty_rule {rule!r}; one of {CATTY_RULES}")
     width, height = size
     aspect = width / height
     grids = sorted(
@@ -73,6 +90,8 @@ def catty_grid(size: tuple[int, int], tile: int, max_tiles: int, min_tiles: int 
          if min_tiles <= c * r <= max_tiles},
         key=lambda g: (g[0] * g[1], g[0]),
     )
+    if rule == "points":
+        return _points_grid(size, tile, max_tiles, grids)
     best, best_diff = grids[0], math.inf
     for c, r in grids:
         diff = abs(aspect - c / r)
@@ -81,6 +100,33 @@ def catty_grid(size: tuple[int, int], tile: int, max_tiles: int, min_tiles: int 
         elif abs(diff - best_diff) <= 1e-12 and width * height > 0.5 * tile * tile * c * r:
             best = (c, r)
     return best
+
+
+def _points_grid(size, tile: int, max_tiles: int, grids) -> tuple[int, int]:
+    width, height = size
+    aspect = width / height
+    if aspect > max_tiles or aspect < 1 / max_tiles:
+        raise ValueError(f"image {width}x{height}: aspect ratio {aspect:.3g} is outside [1/{max_tiles}, {max_tiles}]"
+                         " that CATTY (points rule) tiles; set catty_squash_extreme=True to squash it")
+    # exact rational comparison (c*height vs width*r): the far side of the image's ratio, as the reference filters
+    far = [g for g in grids if width == height or (g[0] * height >= width * g[1] if width > height
+                                                    else g[0] * height <= width * g[1])]
+    if not far:
+        raise ValueError(f"image {width}x{height}: no grid of {max_tiles} tiles is at least as elongated")
+    best_ratio = min(far, key=lambda g: abs(g[0] / g[1] - aspect))
+    same = [g for g in far if g[0] * best_ratio[1] == g[1] * best_ratio[0]]  # grids sorted by tile count
+    in_tiles = width * height / (tile * tile)
+    return min(same, key=lambda g: abs(g[0] * g[1] - in_tiles))
+
+
+def squash_extreme_size(size: tuple[int, int], max_tiles: int) -> tuple[int, int]:
+    """The reference's do_resize: an image beyond max_tiles:1 squashed along its long side to exactly that ratio."""
+    width, height = size
+    if width > max_tiles * height:
+        return max_tiles * height, height
+    if height > max_tiles * width:
+        return width, max_tiles * width
+    return size
 
 
 def catty_layout(size: tuple[int, int], tile: int, grid: tuple[int, int]):
@@ -103,13 +149,16 @@ def catty_layout(size: tuple[int, int], tile: int, grid: tuple[int, int]):
 
 
 def catty_tiles(img: Image.Image, tile: int, max_tiles: int, min_tiles: int, thumbnail: Image.Image | None,
-                resample) -> list[Image.Image]:
-    """Tiles row by row, then the thumbnail (when given and the grid has more than one tile)."""
-    grid = catty_grid(img.size, tile, max_tiles, min_tiles)
+                resample, rule: str = "internvl", squash_extreme: bool = False) -> list[Image.Image]:
+    """Tiles row by row, then the thumbnail (when given and, under rule "internvl", the grid has more than one
+    tile; under "points" always)."""
+    if rule == "points" and squash_extreme and squash_extreme_size(img.size, max_tiles) != img.size:
+        img = img.resize(squash_extreme_size(img.size, max_tiles), resample)
+    grid = catty_grid(img.size, tile, max_tiles, min_tiles, rule)
     new_size, boxes = catty_layout(img.size, tile, grid)
     resized = img.resize(new_size, resample)
     tiles = [resized.crop(box) for box in boxes]
-    if thumbnail is not None and len(tiles) > 1:
+    if thumbnail is not None and (len(tiles) > 1 or rule == "points"):
         tiles.append(thumbnail)
     return tiles
 

@@ -112,6 +112,8 @@ class VLMConfig:
     image_min_tiles: int = 1  # catty
     image_thumbnail: bool = True  # catty: a whole-image tile after the grid
     image_resample: str = "bicubic"  # bicubic | bilinear | lanczos
+    image_catty_rule: str = "internvl"  # catty grid choice: internvl | points (data/tiling.py)
+    image_catty_squash_extreme: bool = False  # catty "points": squash aspect > max_tiles:1 instead of refusing
     # Execution knobs.
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -166,7 +168,7 @@ class VLMConfig:
                 object.__setattr__(self, name, value)
         choices = dict(image_tiling=("none", "anyres", "catty"),
                        image_resize_mode=("pad_to_square_mean", "resize", "crop"),
-                       image_resample=("bicubic", "bilinear", "lanczos"))
+                       image_resample=("bicubic", "bilinear", "lanczos"), image_catty_rule=("internvl", "points"))
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}: use one of {allowed}")

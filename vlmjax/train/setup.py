@@ -24,6 +24,7 @@ from typing import Sequence
 
 from flax import nnx
 
+from vlmjax.data.image import MODEL_FIELDS
 from vlmjax.models.config import LLMConfig, VisionConfig, VLMConfig
 
 
@@ -80,9 +81,7 @@ def build_model(mc, image=None) -> tuple[nnx.Module, VLMConfig, object]:
 
 
 # data.image keys a fresh model takes into its config (the rest are the tower's or derived: they must agree)
-_RECORDED = {"resize_mode": "image_resize_mode", "tiling": "image_tiling", "max_tiles": "image_max_tiles",
-             "min_tiles": "image_min_tiles", "thumbnail": "image_thumbnail", "resample": "image_resample",
-             "grid_pinpoints": "image_grid_pinpoints"}
+_RECORDED = {k: field for k, field in MODEL_FIELDS.items() if not field.startswith("vision.")}
 
 
 def _record_image(model, cfg: VLMConfig, image: dict) -> VLMConfig:
