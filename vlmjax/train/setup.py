@@ -101,7 +101,8 @@ def data_config(dc, cfg: VLMConfig, tokenizer, *, mode: str, seed: int):
 
     d = dc.to_dict() if hasattr(dc, "to_dict") else dict(dc)
     sources = tuple(SourceSpec(**s) for s in d.pop("sources"))
-    image = model_image_spec(cfg, **(d.pop("image", {}) or {}))
+    # data.image keys left None mean "what the model implies"
+    image = model_image_spec(cfg, **{k: v for k, v in (d.pop("image", {}) or {}).items() if v is not None})
     text = TextSpec(image_token_id=cfg.image_token_id, **(d.pop("text", {}) or {}))
     bad = BadSamplePolicy(**(d.pop("bad_samples", {}) or {}))
     return DataConfig(sources=sources, image=image, text=text, bad_samples=bad, mode=mode, seed=seed, **d)
