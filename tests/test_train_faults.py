@@ -110,47 +110,37 @@ def test_blend_epoch_is_one_pass_over_the_defining_source(data):
     assert 1 <= sum(i.startswith("t") for i in first_half) <= 3
 
 
-def test_corrupted_latest_checkpoint_falls_back_with_a_warning(data, tmp_path, caplog):
+def test_corrupted_latest_checkpoint_falls_back_and_replayed_steps_are_logged_once(data, tmp_path, caplog):
     over = {"train.steps": 6, "train.save_every": 2, "train.keep_checkpoints": 3}
-    full = train(tiny_config(data, **over), str(tmp_path / "full"))
-    train(tiny_config(data, **over), str(tmp_path / "w"), stop_at=4)
-    assert steps_on_disk(tmp_path / "w") == [2, 4]
-    (tmp_path / "w" / "checkpoints" / "4" / "_CHECKPOINT_METADATA").unlink()
-    for p in (tmp_path / "w" / "checkpoints" / "4").rglob("manifest.ocdbt"):
+    first = train(tiny_config(data, **over), str(tmp_path), stop_at=5)  # steps 1-5 logged, checkpoints 2, 4
+    assert steps_on_disk(tmp_path) == [2, 4]
+    (tmp_path / "checkpoints" / "4" / "_CHECKPOINT_METADATA").unlink()
+    for p in (tmp_path / "checkpoints" / "4").rglob("manifest.ocdbt"):
         p.unlink()
     with caplog.at_level(logging.WARNING):
-        s = train(tiny_config(data, **over), str(tmp_path / "w"))
-    assert s["start"] == 2 and s["last_step"] == 6
+        s = train(tiny_config(data, **over), str(tmp_path))
+    assert s["start"] == 2 and s["last_step"] == 6 and s["end"] == "steps"
     warn = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
-    assert warn and "[4]" in warn[0] and "step 2" in warn[0]
-    assert (tmp_path / "w" / "checkpoints.corrupt" / "4").exists()  # set aside, not deleted
-    np.testing.assert_allclose([h["loss"] for h in s["history"]], [h["loss"] for h in full["history"][2:]],
+    assert warn and "[4]" in warn[0] and "step 2" in warn[0], caplog.text
+    assert (tmp_path / "checkpoints.corrupt" / "4").exists()  # set aside, not deleted
+    # the replay of steps 3-4 reproduces them exactly (same batches, same RNG)
+    np.testing.assert_allclose([h["loss"] for h in s["history"][:3]], [h["loss"] for h in first["history"][2:5]],
                                rtol=1e-6)
-    # metrics.jsonl: each step once, although steps 3-4 ran twice
-    rows = strict_rows(tmp_path / "w" / "metrics.jsonl")
+    # metrics.jsonl holds each step once although steps 3-5 ran twice; TensorBoard gets a purge marker at step 3
+    rows = strict_rows(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
-
-
-def test_resume_drops_replayed_steps_from_metrics_and_tensorboard(data, tmp_path):
-    over = {"train.steps": 5, "train.save_every": 2}
-    train(tiny_config(data, **over), str(tmp_path), stop_at=3)  # steps 1-3 logged, checkpoint at 2
-    train(tiny_config(data, **over), str(tmp_path))
-    steps = [r["step"] for r in strict_rows(tmp_path / "metrics.jsonl")]
-    assert steps == [1, 2, 3, 4, 5]
-    # TensorBoard: the resumed writer starts with a purge marker at step 3, TensorBoard's way to drop step 3 >=
     from tensorboardX.proto import event_pb2
 
     purges = []
     for f in (tmp_path / "tb").iterdir():
-        raw = f.read_bytes()
-        pos = 0
-        while pos < len(raw):
+        raw, pos = f.read_bytes(), 0
+        while pos < len(raw):  # TFRecord: length (8), crc (4), event, crc (4)
             n = int.from_bytes(raw[pos:pos + 8], "little")
             ev = event_pb2.Event.FromString(raw[pos + 12:pos + 12 + n])
             pos += 12 + n + 4
             if ev.HasField("session_log") and ev.session_log.status == ev.session_log.START:
                 purges.append(ev.step)
-    assert 3 in purges
+    assert 3 in purges, purges
 
 
 def test_rerun_with_another_config_refuses(data, tmp_path):
@@ -162,7 +152,7 @@ def test_rerun_with_another_config_refuses(data, tmp_path):
     with pytest.raises(ConfigMismatch, match="optim.lr: 0.003 in .*config.json, 0.5 now"):
         train(tiny_config(data, **over, **{"optim.lr": 0.5}), str(tmp_path))
     assert (tmp_path / "config.json").read_text() == before
-    again = train(tiny_config(data, **over, **{"train.save_every": 50}), str(tmp_path))  # bookkeeping may change
+    again = train(tiny_config(data, **{**over, "train.save_every": 50}), str(tmp_path))  # bookkeeping may change
     assert again["start"] == 2 and again["history"] == []
 
 
@@ -185,9 +175,8 @@ def test_skips_are_summarised_counted_and_capped_on_short_runs(tmp_path, caplog)
     assert rows[-1]["data/skipped/missing_image"] == 1 and rows[-1]["data/samples"] == 7
 
 
-def test_no_initial_save_unless_asked(data, tmp_path):
-    over = {"train.steps": 3, "train.save_every": 10}
-    train(tiny_config(data, **over), str(tmp_path / "a"))
-    assert steps_on_disk(tmp_path / "a") == [3]
-    train(tiny_config(data, **over, **{"train.save_first_step": True}), str(tmp_path / "b"))
-    assert steps_on_disk(tmp_path / "b") == [1, 3]
+def test_initial_save_only_when_asked(data, tmp_path):
+    # default off: see the epochs test, whose only checkpoint is the last step
+    train(tiny_config(data, **{"train.steps": 3, "train.save_every": 10, "train.save_first_step": True}),
+          str(tmp_path))
+    assert steps_on_disk(tmp_path) == [1, 3]

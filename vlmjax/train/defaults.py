@@ -1,7 +1,6 @@
 """Defaults shared by every training config (configs/*.py call `base()` and override what their stage needs)."""
 
 import dataclasses
-import importlib.util
 import os
 import typing
 
@@ -74,8 +73,6 @@ def _base_type(hint) -> type:
 def sibling_config(config_file: str, name: str):
     """The config module `name` next to `config_file` (config files are not a package; a variant config builds
     on its base this way: `_base = sibling_config(__file__, "mini.py")`)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(config_file)), name)
-    spec = importlib.util.spec_from_file_location(f"_vlmjax_config_{os.path.splitext(name)[0]}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from vlmjax.train.config_io import load_module
+
+    return load_module(os.path.join(os.path.dirname(os.path.abspath(config_file)), name))

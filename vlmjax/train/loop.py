@@ -199,7 +199,7 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
                 writer.write(step + 1, {k: float(np.mean([e[k] for e in em])) for k in em[0]}, prefix="eval/")
         else:
             step = min(steps, stop_at or steps)
-            end = "steps" if step == steps else "stop_at"
+            end = "stop_at" if step < steps else "data" if epochs else "steps"  # epochs: steps bound the data
         if end == "data":
             log.info("end of the data after step %d (%s)", step,
                      f"train.epochs={epochs}" if epochs else f"data.num_epochs={data_cfg.num_epochs}")
