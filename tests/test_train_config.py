@@ -92,6 +92,7 @@ def test_cli_sources_override_trains(tmp_path):
                 "--config.optim.warmup_steps", "0", "--config.data.num_epochs=1", "--config.data.text.loss_on=all"])
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout.split("SUMMARY ", 1)[1])
-    assert len(summary["history"]) == 2 and summary["history"][0]["lr"] > 0  # warmup 0: full lr at step 1
+    assert len(summary["history"]) == 2 and summary["end"] == "steps"
     saved = json.loads((tmp_path / "w" / "config.json").read_text())
     assert saved["data"]["sources"][0]["path"] == data["sft"] and saved["data"]["text"]["loss_on"] == "all"
+    assert saved["optim"]["warmup_steps"] == 0 and saved["data"]["num_epochs"] == 1

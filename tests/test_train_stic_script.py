@@ -27,7 +27,7 @@ def test_stic_script_runs_every_stage(tmp_path):
     export(model, str(tmp_path / "llava"), tok)
     shrink = ["--config.model.dtype=float32", "--config.model.remat=none", "--config.lora.rank=4",
               "--config.lora.alpha=8.0", "--config.train.steps=2", "--config.train.grad_accum=1",
-              "--config.data.seq_len=160", "--config.optim.warmup_steps=0"]
+              "--config.data.seq_len=320", "--config.optim.warmup_steps=0"]
     env = dict(os.environ, PYTHON=sys.executable, STIC_TEMPLATE="chatml", PYTHONPATH=str(REPO),
                STIC_GEN_ARGS="--max-new-tokens 4 --batch-size 2 --dtype float32", VLMJAX_NO_REEXEC="1")
     w = tmp_path / "w"
