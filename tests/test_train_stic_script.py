@@ -23,6 +23,12 @@ def test_stic_script_runs_every_stage(tmp_path):
     from vlmjax.train.setup import build_model
 
     data = write_dataset(tmp_path / "d", n=3)
+    # two text-only samples: make_infused_sft keeps them as they are, so stage 2 has data whatever the random
+    # model describes (its empty/whitespace descriptions are left out and counted)
+    sft = json.loads(Path(data["sft"]).read_text()) + [
+        {"id": f"t{i}", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi."}]}
+        for i in range(2)]
+    (tmp_path / "d" / "sft_mixed.json").write_text(json.dumps(sft))
     model, _, tok = build_model(load_config(REPO / "configs" / "tiny_sft.py").model)
     export(model, str(tmp_path / "llava"), tok)
     shrink = ["--config.model.dtype=float32", "--config.model.remat=none", "--config.lora.rank=4",
@@ -32,7 +38,7 @@ def test_stic_script_runs_every_stage(tmp_path):
                STIC_GEN_ARGS="--max-new-tokens 4 --batch-size 2 --dtype float32", VLMJAX_NO_REEXEC="1")
     w = tmp_path / "w"
     out = subprocess.run(["bash", str(REPO / "scripts" / "stic.sh"), str(tmp_path / "llava"), data["images"],
-                          data["sft"], data["images"], str(w), *shrink], cwd=REPO, env=env, capture_output=True,
+                          str(tmp_path / "d" / "sft_mixed.json"), data["images"], str(w), *shrink], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=1200)
     assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-4000:])
     assert "STIC model:" in out.stdout
@@ -44,4 +50,5 @@ def test_stic_script_runs_every_stage(tmp_path):
     assert s2["data"]["sources"][0]["path"] == f"{w}/infused.json"
     assert s2["model"]["load_params"] == f"{w}/stage1/trainable.safetensors"
     assert (w / "stage2" / "export" / "config.json").exists()
+    assert json.loads(out.stdout.split("SUMMARY ")[-1].splitlines()[0])["end"] == "steps"
     shutil.rmtree(tmp_path / "llava")

@@ -56,14 +56,14 @@ def load_config(spec: str | os.PathLike, overrides: Mapping[str, object] | Itera
 def fill_defaults(cfg: ConfigDict, like: ConfigDict | None = None) -> ConfigDict:
     """Add every key of `like` (default: defaults.base()) that `cfg` lacks, recursively. An `eval_data` section
     gets the data defaults."""
-    like = defaults.base() if like is None else like
+    top = like is None
+    like = defaults.base() if top else like
     for key in like.keys():
-        ref = like._fields[key]
         if key not in cfg:
-            cfg[key] = ref  # FieldReferences keep their type (placeholders stay typed)
+            cfg[key] = like._fields[key]  # FieldReferences keep their type (placeholders stay typed)
         elif isinstance(cfg[key], ConfigDict) and isinstance(like[key], ConfigDict):
             fill_defaults(cfg[key], like[key])
-    if like is not None and "eval_data" in cfg and isinstance(cfg.get("eval_data"), ConfigDict) and "data" in like:
+    if top and isinstance(cfg.get("eval_data"), ConfigDict):
         fill_defaults(cfg.eval_data, like.data)
     return cfg
 
