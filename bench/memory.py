@@ -98,12 +98,9 @@ unless XLA_PYTHON_CLIENT_MEM_FRACTION is raised."""
 def train_config(case: str, mesh_axes: tuple[int, int, int], *, seq_len: int = 2048, lora_rank: int | None = None):
     """The STIC stage config for `case`, with the batch split over the mesh (see the module docstring).
     lora_rank: another adapter rank (alpha scaled with it), for the tiny model whose dims are below 128."""
-    import importlib.util
+    from vlmjax.train.config_io import load_config
 
-    spec = importlib.util.spec_from_file_location("llava15_7b", REPO / "configs" / "stic" / "llava15_7b.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config("stage1" if case.startswith("dpo") else "stage2")
+    c = load_config(f"{REPO / 'configs' / 'stic' / 'llava15_7b.py'}:{'stage1' if case.startswith('dpo') else 'stage2'}")
     if case == "dpo_lora_bf16":
         c.model.param_dtype = "bfloat16"
     if case == "dpo_lora_frozen_bf16":

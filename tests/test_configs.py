@@ -1,6 +1,5 @@
 """Every shipped config loads, and its trainable / LoRA / group regexes match parameters of a model of that family."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -8,16 +7,14 @@ from flax import nnx
 
 from vlmjax.models import LLMConfig, VisionConfig, VLMConfig, VLM
 from vlmjax.models.lora import add_lora
+from vlmjax.train.config_io import load_config, load_module
 from vlmjax.train.optim import make_optimizer, split_trainable
 
 ROOT = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _module(path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    m = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(m)
-    return m
+    return load_module(str(path))
 
 
 # (file, stage argument): a config with STAGES takes one of them after the colon (configs/stic/mini.py:sft)
@@ -27,8 +24,7 @@ CONFIGS = [(p, stage) for p in sorted(ROOT.rglob("*.py")) for stage in getattr(_
 @pytest.mark.parametrize("path,stage", CONFIGS,
                          ids=[f"{p.relative_to(ROOT)}{':' + s if s else ''}" for p, s in CONFIGS])
 def test_config_regexes_select_parameters(path, stage):
-    m = _module(path)
-    c = m.get_config() if stage is None else m.get_config(stage)
+    c = load_config(f"{path}:{stage}" if stage else path)  # the CLI's loader: filled defaults, validated
     cfg = VLMConfig(llm=LLMConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                                   num_kv_heads=2),
                     vision=VisionConfig(image_size=28, patch_size=7, hidden_size=16, intermediate_size=32,

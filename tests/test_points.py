@@ -180,14 +180,11 @@ def test_score_ppl_is_exp_mean_nll_and_readme_commands(tmp_path, monkeypatch, sc
 
 
 def test_points_config_loads_with_catty_points_tiling():
-    import importlib.util
-
     from vlmjax.data.image import ImageSpec
     from vlmjax.models import VisionConfig, VLMConfig
+    from vlmjax.train.config_io import load_module
 
-    spec = importlib.util.spec_from_file_location("yi9b", os.path.join(ROOT, "configs/points/yi9b.py"))
-    m = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(m)
+    m = load_module(os.path.join(ROOT, "configs/points/yi9b.py"))
     pre, sft = m.get_config("pretrain"), m.get_config("sft")
     assert pre.model.projector == "pixel_shuffle_mlp" and pre.model.init == "assemble"
     assert sft.model.path == pre.export_dir and sft.train.trainable == ("^projector/", "^llm/")

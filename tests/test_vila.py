@@ -156,11 +156,9 @@ def test_interleaved_docs_tokenise_and_pack_as_vila_means():
 
 
 def _config(path, stage):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
-    m = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(m)
-    return m.get_config(stage)
+    from vlmjax.train.config_io import load_module
+
+    return load_module(str(path)).get_config(stage)
 
 
 @pytest.mark.parametrize("name", ["llama2_7b.py", "llama3_8b_siglip.py"])

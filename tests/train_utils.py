@@ -31,26 +31,15 @@ def write_dataset(root: Path, n: int = 8) -> dict[str, str]:
 
 
 def tiny_config(data: dict[str, str], objective: str = "sft", **over):
-    import importlib.util
+    """configs/tiny_sft.py on the tiny data, with dotted-key overrides, through the library's config loader."""
+    from vlmjax.train.config_io import load_config
 
-    path = Path(__file__).resolve().parents[1] / "configs" / "tiny_sft.py"
-    spec = importlib.util.spec_from_file_location("tiny_sft", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
-    c.train.objective = objective
     fmt = "llava" if objective == "sft" else "preference"
-    c.data.sources = [dict(format=fmt, path=data[objective], image_root=data["images"])]
-    c.data.text = dict(template="chatml")
+    base = {"train.objective": objective, "data.text.template": "chatml",
+            "data.sources": (dict(format=fmt, path=data[objective], image_root=data["images"]),)}
     if objective == "dpo":
-        c.data.pack = False
-    for k, v in over.items():
-        node = c
-        parts = k.split(".")
-        for p in parts[:-1]:
-            node = node[p]
-        node[parts[-1]] = v
-    return c
+        base["data.pack"] = False
+    return load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny_sft.py", {**base, **over})
 
 
 def write_config_file(path: Path, data: dict[str, str], extra: str = "") -> Path:
@@ -58,9 +47,8 @@ def write_config_file(path: Path, data: dict[str, str], extra: str = "") -> Path
     (indented statements on `c`)."""
     repo = Path(__file__).resolve().parents[1]
     path.write_text(
-        "import importlib.util\n"
-        f"spec = importlib.util.spec_from_file_location('t', {str(repo / 'configs' / 'tiny_sft.py')!r})\n"
-        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        "from vlmjax.train.config_io import load_module\n"
+        f"m = load_module({str(repo / 'configs' / 'tiny_sft.py')!r})\n"
         "def get_config():\n"
         "    c = m.get_config()\n"
         f"    c.data.sources = [dict(format='llava', path={data['sft']!r}, image_root={data['images']!r})]\n"

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import grain
 import numpy as np
 
+from vlmjax.data.blend import EpochBlendMap, blend_counts
 from vlmjax.data.errors import BadSamplePolicy, SkipStats
 from vlmjax.data.image import ImageSpec, normalize
 from vlmjax.data.packing import BatchShape, PackedBatchIterDataset
@@ -30,8 +31,10 @@ from vlmjax.data.transform import SampleTransform
 class SourceSpec:
     """One dataset. Exactly one of `path` (.json/.jsonl), `tfds` (a TFDS name read with `tfds.data_source`) or
     `records` (in-memory list). `image_root`: folder, .tar shard(s) glob or list, or None for inline/absolute
-    images. `weight`: mixing weight among sources. `format_options`: passed to the parser (e.g. interleaved
-    `max_images`, `min_similarity`)."""
+    images. `weight`: mixing weight among sources. `defines_epoch`: this source sets the epoch (one pass over it
+    per epoch), every other source is drawn at weight / this weight records per record of it (see data/blend.py;
+    without it, a blend of finite sources ends when the first runs out). `format_options`: passed to the parser
+    (e.g. interleaved `max_images`, `min_similarity`)."""
 
     format: Literal["llava", "caption", "caption_qa", "interleaved", "preference"] = "llava"
     path: str | None = None
@@ -42,6 +45,7 @@ class SourceSpec:
     image_root: Any = None
     weight: float = 1.0
     name: str | None = None
+    defines_epoch: bool = False
     format_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def open(self):
@@ -125,9 +129,10 @@ def _worker_init(worker_index: int, worker_count: int) -> None:
     ensure_absl_flags_parsed()
 
 
-def make_dataset(config: DataConfig, tokenizer) -> tuple[grain.IterDataset, TextProcessor]:
+def make_dataset(config: DataConfig, tokenizer, info: dict | None = None) -> tuple[grain.IterDataset, TextProcessor]:
     """The grain pipeline of batches, as moved between processes: each with a private "_meta" entry and uint8
-    `pixel_values`; `DataIterator` removes the one and normalises the other."""
+    `pixel_values`; `DataIterator` removes the one and normalises the other. `info` (a dict) receives "records":
+    the records this shard reads in all (None when the data repeats forever)."""
     config.validate()
     shard_index, shard_count = config.shard_index, config.shard_count
     if shard_index is None or shard_count is None:
@@ -138,7 +143,10 @@ def make_dataset(config: DataConfig, tokenizer) -> tuple[grain.IterDataset, Text
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
     text = TextProcessor(tokenizer, config.text, config.image.tokens_per_image, config.seq_len)
-    datasets, weights = [], []
+    defining = [k for k, s in enumerate(config.sources) if s.defines_epoch]
+    if len(defining) > 1:
+        raise ValueError(f"sources {defining} all set defines_epoch: at most one source defines the epoch")
+    datasets, weights, lengths = [], [], []
     for k, spec in enumerate(config.sources):
         records, name = spec.open()
         ds = grain.MapDataset.source(records).map_with_index(_with_index)
@@ -147,15 +155,23 @@ def make_dataset(config: DataConfig, tokenizer) -> tuple[grain.IterDataset, Text
             raise ValueError(f"source {name} has no records for shard {shard_index} of {shard_count}")
         if config.shuffle:
             ds = ds.shuffle(seed=config.seed * 1_000_003 + k)
-        if config.num_epochs != 1:
-            ds = ds.repeat(config.num_epochs)
+        lengths.append(len(ds))
+        epochs = None if defining and k != defining[0] else config.num_epochs  # blend: the others cycle
+        if epochs != 1:
+            ds = ds.repeat(epochs)
         ds = ds.map(SampleTransform(
             fmt=spec.format, source_name=name, image_root=spec.image_root, image_spec=config.image, text=text,
             policy=config.bad_samples, max_images=config.max_images, parts=config.parts,
             format_options=dict(spec.format_options)))
         datasets.append(ds)
         weights.append(spec.weight)
-    ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
+    if defining and len(datasets) > 1:
+        counts = blend_counts(lengths, weights, defining[0])
+        ds = grain.MapDataset.select_from_datasets(datasets, EpochBlendMap(counts, config.num_epochs))
+    else:
+        ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
+    if info is not None:
+        info["records"] = len(ds) if config.num_epochs else None
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
                                               prefetch_buffer_size=max(4, 2 * config.read_threads)))
     shape = BatchShape(rows=config.batch_size, seq_len=config.seq_len, max_images=config.max_images,
@@ -184,6 +200,7 @@ class DataIterator:
         self.image_spec = image_spec
         self.image_token_id = image_token_id
         self.last_ids: list[str | None] = []
+        self.records: int | None = None  # records this shard reads in all (None: forever)
 
     def __iter__(self):
         return self
@@ -225,5 +242,8 @@ class DataIterator:
 
 def make_iterator(config: DataConfig, tokenizer) -> DataIterator:
     """The trainer's entry point: a checkpointable iterator of training batches for this host's shard."""
-    ds, text = make_dataset(config, tokenizer)
-    return DataIterator(ds, config.bad_samples, config.image, text.image_token_id)
+    info = {}
+    ds, text = make_dataset(config, tokenizer, info)
+    it = DataIterator(ds, config.bad_samples, config.image, text.image_token_id)
+    it.records = info["records"]
+    return it

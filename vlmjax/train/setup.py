@@ -108,6 +108,9 @@ def attach_lora(model, lc, seed: int) -> None:
                          "to continue them, or export the previous stage with train.export_lora='merge'")
 
 
+INITS = ("random", "assemble", "hf", "native", "checkpoint")  # config.model.init (module docstring)
+
+
 def _build(mc) -> tuple[nnx.Module, VLMConfig, object]:
     dtype, pdtype = mc.get("dtype", "float32"), build_param_dtype(mc)
     if mc.init == "random":
@@ -180,7 +183,8 @@ def data_config(dc, cfg: VLMConfig, tokenizer, *, mode: str, seed: int):
 
     d = dc.to_dict() if hasattr(dc, "to_dict") else dict(dc)
     sources = tuple(SourceSpec(**s) for s in d.pop("sources"))
-    image = model_image_spec(cfg, **(d.pop("image", {}) or {}))
+    # data.image keys left None mean "what the model implies"
+    image = model_image_spec(cfg, **{k: v for k, v in (d.pop("image", {}) or {}).items() if v is not None})
     text = TextSpec(image_token_id=cfg.image_token_id, **(d.pop("text", {}) or {}))
     bad = BadSamplePolicy(**(d.pop("bad_samples", {}) or {}))
     return DataConfig(sources=sources, image=image, text=text, bad_samples=bad, mode=mode, seed=seed, **d)

@@ -12,45 +12,19 @@ seconds, CPU seconds, first/last loss, the loss curve) for the pipeline's report
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 
-
-def load_config(config_file: str | Path, arg: str | None = None):
-    """`get_config(arg)` of a Python config file (ml_collections). The one place stages load config files."""
-    path = Path(config_file)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    spec = importlib.util.spec_from_file_location(f"_vlmjax_stage_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise AttributeError(f"{path} has no get_config(stage) function")
-    return module.get_config(arg) if arg is not None else module.get_config()
+from vlmjax.train.config_io import apply_overrides, load_config  # noqa: F401  (the stage runner's overrides)
 
 
 def stage_config(config_file: str | Path, stage: str):
-    return load_config(config_file, stage)
-
-
-def apply_overrides(c, over: dict | None):
-    """Set dotted keys ("optim.lr") on a ConfigDict in place; an unknown key raises naming it."""
-    for key, value in (over or {}).items():
-        node = c
-        *parents, leaf = key.split(".")
-        try:
-            for p in parents:
-                node = node[p]
-            if leaf not in node:
-                raise KeyError(leaf)
-        except KeyError:
-            raise KeyError(f"config override {key!r}: no such key") from None
-        node[leaf] = value
-    return c
+    """`get_config(stage)` of a per-stage config file, with the defaults filled in (`config_io`, the one loader;
+    `train` validates it after the stage's overrides)."""
+    return load_config(f"{config_file}:{stage}", validate_config=False)
 
 
 def train_stage(stage: str, workdir: Path, *, config_file: str | Path, image_root: str, source: str | None = None,

@@ -121,12 +121,9 @@ def _fill(a) -> None:
     """Flags not given: from --config's `coincide` block, else DEFAULTS; kmeans needs K, select a size."""
     block = {}
     if a.config:
-        import importlib.util
+        from vlmjax.train.config_io import load_module
 
-        spec = importlib.util.spec_from_file_location("coincide_config", a.config)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        cfg = mod.get_config()
+        cfg = load_module(a.config).get_config()
         if "coincide" not in cfg:
             raise ValueError(f"{a.config} has no `coincide` block")
         block = cfg.coincide.to_dict()
