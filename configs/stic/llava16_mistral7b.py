@@ -14,7 +14,7 @@ per image, so 10 image slots per DPO pair. Trained: the LoRA adapter and the pro
 frozen, as LLaVA's LoRA recipe leaves it).
 """
 
-from vlmjax.train.defaults import sibling_config
+from vlmjax.train.config_io import sibling_config
 
 _llava15 = sibling_config(__file__, "llava15_7b.py")
 

@@ -9,7 +9,7 @@ projector are aligned with the LLM frozen (LLaVA's stage 1, plus the tower since
 trains everything at a fine-tuning learning rate, and the text uses SmolLM2's own tokenizer and ChatML template.
 """
 
-from vlmjax.train.defaults import sibling_config
+from vlmjax.train.config_io import sibling_config
 
 _mini = sibling_config(__file__, "mini.py")
 

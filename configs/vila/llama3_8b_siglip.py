@@ -5,7 +5,7 @@ configs/vila/llama2_7b.py with that model, the `llama3` chat template for SFT.
     VILA_CONFIG=configs/vila/llama3_8b_siglip.py scripts/vila.sh WORKDIR LLM_DIR VISION_DIR
 """
 
-from vlmjax.train.defaults import sibling_config
+from vlmjax.train.config_io import sibling_config
 
 _base = sibling_config(__file__, "llama2_7b.py")
 STAGES = _base.STAGES

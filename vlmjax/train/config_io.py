@@ -36,6 +36,12 @@ def load_module(file: str):
     return module
 
 
+def sibling_config(config_file: str, name: str):
+    """The config module `name` next to `config_file` (config files are not a package; a variant config builds
+    on its base this way: `_base = sibling_config(__file__, "mini.py")`)."""
+    return load_module(os.path.join(os.path.dirname(os.path.abspath(config_file)), name))
+
+
 def load_config(spec: str | os.PathLike, overrides: Mapping[str, object] | Iterable[str] = (), *,
                 validate_config: bool = True) -> ConfigDict:
     """`configs/x.py` or `configs/x.py:stage` -> the config with base() keys filled in, `overrides` applied

@@ -1,7 +1,6 @@
 """Defaults shared by every training config (configs/*.py call `base()` and override what their stage needs)."""
 
 import dataclasses
-import os
 import typing
 
 from ml_collections import ConfigDict
@@ -71,11 +70,3 @@ def _base_type(hint) -> type:
     if args:  # X | None
         return next(a for a in args if a is not type(None))
     return hint
-
-
-def sibling_config(config_file: str, name: str):
-    """The config module `name` next to `config_file` (config files are not a package; a variant config builds
-    on its base this way: `_base = sibling_config(__file__, "mini.py")`)."""
-    from vlmjax.train.config_io import load_module
-
-    return load_module(os.path.join(os.path.dirname(os.path.abspath(config_file)), name))

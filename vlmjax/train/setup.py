@@ -85,6 +85,7 @@ _RECORDED = {k: field for k, field in MODEL_FIELDS.items() if not field.startswi
 
 
 def _record_image(model, cfg: VLMConfig, image: dict) -> VLMConfig:
+    image = {k: v for k, v in image.items() if v is not None}  # None: what the model's layout implies
     top = {_RECORDED[k]: (tuple(tuple(p) for p in v) if k == "grid_pinpoints" else v)
            for k, v in image.items() if k in _RECORDED}
     vision = {f"image_{k}": tuple(v) for k, v in image.items() if k in ("mean", "std")}
