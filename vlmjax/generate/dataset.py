@@ -96,6 +96,14 @@ def generate_dataset(
     with ResumableJsonl(out_path) as out:
         todo = pending(requests, out.done)
         skipped = len(requests) - len(todo)
+        if config.slots:  # continuous batching: each record is written as soon as its sample finishes
+            from vlmjax.generate.continuous import generate_requests
+
+            batches = iter_batches(todo, config.slots, encoder.prompt, desc="generate", progress=progress)
+            for r, g in generate_requests(model, batches, config, seed_of=row_seed, tokenizer=tokenizer, mesh=mesh,
+                                          on_failed=lambda failed: out.write(error_records(failed))):
+                out.write([_output(r, g)])
+            return {"written": len(todo), "skipped_done": skipped}
         for batch, enc, failed in iter_batches(todo, batch_size, encoder.prompt, desc="generate", progress=progress):
             out.write(error_records(failed))
             if not batch:
@@ -105,7 +113,11 @@ def generate_dataset(
                             image_pos=image_pos_of(enc),
                             tokenizer=tokenizer, row_seeds=[row_seed(r.id) for r in batch], batch_size=batch_size,
                             mesh=mesh)
-            out.write({"id": r.id, **r.meta, "prompt": r.prompt_messages()[-1]["content"], "output": g.text,
-                       "finish_reason": g.finish_reason, "num_tokens": len(g.tokens)} for r, g in zip(batch, gens))
+            out.write(_output(r, g) for r, g in zip(batch, gens))
     return {"written": len(todo), "skipped_done": skipped}
+
+
+def _output(r: Request, g) -> dict:
+    return {"id": r.id, **r.meta, "prompt": r.prompt_messages()[-1]["content"], "output": g.text,
+            "finish_reason": g.finish_reason, "num_tokens": len(g.tokens)}
 

@@ -68,7 +68,8 @@ def convert_layer_states(layer_states: tuple, fmt: str, n_in: dict[tuple, int]) 
 
     def layer(state):
         def leaf(path, x):
-            keys = tuple(str(getattr(k, "key", k)) for k in path)
+            keys = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+            keys = keys[:-1] if keys[-1] == "value" else keys  # the Variable's own attribute
             if keys[-1] == "kernel" and keys[:-1] in n_in:
                 return conv(x, n_in[keys[:-1]])
             return x
