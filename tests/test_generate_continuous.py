@@ -40,14 +40,14 @@ def test_greedy_equals_static_with_images_eos_limits_and_cache_growth():
         pixels[r] = rng.normal(size=(k, 16, 16, 3)).astype(np.float32)
     prompts.append(rng.integers(1, 90, 30).tolist())  # admitted last: does not fit the first cache, which grows
     pixels.append(None)
-    free = generate(model, prompts, GenerationConfig(max_new_tokens=10, pad_to=8))
-    eos = tuple(sorted({o.tokens[k] for o, k in zip(free, [2, 5, 0, 7, 3])} - {I}))  # rows end at varied lengths
-    cfg = GenerationConfig(max_new_tokens=10, pad_to=8, cache_bucket=16, eos_token_ids=(I,) + eos)
-
     # the whole list in one static batch (the static engine is batch-independent: test_generate.py)
     rows = np.concatenate([[r] * len(px) for r, px in enumerate(pixels) if px is not None]).astype(np.int32)
-    static = generate(model, prompts, cfg, pixel_values=np.concatenate([px for px in pixels if px is not None]),
-                      image_rows=rows)
+    kw = dict(pixel_values=np.concatenate([px for px in pixels if px is not None]), image_rows=rows)
+    cfg = GenerationConfig(max_new_tokens=10, pad_to=16, cache_bucket=32, eos_token_ids=(-1,))
+    free = generate(model, prompts, cfg, **kw)  # no EOS (same shapes as the run below: one compile)
+    eos = tuple(sorted({o.tokens[k] for o, k in zip(free, [2, 5, 0, 7, 3])} - {I}))  # rows end at varied lengths
+    cfg = dataclasses.replace(cfg, eos_token_ids=(I,) + eos)
+    static = generate(model, prompts, cfg, **kw)
     st = {}
     out = generate_continuous(model, [Prompt(p, px) for p, px in zip(prompts, pixels)], cfg, slots=3, refill_at=1,
                               stats=st)
@@ -62,10 +62,11 @@ def test_seeded_sampling_equals_static_and_fewer_finished_slot_steps():
     rng = np.random.default_rng(5)
     prompts = [rng.integers(1, 96, n).tolist() for n in [3, 8, 1, 5, 2, 6, 4, 7, 2, 3, 5, 1]]
     seeds = [int(s) for s in rng.integers(0, 2**31, len(prompts))]
-    greedy = generate(model, prompts, GenerationConfig(max_new_tokens=12, pad_to=8))
-    eos = tuple(sorted({o.tokens[k] for o, k in zip(greedy, [1, 4, 8])}))
-    cfg = GenerationConfig(max_new_tokens=12, pad_to=8, eos_token_ids=eos, min_new_tokens=1, seed=11,
+    cfg = GenerationConfig(max_new_tokens=12, pad_to=8, eos_token_ids=(-1,), min_new_tokens=1, seed=11,
                            sampling=SamplingConfig(temperature=1.3, top_k=40))
+    free = _static(model, prompts, cfg, 4, row_seeds=seeds)[0]  # no EOS (same shapes as below: one compile)
+    eos = tuple(sorted({o.tokens[k] for o, k in zip(free, [1, 4, 8])}))
+    cfg = dataclasses.replace(cfg, eos_token_ids=eos)
     static, before = _static(model, prompts, cfg, 4, row_seeds=seeds)
     after = {}
     out = generate_continuous(model, [Prompt(p, seed=s) for p, s in zip(prompts, seeds)], cfg, slots=4,
@@ -142,12 +143,14 @@ def test_weight_formats_agree_with_float32(fmt, logit_tol):
         cont[i, len(p) - 1: len(q) - 1] = True
     x = model.embed(jnp.asarray(ids))
     pos = jnp.broadcast_to(jnp.arange(t), x.shape[:2])
-    logits = {}
-    for f in ("float32", fmt):
-        ls = engine.dequantized(engine._layer_states(model, True, f))
+
+    @jax.jit
+    def forward(layer_states):
         h, _ = model.hidden_states_cached(x, pos, model.init_cache(len(seqs), t), jnp.zeros(len(seqs), jnp.int32),
-                                          prefill=True, layer_states=ls)
-        logits[f] = np.asarray(model.logits(h))[cont]
+                                          prefill=True, layer_states=engine.dequantized(layer_states))
+        return model.logits(h)
+
+    logits = {f: np.asarray(forward(engine._layer_states(model, True, f)))[cont] for f in ("float32", fmt)}
     span = np.abs(logits["float32"]).max()
     err = np.abs(logits[fmt] - logits["float32"]).max()
     assert 0 < err < logit_tol * span, (err, span)

@@ -282,8 +282,8 @@ def generate_continuous(model, prompts: Iterable[Prompt], config: GenerationConf
     return [out[i] for i in range(len(out))]
 
 
-def generate_requests(model, batches, config: GenerationConfig, *, seed_of, on_failed, tokenizer=None, mesh=None
-                      ) -> Iterator[tuple]:
+def generate_requests(model, batches, config: GenerationConfig, *, seed_of, on_failed, tokenizer=None, mesh=None,
+                      stats: dict | None = None) -> Iterator[tuple]:
     """`generate_dataset`'s continuous path: (request, Generation) as each finishes, from `dataset.iter_batches`
     output (read as slots free up); on_failed(failed) for each batch's requests that could not be encoded."""
     held = {}
@@ -296,7 +296,7 @@ def generate_requests(model, batches, config: GenerationConfig, *, seed_of, on_f
                 held[next(index)] = r
                 yield Prompt(e.ids, e.pixels, e.image_pos, seed_of(r.id))
 
-    for i, g in iter_generate(model, prompts(), config, tokenizer=tokenizer, mesh=mesh):
+    for i, g in iter_generate(model, prompts(), config, tokenizer=tokenizer, mesh=mesh, stats=stats):
         yield held.pop(i), g
 
 

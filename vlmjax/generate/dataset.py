@@ -12,7 +12,7 @@ import logging
 import zlib
 from typing import Callable, Iterator, Sequence
 
-from vlmjax.generate.engine import GenerationConfig, generate
+from vlmjax.generate.engine import GenerationConfig, generate, slot_stats
 from vlmjax.generate.jsonl import ResumableJsonl
 from vlmjax.generate.requests import Encoder, Request, collate_images, image_pos_of, image_slots
 
@@ -86,11 +86,14 @@ def generate_dataset(
     encoder: Encoder | None = None,
     mesh=None,
     progress: bool = True,
+    stats: dict | None = None,
 ) -> dict:
     """Generate for every request not yet in `out_path` (JSONL, one record per id); returns counts.
 
     Record: {"id", **request.meta, "prompt": last user message, "output": text, "finish_reason", "num_tokens"};
     a request that cannot be encoded (missing / corrupt image, malformed turns) gets {"id", **meta, "error"}.
+    config.slots > 0: continuous batching over that many slots (`generate.continuous`) instead of batches of
+    batch_size. stats: a dict filled with the engine's decode slot-step counts (`engine.slot_stats`).
     """
     encoder = encoder or Encoder(tokenizer, model.cfg)
     with ResumableJsonl(out_path) as out:
@@ -101,9 +104,10 @@ def generate_dataset(
 
             batches = iter_batches(todo, config.slots, encoder.prompt, desc="generate", progress=progress)
             for r, g in generate_requests(model, batches, config, seed_of=row_seed, tokenizer=tokenizer, mesh=mesh,
-                                          on_failed=lambda failed: out.write(error_records(failed))):
+                                          on_failed=lambda failed: out.write(error_records(failed)), stats=stats):
                 out.write([_output(r, g)])
             return {"written": len(todo), "skipped_done": skipped}
+        batch_stats: dict = {}
         for batch, enc, failed in iter_batches(todo, batch_size, encoder.prompt, desc="generate", progress=progress):
             out.write(error_records(failed))
             if not batch:
@@ -112,7 +116,10 @@ def generate_dataset(
             gens = generate(model, [e.ids for e in enc], config, pixel_values=px, image_rows=rows,
                             image_pos=image_pos_of(enc),
                             tokenizer=tokenizer, row_seeds=[row_seed(r.id) for r in batch], batch_size=batch_size,
-                            mesh=mesh)
+                            mesh=mesh, stats=batch_stats)
+            if stats is not None:
+                total = {k: stats.get(k, 0) + batch_stats[k] for k in ("slot_steps", "finished_slot_steps")}
+                stats.update(slot_stats(**total))
             out.write(_output(r, g) for r, g in zip(batch, gens))
     return {"written": len(todo), "skipped_done": skipped}
 
