@@ -164,7 +164,8 @@ def test_own_weights_drops_the_stacked_copy_and_generates_the_same():
     from vlmjax.generate import engine
     from vlmjax.generate.quant import weight_bytes
 
-    cfg = LLMConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
+    cfg = LLMConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                    attention_bias=True)  # q/k/v biases: the fused bias path too
     model = random_model(lambda: LLM(cfg, rngs=nnx.Rngs(0)), seed=2)
     prompts = [[4, 5, 6], [9, 1]]
     gc = GenerationConfig(max_new_tokens=8, weights="int8")
@@ -172,7 +173,7 @@ def test_own_weights_drops_the_stacked_copy_and_generates_the_same():
     stacked_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model.layers)))
     engine.own_weights(model, gc)
     assert sum(x.nbytes for x in jax.tree.leaves(nnx.state(model.layers))) == 0 and stacked_bytes > 0
-    held = weight_bytes(engine._OWNED[model][1])
+    held = weight_bytes(engine._OWNED[model][1])  # built one stacked weight at a time (quant.split_in_place)
     assert held < 0.4 * stacked_bytes  # int8 kernels + fp32 norms: the only copy
     assert [o.tokens for o in generate(model, prompts, gc)] == ref
     assert [o.tokens for o in generate_continuous(model, [Prompt(p) for p in prompts], gc, slots=2)] == ref

@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from vlmjax import sharding
-from vlmjax.generate.quant import FORMATS, convert_layer_states, dequantized, kernel_inputs
+from vlmjax.generate.quant import FORMATS, convert_layer_states, dequantized, kernel_inputs, split_in_place
 from vlmjax.generate.sampling import SamplingConfig, row_keys, sample
 from vlmjax.models.config import to_dtype
 from vlmjax.models.llm import KVCache, stack_cache, unstack_cache
@@ -225,11 +225,11 @@ def own_weights(model, config: GenerationConfig = GenerationConfig()) -> None:
     llm = llm_of(model)
     if llm in _OWNED:
         return
-    split = _layer_states(llm, config.fuse_projections, config.weights)
-    _SPLIT.clear()
-    state = nnx.state(llm.layers)
-    nnx.update(llm.layers, jax.tree.map(lambda a: jnp.zeros((0,), a.dtype), state))
-    del state
+    _SPLIT.clear()  # a cached split of these arrays would be a second copy
+    leaves = jax.tree.leaves(nnx.state(llm.layers))
+    single = all(len(x.sharding.device_set) == 1 for x in leaves)
+    del leaves
+    split = split_in_place(llm, config.fuse_projections and single, config.weights)
     _OWNED[llm] = ((config.fuse_projections, config.weights), split)
 
 

@@ -119,3 +119,56 @@ def int8_reference(w: np.ndarray, n_in: int) -> np.ndarray:
     amax = np.abs(w).max(axis=tuple(range(n_in)), keepdims=True)
     scale = np.where(amax > 0, amax / 127.0, 1.0)
     return np.clip(np.rint(w / scale), -127, 127) * scale
+
+
+def split_in_place(llm, fuse: bool, fmt: str) -> tuple:
+    """`convert_layer_states(llm.split_layers(fuse), fmt, ...)` built one stacked weight (or fused group) at a time,
+    each stacked array emptied in the model as soon as its per-layer pieces exist: the peak is the weights plus the
+    largest group (gate|up), not twice the weights. The model keeps only empty layer arrays afterwards."""
+    from vlmjax.models.llm import _FUSED
+
+    n, n_in = llm.cfg.num_layers, kernel_inputs(llm.layers)
+    variables = {tuple(str(k) for k in p): v for p, v in nnx.iter_graph(llm.layers) if isinstance(v, nnx.Variable)}
+    if fuse and any(variables.get((a, b, "lora_a")) is not None for paths in _FUSED.values() for a, b in paths):
+        fuse = False
+    pieces: dict[tuple, list] = {}
+    fused: list[dict] = [{} for _ in range(n)]
+
+    def conv(w, inputs):
+        return w if fmt == "float32" else quantize_int8(w, inputs) if fmt == "int8" else w.astype(jnp.bfloat16)
+
+    def release(path):
+        var = variables[path]
+        pieces.setdefault(path, [jnp.zeros((0,), var.value.dtype)] * n)
+        var.value = jnp.zeros((0,), var.value.dtype)
+
+    if fuse:
+        for name, paths in _FUSED.items():
+            kernels = [variables[(a, b, "kernel")] for a, b in paths]
+            d = kernels[0].value.shape[1]
+            for i in range(n):
+                fused[i][name] = conv(jnp.concatenate([k.value[i].reshape(d, -1) for k in kernels], axis=-1), 1)
+            biases = [variables.get((a, b, "bias")) for a, b in paths]
+            if biases[0] is not None and biases[0].value is not None:
+                for i in range(n):
+                    fused[i][name + "_bias"] = jnp.concatenate([b.value[i].reshape(-1) for b in biases])
+            for a, b in paths:
+                for key in ("kernel", "bias"):
+                    if (a, b, key) in variables and variables[(a, b, key)].value is not None:
+                        release((a, b, key))
+    for path, var in variables.items():
+        if path in pieces or var.value is None:
+            continue
+        inputs = n_in.get(path[:-1]) if path[-1] == "kernel" else None
+        pieces[path] = [conv(var.value[i], inputs) if inputs else var.value[i] for i in range(n)]
+        var.value = jnp.zeros((0,), var.value.dtype)
+    state = nnx.state(llm.layers)
+
+    def layer(i):
+        def leaf(p, x):
+            keys = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in p)
+            return pieces[keys[:-1] if keys[-1] == "value" else keys][i]
+
+        return jax.tree_util.tree_map_with_path(leaf, state)
+
+    return tuple((layer(i), fused[i] if fuse else None) for i in range(n))
