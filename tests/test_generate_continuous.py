@@ -55,6 +55,7 @@ def test_greedy_equals_static_with_images_eos_limits_and_cache_growth():
     assert [o.finish_reason for o in out] == [o.finish_reason for o in static]
     assert {o.finish_reason for o in out} == {"eos", "length"} and len({len(o.tokens) for o in out}) >= 4
     assert st["slot_steps"] == 3 * st["decode_steps"] and st["prefill_calls"] > 3
+    assert st["cache_len"] == 64  # started at 32 (prompt bucket 16 + 10 new), grown for the 30-token prompt
 
 
 def test_seeded_sampling_equals_static_and_fewer_finished_slot_steps():
@@ -87,10 +88,16 @@ def test_dataset_with_slots_writes_what_static_batches_write(tmp_path, smol_tok)
     data, imgs = _write_dataset(tmp_path)
     reqs = llava_requests(data, imgs)
     cfg = GenerationConfig(max_new_tokens=6, sampling=SamplingConfig(temperature=1.0), seed=1)
-    stats = generate_dataset(model, smol_tok, reqs, tmp_path / "static.jsonl", cfg, batch_size=3, progress=False)
+    before, after = {}, {}
+    stats = generate_dataset(model, smol_tok, reqs, tmp_path / "static.jsonl", cfg, batch_size=3, progress=False,
+                             stats=before)
     cont = tmp_path / "cont.jsonl"
     assert generate_dataset(model, smol_tok, reqs, cont, dataclasses.replace(cfg, slots=2),
-                            progress=False) == stats
+                            progress=False, stats=after) == stats
+    # 3 static batches of 3 rows (the last padded): 5 decode steps each
+    assert before == {"slot_steps": 45, "finished_slot_steps": before["finished_slot_steps"],
+                      "finished_fraction": before["finished_slot_steps"] / 45}
+    assert after["slots"] == 2 and after["slot_steps"] == 2 * after["decode_steps"]
     ref, got = read_jsonl(tmp_path / "static.jsonl"), read_jsonl(cont)
     assert got == ref and "error" in got["broken"]
     assert len(cont.read_text().splitlines()) == len(ref)  # every id once

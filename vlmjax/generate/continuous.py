@@ -271,8 +271,9 @@ def iter_generate(model, prompts: Iterable[Prompt], config: GenerationConfig = G
             n_decode += 1
     if stats is not None:
         steps, idle = (0, 0) if s is None else map(int, jax.device_get((s.steps, s.idle)))
+        cache_len = 0 if s is None else (s.cache.k[0] if isinstance(s.cache.k, tuple) else s.cache.k).shape[-2]
         stats.update(slot_stats(n_slots * steps, idle, slots=n_slots, decode_steps=steps, prefill_calls=n_admit,
-                                decode_calls=n_decode))
+                                decode_calls=n_decode, cache_len=cache_len))
 
 
 def generate_continuous(model, prompts: Iterable[Prompt], config: GenerationConfig = GenerationConfig(),

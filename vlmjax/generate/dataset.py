@@ -119,7 +119,7 @@ def generate_dataset(
                             mesh=mesh, stats=batch_stats)
             if stats is not None:
                 total = {k: stats.get(k, 0) + batch_stats[k] for k in ("slot_steps", "finished_slot_steps")}
-                stats.update(slot_stats(**total))
+                stats.update(slot_stats(total["slot_steps"], total["finished_slot_steps"]))
             out.write(_output(r, g) for r, g in zip(batch, gens))
     return {"written": len(todo), "skipped_done": skipped}
 
