@@ -329,14 +329,11 @@ def main(argv=None) -> int:
     print(f"jax {jax.__version__} {jax.default_backend()} ({jax.device_count()} device); cases {args.cases}",
           flush=True)
     t0 = time.time()
-    if "recaption" in args.cases:
-        recaption(args)
-    if {"decode_b8", "decode_b1_roofline"} & set(args.cases):
-        decode_cases(args, args.cases)
-    if "weights" in args.cases:
-        weights_quality(args)
-    if "memory" in args.cases:
-        memory(args)
+    run = {"recaption": recaption, "weights": weights_quality, "memory": memory,
+           "decode_b8": lambda a: decode_cases(a, ["decode_b8"]),
+           "decode_b1_roofline": lambda a: decode_cases(a, ["decode_b1_roofline"])}
+    for case in dict.fromkeys(args.cases):  # in the order given
+        run[case](args)
     print(f"total {time.time() - t0:.0f} s")
     return 0
 
