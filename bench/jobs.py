@@ -207,6 +207,7 @@ def weights_quality(args) -> None:
     """Greedy agreement with float32 and perplexity change, per format (the LLM's own forward, text only)."""
     import jax
     import jax.numpy as jnp
+    from flax import nnx
 
     from vlmjax.convert.gguf import load_gguf, load_gguf_tokenizer, smollm2_gguf_path
     from vlmjax.demo import chat_ids
@@ -229,16 +230,17 @@ def weights_quality(args) -> None:
         for i, s in enumerate(seqs):
             ids[i, : len(s)] = s
         ls = engine._layer_states(model, True, fmt)
+        graphdef, state = nnx.split(model)
 
         @jax.jit
-        def f(layer_states, ids):
-            x = model.embed(ids)
+        def f(state, layer_states, ids):  # weights as arguments: closed-over constants get folded (slow compile)
+            m = nnx.merge(graphdef, state)
             pos = jnp.broadcast_to(jnp.arange(t), ids.shape)
-            h, _ = model.hidden_states_cached(x, pos, model.init_cache(*ids.shape), jnp.zeros(len(ids), jnp.int32),
-                                              prefill=True, layer_states=engine.dequantized(layer_states))
-            return jax.nn.log_softmax(model.logits(h).astype(jnp.float32), axis=-1)
+            h, _ = m.hidden_states_cached(m.embed(ids), pos, m.init_cache(*ids.shape), jnp.zeros(len(ids), jnp.int32),
+                                          prefill=True, layer_states=engine.dequantized(layer_states))
+            return jax.nn.log_softmax(m.logits(h).astype(jnp.float32), axis=-1)
 
-        return np.asarray(f(ls, jnp.asarray(ids))), ids
+        return np.asarray(f(state, ls, jnp.asarray(ids))), ids
 
     seqs = [p + r.tokens for p, r in zip(prompts, ref)]
     texts = [tok(t)["input_ids"] for t in held_out]
