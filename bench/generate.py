@@ -26,10 +26,10 @@ import time
 import numpy as np
 
 
-def ours_timings(model, prompts, new: int) -> tuple[float, float]:
+def ours_timings(model, prompts, new: int, weights: str = "float32") -> tuple[float, float]:
     from vlmjax.generate import GenerationConfig, generate
 
-    cfg = GenerationConfig(max_new_tokens=new, chunk_steps=new, pad_to=64)
+    cfg = GenerationConfig(max_new_tokens=new, chunk_steps=new, pad_to=64, weights=weights)
     marks = []
     t0 = time.perf_counter()
     out = generate(model, prompts, cfg, on_chunk=lambda step: marks.append(time.perf_counter()))

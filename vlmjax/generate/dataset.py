@@ -16,7 +16,7 @@ import os
 import zlib
 from typing import Callable, Iterator, Sequence
 
-from vlmjax.generate.engine import GenerationConfig, generate
+from vlmjax.generate.engine import GenerationConfig, generate, slot_stats
 from vlmjax.generate.jsonl import ResumableJsonl
 from vlmjax.generate.requests import Encoder, Request, collate_images, image_pos_of, image_slots
 from vlmjax.generate.shards import all_ok, barrier, host_shard, is_process_sharded, merge_shards, shard_path, take_shard
@@ -153,6 +153,7 @@ def generate_dataset(
     shard_count: int | None = None,
     retry_errors: bool = False,
     progress: bool = True,
+    stats: dict | None = None,
 ) -> dict:
     """Generate for every request of this host's shard not yet in its output (JSONL, one record per key).
 
@@ -163,26 +164,54 @@ def generate_dataset(
     `shard_path(out_path, ...)`; when the shards are this job's processes, process 0 merges them into `out_path`
     (`shards.merge_shards`, coverage checked). mesh: this host's devices. Returns counts (`shard_work`) plus
     "out" (this host's file) and "merged" (`out_path`, or None until a caller merges separate jobs' shards).
+    config.slots > 0: continuous batching over that many slots (`generate.continuous`) instead of batches of
+    batch_size, each record written as soon as its sample finishes. stats: a dict filled with the engine's decode
+    slot-step counts (`engine.slot_stats`).
     """
     encoder = encoder or Encoder(tokenizer, model.cfg)
     i, n = host_shard(shard_index, shard_count)
     check_local_mesh(mesh, n)
     path = shard_path(out_path, i, n)
     with ResumableJsonl(path, retry_errors=retry_errors) as out:
-        keys, todo, stats = shard_work(requests, out, i, n)
-        for batch, enc, failed in iter_batches(todo, batch_size, lambda kr: encoder.prompt(kr[1]), desc="generate",
-                                               progress=progress):
+        keys, todo, counts = shard_work(requests, out, i, n)
+
+        def write_failed(failed):
             out.write(error_records(failed))
-            stats["failed"] += len(failed)
+            counts["failed"] += len(failed)
+
+        def encode(kr):
+            return encoder.prompt(kr[1])
+
+        if config.slots:
+            from vlmjax.generate.continuous import generate_requests
+
+            batches = iter_batches(todo, config.slots, encode, desc="generate", progress=progress)
+            for (k, r), g in generate_requests(model, batches, config, seed_of=lambda kr: row_seed(kr[0]),
+                                               tokenizer=tokenizer, mesh=mesh, on_failed=write_failed, stats=stats):
+                out.write([_output(k, r, g)])
+                counts["written"] += 1
+        batch_stats: dict = {}
+        for batch, enc, failed in ([] if config.slots else
+                                   iter_batches(todo, batch_size, encode, desc="generate", progress=progress)):
+            write_failed(failed)
             if not batch:
                 continue
             px, rows = collate_images([e.pixels for e in enc], slots=image_slots(batch_size, enc))
             gens = generate(model, [e.ids for e in enc], config, pixel_values=px, image_rows=rows,
                             image_pos=image_pos_of(enc), tokenizer=tokenizer,
-                            row_seeds=[row_seed(k) for k, _ in batch], batch_size=batch_size, mesh=mesh)
-            out.write({**record_head(k, r), "prompt": r.prompt_messages()[-1]["content"], "output": g.text,
-                       "finish_reason": g.finish_reason, "num_tokens": len(g.tokens)} for (k, r), g in zip(batch, gens))
-            stats["written"] += len(batch)
+                            row_seeds=[row_seed(k) for k, _ in batch], batch_size=batch_size, mesh=mesh,
+                            stats=batch_stats)
+            if stats is not None:
+                total = {x: stats.get(x, 0) + batch_stats[x] for x in ("slot_steps", "finished_slot_steps")}
+                stats.update(slot_stats(total["slot_steps"], total["finished_slot_steps"]))
+            out.write(_output(k, r, g) for (k, r), g in zip(batch, gens))
+            counts["written"] += len(batch)
     merged = merge_hosts(os.fspath(out_path), keys, i, n,
                          lambda p, ks: merge_shards([shard_path(p, j, n) for j in range(n)], p, ids=ks))
-    return {**stats, "out": path, "merged": merged}
+    return {**counts, "out": path, "merged": merged}
+
+
+def _output(k: str, r: Request, g) -> dict:
+    return {**record_head(k, r), "prompt": r.prompt_messages()[-1]["content"], "output": g.text,
+            "finish_reason": g.finish_reason, "num_tokens": len(g.tokens)}
+

@@ -32,7 +32,9 @@ import numpy as np
 from flax import nnx
 
 from vlmjax import sharding
+from vlmjax.generate.quant import FORMATS, convert_layer_states, dequantized, kernel_inputs, split_in_place
 from vlmjax.generate.sampling import SamplingConfig, row_keys, sample
+from vlmjax.models.config import to_dtype
 from vlmjax.models.llm import KVCache, stack_cache, unstack_cache
 
 RUNNING, EOS, STOP, LENGTH = 0, 1, 2, 3
@@ -56,6 +58,18 @@ class GenerationConfig:
     # with unroll_decode on one device: q|k|v and gate|up as one matmul each over concatenated kernels (fewer,
     # larger weight streams); not with LoRA adapters on them or with weights spread over several devices
     fuse_projections: bool = True
+    # decoder projection kernels as held for generation: float32 | bfloat16 | int8 (weight-only, per-channel
+    # scales; see generate/quant.py). Needs unroll_decode (the engine's per-layer copy is what gets converted)
+    weights: str = "float32"
+    # generate_dataset: continuous batching over this many slots (finished rows refilled with the next request,
+    # see generate/continuous.py) instead of static batches of batch_size; 0 = static batches
+    slots: int = 0
+
+    def __post_init__(self):
+        if self.weights not in FORMATS:
+            raise ValueError(f"GenerationConfig.weights={self.weights!r}: expected one of {FORMATS}")
+        if self.weights != "float32" and not self.unroll_decode:
+            raise ValueError(f"GenerationConfig.weights={self.weights!r} needs unroll_decode=True")
 
 
 @dataclasses.dataclass
@@ -75,6 +89,7 @@ class _Loop(NamedTuple):
     finish: jax.Array  # (B,) RUNNING / EOS / STOP / LENGTH
     step: jax.Array  # () tokens sampled so far
     keys: jax.Array  # (B,) per-row PRNG keys
+    idle: jax.Array  # () decode slot-steps spent on rows already done (padding rows included)
 
 
 def llm_of(model):
@@ -110,11 +125,12 @@ def _record(loop: _Loop, tok_b, eos_ids) -> _Loop:
 
 
 def _no_early_eos(logits_bv, eos_ids, step, min_new: int):
-    """Mask the EOS ids while fewer than `min_new` tokens have been generated."""
+    """Mask the EOS ids while fewer than `min_new` tokens have been generated (step: () or per row (B,))."""
     if not min_new or not eos_ids.size:
         return logits_bv
     is_eos_v = jnp.isin(jnp.arange(logits_bv.shape[-1]), eos_ids)
-    return jnp.where(is_eos_v & (step < min_new), jnp.finfo(logits_bv.dtype).min, logits_bv)
+    early = (jnp.asarray(step) < min_new)[..., None]
+    return jnp.where(is_eos_v & early, jnp.finfo(logits_bv.dtype).min, logits_bv)
 
 
 def _prefill(graphdef, state, ids_bp, lens_b, pixel_values, image_rows, row_seeds_b, done0_b, eos_ids, base_key,
@@ -122,6 +138,7 @@ def _prefill(graphdef, state, ids_bp, lens_b, pixel_values, image_rows, row_seed
              min_new: int = 0):
     model = nnx.merge(graphdef, state)
     llm = llm_of(model)
+    layer_states = dequantized(layer_states, to_dtype(llm.cfg.dtype))
     b, p = ids_bp.shape
     x_bpd = embed_inputs(model, ids_bp, pixel_values, image_rows, image_pos)
     cache = llm.init_cache(b, cache_len)
@@ -133,7 +150,7 @@ def _prefill(graphdef, state, ids_bp, lens_b, pixel_values, image_rows, row_seed
     keys = row_keys(base_key, row_seeds_b)
     tok_b = sample(logits_bv, sampling, keys, 0)
     loop = _Loop(cache, jnp.zeros((b, max_new), jnp.int32), tok_b, lens_b, jnp.zeros((b,), jnp.int32), done0_b,
-                 jnp.zeros((b,), jnp.int32), jnp.zeros((), jnp.int32), keys)
+                 jnp.zeros((b,), jnp.int32), jnp.zeros((), jnp.int32), keys, jnp.zeros((), jnp.int32))
     return _record(loop, tok_b, eos_ids)
 
 
@@ -141,6 +158,7 @@ def _decode(graphdef, state, loop: _Loop, end_step, eos_ids, layer_states=None, 
             unroll: bool, min_new: int = 0):
     model = nnx.merge(graphdef, state)
     llm = llm_of(model)
+    layer_states = dequantized(layer_states, to_dtype(llm.cfg.dtype))
 
     def cond(lp: _Loop):
         return (lp.step < end_step) & ~jnp.all(lp.done)
@@ -150,7 +168,8 @@ def _decode(graphdef, state, loop: _Loop, end_step, eos_ids, layer_states=None, 
         h_b1d, cache = llm.hidden_states_cached(x_b1d, lp.pos[:, None], lp.cache, lp.pos, unroll=unroll,
                                                 layer_states=layer_states)
         tok_b = sample(_no_early_eos(llm.logits(h_b1d)[:, 0], eos_ids, lp.step, min_new), sampling, lp.keys, lp.step)
-        return _record(lp._replace(cache=cache, pos=lp.pos + 1), tok_b, eos_ids)
+        idle = lp.idle + jnp.sum(lp.done, dtype=jnp.int32)
+        return _record(lp._replace(cache=cache, pos=lp.pos + 1, idle=idle), tok_b, eos_ids)
 
     if not unroll:
         return jax.lax.while_loop(cond, body, loop)
@@ -160,27 +179,58 @@ def _decode(graphdef, state, loop: _Loop, end_step, eos_ids, layer_states=None, 
     return out._replace(cache=stack_cache(out.cache))
 
 
-_SPLIT: list = []  # at most one (weakrefs to the stacked layer weights, fuse asked, per-layer copies, token)
+_SPLIT: list = []  # at most one (weakrefs to the stacked layer weights, (fuse, format) asked, per-layer copies, token)
+_OWNED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # llm -> ((fuse, format), per-layer weights)
 
 
-def _layer_states(llm, fuse: bool):
-    """`llm.split_layers(fuse)`, reused while the same weight arrays are alive (a dataset run calls `generate` per
-    batch; splitting copies every weight). Dropped as soon as any of those arrays is freed (e.g. donated by a
-    train step), so a stale copy is not held."""
+def _split(llm, fuse: bool, weights: str):
+    leaves = jax.tree.leaves(nnx.state(llm.layers))
+    single = all(len(x.sharding.device_set) == 1 for x in leaves)  # else a concatenation would reshard
+    return convert_layer_states(llm.split_layers(fuse=fuse and single), weights, kernel_inputs(llm.layers))
+
+
+def _layer_states(llm, fuse: bool, weights: str = "float32"):
+    """`llm.split_layers(fuse)` (kernels converted to `weights`), reused while the same weight arrays are alive (a
+    dataset run calls `generate` per batch; splitting copies every weight). Dropped as soon as any of those arrays
+    is freed (e.g. donated by a train step), so a stale copy is not held. After `own_weights` the engine's copy is
+    the only one and is used as is."""
+    if llm in _OWNED:
+        asked, split = _OWNED[llm]
+        if asked != (fuse, weights):
+            raise ValueError(f"the model's weights were handed to the engine as (fuse_projections, weights)={asked}; "
+                             f"this call asks for {(fuse, weights)}")
+        return split
     leaves = jax.tree.leaves(nnx.state(llm.layers))
     if _SPLIT:
         refs, asked, split, _ = _SPLIT[0]
-        if asked == fuse and len(refs) == len(leaves) and all(r() is x for r, x in zip(refs, leaves)):
+        if asked == (fuse, weights) and len(refs) == len(leaves) and all(r() is x for r, x in zip(refs, leaves)):
             return split
-    single = all(len(x.sharding.device_set) == 1 for x in leaves)  # else a concatenation would reshard
-    split, token = llm.split_layers(fuse=fuse and single), object()
+    split, token = _split(llm, fuse, weights), object()
 
     def drop(_):
         if _SPLIT and _SPLIT[0][3] is token:
             _SPLIT.clear()
 
-    _SPLIT[:] = [([weakref.ref(x, drop) for x in leaves], fuse, split, token)]
+    _SPLIT[:] = [([weakref.ref(x, drop) for x in leaves], (fuse, weights), split, token)]
     return split
+
+
+def own_weights(model, config: GenerationConfig = GenerationConfig()) -> None:
+    """Hand the decoder's weights to the engine for a generation-only process: split per layer (fused /
+    converted as `config` asks) and the model's stacked layer arrays replaced by empty ones, so one copy of the
+    weights is held instead of two (the per-layer copy the unrolled decode reads, plus the stacked original).
+    One-way: afterwards the model can only `generate` with the same fuse_projections / weights settings."""
+    if not config.unroll_decode:
+        raise ValueError("own_weights serves the unrolled decode (GenerationConfig.unroll_decode=True)")
+    llm = llm_of(model)
+    if llm in _OWNED:
+        return
+    _SPLIT.clear()  # a cached split of these arrays would be a second copy
+    leaves = jax.tree.leaves(nnx.state(llm.layers))
+    single = all(len(x.sharding.device_set) == 1 for x in leaves)
+    del leaves
+    split = split_in_place(llm, config.fuse_projections and single, config.weights)
+    _OWNED[llm] = ((config.fuse_projections, config.weights), split)
 
 
 @functools.lru_cache(maxsize=None)
@@ -217,6 +267,7 @@ def generate(
     batch_size: int | None = None,
     mesh=None,
     on_chunk: Callable[[int], None] | None = None,
+    stats: dict | None = None,
 ) -> list[Generation]:
     """Continue every prompt (lists of ids, image placeholders already expanded) in one batch.
 
@@ -225,6 +276,7 @@ def generate(
     tokenizer: needed for stop strings; when given, `Generation.text` is filled. row_seeds: per-prompt sampling
     streams (default: the prompt index). batch_size: pad the batch to this many rows (stable shapes for the last
     batch of a dataset; padding rows cost compute but never run the loop longer). on_chunk(step) after each chunk.
+    stats: a dict to fill with `slot_stats` (decode slot-steps, and how many went to rows already done).
     """
     cfg = config
     if cfg.stop_strings and tokenizer is None:
@@ -273,7 +325,8 @@ def generate(
     stopped: dict[int, tuple[int, str]] = {}
     with ctx:
         # per-layer weights for the unrolled decode (and prefill), split once per call (see LLM.split_layers)
-        layer_states = _layer_states(llm_of(model), cfg.fuse_projections) if cfg.unroll_decode else None
+        layer_states = (_layer_states(llm_of(model), cfg.fuse_projections, cfg.weights)
+                        if cfg.unroll_decode else None)
         loop = prefill(graphdef, state, put(ids), put(lens_b), put(pixel_values), put(image_rows), put(seeds),
                        put(done0), eos_ids, jax.random.key(cfg.seed), put(image_pos), layer_states, sampling=cfg.sampling, max_new=cfg.max_new_tokens, min_new=cfg.min_new_tokens,
                        cache_len=-(-(p + cfg.max_new_tokens) // cfg.cache_bucket) * cfg.cache_bucket)
@@ -289,7 +342,10 @@ def generate(
             loop = decode(graphdef, state, loop, jnp.int32(min(step + chunk, cfg.max_new_tokens)), eos_ids,
                           layer_states, sampling=cfg.sampling, unroll=cfg.unroll_decode, min_new=cfg.min_new_tokens)
             step = int(loop.step)
-    tokens, lengths, finish = jax.device_get((loop.tokens, loop.lengths, loop.finish))
+    tokens, lengths, finish, idle, step = jax.device_get((loop.tokens, loop.lengths, loop.finish, loop.idle,
+                                                         loop.step))
+    if stats is not None:
+        stats.update(slot_stats(b * (int(step) - 1), int(idle)))
     out = []
     for r in range(n):
         if r in stopped:
@@ -301,6 +357,13 @@ def generate(
         text = tokenizer.decode(toks, skip_special_tokens=True) if tokenizer is not None else None
         out.append(Generation(toks, reason, text))
     return out
+
+
+def slot_stats(slot_steps: int, finished: int, **extra) -> dict:
+    """Decode slot-steps (rows x decode steps) and the fraction spent on rows already done: the waste continuous
+    batching removes."""
+    return {"slot_steps": slot_steps, "finished_slot_steps": finished,
+            "finished_fraction": finished / slot_steps if slot_steps else 0.0, **extra}
 
 
 def _host_stops(loop: _Loop, tokenizer, stops, stopped: dict, n: int, put):

@@ -49,7 +49,7 @@ def row_keys(base_key: jax.Array, row_seeds_b: jax.Array) -> jax.Array:
 
 
 def sample(logits_bv: jax.Array, cfg: SamplingConfig, keys_b: jax.Array, step) -> jax.Array:
-    """(B, V) logits -> (B,) int32 tokens."""
+    """(B, V) logits -> (B,) int32 tokens. step: () or (B,) (each row's own count, continuous batching)."""
     logits_bv = logits_bv.astype(jnp.float32)
     if cfg.greedy:
         return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
@@ -59,7 +59,7 @@ def sample(logits_bv: jax.Array, cfg: SamplingConfig, keys_b: jax.Array, step) -
         logits_bv, idx_bk = jax.lax.top_k(logits_bv, cfg.top_k)
     if cfg.top_p < 1.0:
         logits_bv = _top_p_mask(logits_bv, cfg.top_p)
-    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys_b)
+    step_keys = jax.vmap(jax.random.fold_in)(keys_b, jnp.broadcast_to(jnp.asarray(step, jnp.int32), keys_b.shape))
     choice_b = jax.vmap(jax.random.categorical)(step_keys, logits_bv).astype(jnp.int32)
     if idx_bk is not None:
         choice_b = jnp.take_along_axis(idx_bk, choice_b[:, None], axis=-1)[:, 0].astype(jnp.int32)
