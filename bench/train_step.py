@@ -166,7 +166,6 @@ def vlmjax_case(model, cfg_base, batch_np: dict, *, objective: str, steps: int, 
 
     from vlmjax import sharding as shd
     from vlmjax.train import optim as opt_lib
-    from vlmjax.train.loop import _place, _stack
     from vlmjax.train.step import jit_train_step
 
     config = cfg_base()
@@ -195,7 +194,7 @@ def vlmjax_case(model, cfg_base, batch_np: dict, *, objective: str, steps: int, 
     tx, _ = opt_lib.make_optimizer(config.optim, trainable, config.train.steps)
     opt_state = opt_lib.init_state(tx, trainable, mesh)  # as loop.py: moments sharded like their params
     step_fn = jit_train_step(graphdef, tx, config, trainable, opt_state)
-    batch = _place(_stack([batch_np]), mesh)
+    batch = shd.place_batch(shd.stack_batches([batch_np]), mesh)
     key = jax.random.key(0)
     n_trainable = sum(int(x.size) for x in jax.tree.leaves(trainable))
 

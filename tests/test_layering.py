@@ -101,3 +101,13 @@ def _is_module(module: str) -> bool:
 
 def _is_package(module: str) -> bool:
     return (ROOT.parent / module.replace(".", "/") / "__init__.py").exists()
+
+
+def test_benches_use_public_names_only():
+    """A bench measures the library as users call it: no private (_name) imports from vlmjax."""
+    bad = []
+    for path in (ROOT.parent / "bench").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("vlmjax"):
+                bad += [f"{path.name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    assert not bad, "private imports in bench/:\n" + "\n".join(bad)

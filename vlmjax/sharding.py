@@ -134,3 +134,33 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
 def batch_sharding(mesh: Mesh, shape: Sequence[int], rules: Rules = DEFAULT_RULES) -> NamedSharding:
     """Sharding for a batch array: leading axis over the batch mesh axes (replicated if they do not divide it)."""
     return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (len(shape) - 1), rules, mesh, shape))
+
+
+def stack_batches(batches: list[dict]) -> dict:
+    """k host batches -> one dict of (k, ...) arrays (the micro-batches a gradient-accumulation step scans)."""
+    return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+
+
+def place_batch(batch: dict, mesh: Mesh, rules: Sequence[tuple[str, object]] = DEFAULT_RULES, *,
+                stacked: bool = True) -> dict:
+    """This host's batch (or k stacked micro-batches) -> global arrays, rows laid out by the logical `batch` axis
+    under `rules` (the training config's sharding_rules).
+
+    Multi-host: each host holds its own rows and its own image stack; the global batch is the hosts' rows in
+    process order, so each host's `image_rows` are offset by the rows before it (the model's splice does not
+    care where padding slots sit)."""
+    lead = (None,) if stacked else ()
+    nproc, out = jax.process_count(), {}
+    rows_local = batch["input_ids"].shape[len(lead)]
+    for k, v in batch.items():
+        if k == "image_rows" and nproc > 1:
+            v = np.where(v >= 0, v + jax.process_index() * rows_local, v)
+        names = lead + ("batch",) + (None,) * (v.ndim - len(lead) - 1)
+        global_shape = list(v.shape)
+        global_shape[len(lead)] *= nproc
+        spec = logical_to_spec(names, rules, mesh, global_shape)
+        if nproc > 1 and spec[len(lead)] is None:
+            raise ValueError(f"batch key {k!r}: dim {v.shape[len(lead)]} per host cannot be split over the batch mesh "
+                             "axes; make batch_size and max_images multiples of the local device count")
+        out[k] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), v, tuple(global_shape))
+    return out

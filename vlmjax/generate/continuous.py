@@ -28,11 +28,12 @@ from flax import nnx
 
 from vlmjax import sharding
 from vlmjax.generate.engine import (EOS, FINISH_NAMES, LENGTH, RUNNING, STOP, Generation, GenerationConfig, _find_stop,
-                                    _layer_states, _no_early_eos, embed_inputs, llm_of, slot_stats)
+                                    _layer_states, _no_early_eos, slot_stats)
 from vlmjax.generate.quant import dequantized
 from vlmjax.generate.sampling import SamplingConfig, row_keys, sample
 from vlmjax.models.config import to_dtype
 from vlmjax.models.llm import KVCache
+from vlmjax.models.vlm import embed_inputs, llm_of
 
 
 class Prompt(NamedTuple):

@@ -36,6 +36,7 @@ from vlmjax.generate.quant import FORMATS, convert_layer_states, dequantized, ke
 from vlmjax.generate.sampling import SamplingConfig, row_keys, sample
 from vlmjax.models.config import to_dtype
 from vlmjax.models.llm import KVCache, stack_cache, unstack_cache
+from vlmjax.models.vlm import embed_inputs, llm_of
 
 RUNNING, EOS, STOP, LENGTH = 0, 1, 2, 3
 FINISH_NAMES = {EOS: "eos", STOP: "stop", LENGTH: "length"}
@@ -90,17 +91,6 @@ class _Loop(NamedTuple):
     step: jax.Array  # () tokens sampled so far
     keys: jax.Array  # (B,) per-row PRNG keys
     idle: jax.Array  # () decode slot-steps spent on rows already done (padding rows included)
-
-
-def llm_of(model):
-    """The decoder of a VLM, or the model itself for a text-only LLM."""
-    return model.llm if hasattr(model, "llm") else model
-
-
-def embed_inputs(model, ids_bt, pixel_values=None, image_rows=None, image_pos=None):
-    if hasattr(model, "llm"):
-        return model.embed(ids_bt, pixel_values, image_rows, image_pos)
-    return model.embed(ids_bt)
 
 
 def unpad_left(ids_bs, mask_bs) -> list[list[int]]:

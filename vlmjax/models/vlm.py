@@ -175,3 +175,15 @@ class VLM(nnx.Module):
         h_btd = self.hidden_states(input_ids_bt, pixel_values, image_rows, positions_bt, segment_ids_bt,
                                    prefix_mask_bt, image_pos)
         return self.llm.logits(h_btd)
+
+
+def llm_of(model):
+    """The decoder of a VLM, or the model itself for a text-only LLM (generation, scoring and capture take both)."""
+    return model.llm if hasattr(model, "llm") else model
+
+
+def embed_inputs(model, ids_bt, pixel_values=None, image_rows=None, image_pos=None):
+    """Input embeddings of a VLM (image features spliced in) or of a text-only LLM."""
+    if hasattr(model, "llm"):
+        return model.embed(ids_bt, pixel_values, image_rows, image_pos)
+    return model.embed(ids_bt)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vlmjax.generate.engine import embed_inputs, llm_of
+from vlmjax.models.vlm import embed_inputs, llm_of
 from vlmjax.scoring.loglik import on_mesh
 
 PARTS = ("attn", "mlp", "resid")

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from vlmjax import sharding
-from vlmjax.generate.engine import embed_inputs, llm_of
+from vlmjax.models.vlm import embed_inputs, llm_of
 
 
 @contextlib.contextmanager

@@ -43,33 +43,6 @@ def flops_per_token(cfg, seq_len: int) -> float:
     return 6.0 * dense + attn
 
 
-def _stack(batches: list[dict]) -> dict:
-    return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
-
-
-def _place(batch: dict, mesh, stacked: bool = True) -> dict:
-    """This host's batch (or k stacked micro-batches) -> global arrays, rows sharded over the batch mesh axes.
-
-    Multi-host: each host holds its own rows and its own image stack; the global batch is the hosts' rows in
-    process order, so each host's `image_rows` are offset by the rows before it (the model's splice does not
-    care where padding slots sit)."""
-    lead = (None,) if stacked else ()
-    nproc, out = jax.process_count(), {}
-    rows_local = batch["input_ids"].shape[len(lead)]
-    for k, v in batch.items():
-        if k == "image_rows" and nproc > 1:
-            v = np.where(v >= 0, v + jax.process_index() * rows_local, v)
-        names = lead + ("batch",) + (None,) * (v.ndim - len(lead) - 1)
-        global_shape = list(v.shape)
-        global_shape[len(lead)] *= nproc
-        spec = shd.logical_to_spec(names, shd.DEFAULT_RULES, mesh, global_shape)
-        if nproc > 1 and spec[len(lead)] is None:
-            raise ValueError(f"batch key {k!r}: dim {v.shape[len(lead)]} per host cannot be split over the batch mesh "
-                             "axes; make batch_size and max_images multiples of the local device count")
-        out[k] = jax.make_array_from_process_local_data(jax.sharding.NamedSharding(mesh, spec), v, tuple(global_shape))
-    return out
-
-
 def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
     """Run (or resume) the training that `config` describes; returns a summary with the loss history and the
     stage's accounting (samples, non-padding tokens, wall-clock, skipped samples by reason, why it ended).
@@ -154,7 +127,7 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
                 end = "data"
                 break
             progress["tokens"] += int(sum((b["segment_ids"] > 0).sum() for b in micro))
-            batch = _place(_stack(_pad_accum(micro, tc.grad_accum)), mesh)
+            batch = shd.place_batch(shd.stack_batches(_pad_accum(micro, tc.grad_accum)), mesh, rules)
             key, sub = jax.random.split(key)
             with shd.use_mesh(mesh, rules):
                 trainable, opt_state, metrics = step_fn(trainable, rest, opt_state, batch, sub, ref_params)
@@ -192,7 +165,7 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
             if streak == 0 and _save(ckpt, step + 1, state, it, progress, force=step + 1 == steps):
                 last_saved = step + 1
             if eval_fn is not None and (step + 1) % tc.eval_every == 0:
-                em = [jax.device_get(eval_fn(trainable, rest, _place(next(eval_it), mesh, stacked=False), ref_params))
+                em = [jax.device_get(eval_fn(trainable, rest, shd.place_batch(next(eval_it), mesh, rules, stacked=False), ref_params))
                       for _ in range(tc.get("eval_batches", 1))]
                 writer.write(step + 1, {k: float(np.mean([e[k] for e in em])) for k in em[0]}, prefix="eval/")
         else:
