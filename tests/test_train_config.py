@@ -85,14 +85,18 @@ def test_cli_bad_enum_fails_before_building(tmp_path):
 
 
 def test_cli_sources_override_trains(tmp_path):
+    """The README's training command, verbatim, from a folder holding its data (and the repo's configs)."""
+    import shlex
+
+    text = (REPO / "README.md").read_text().replace("\\\n", " ")
+    (line,) = [x.strip() for x in text.splitlines() if x.strip().startswith("python -m vlmjax.train --config configs/tiny_sft.py")]
     data = write_dataset(tmp_path / "data")
-    cfg = write_config_file(tmp_path / "cfg.py", data, "    c.data.text = dict(template='chatml')\n")
-    out = _cli([f"--config={cfg}", f"--workdir={tmp_path / 'w'}", "--config.train.steps=2",
-                f"--config.data.sources=(dict(format='llava', path='{data['sft']}', image_root='{data['images']}'),)",
-                "--config.optim.warmup_steps", "0", "--config.data.num_epochs=1", "--config.data.text.loss_on=all"])
+    (tmp_path / "configs").symlink_to(REPO / "configs")
+    out = subprocess.run([sys.executable] + shlex.split(line)[1:], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout.split("SUMMARY ", 1)[1])
     assert len(summary["history"]) == 2 and summary["end"] == "steps"
-    saved = json.loads((tmp_path / "w" / "config.json").read_text())
-    assert saved["data"]["sources"][0]["path"] == data["sft"] and saved["data"]["text"]["loss_on"] == "all"
+    saved = json.loads((tmp_path / "runs" / "x" / "config.json").read_text())
+    assert saved["data"]["sources"][0]["path"] == "data/sft.json" and data["sft"].endswith("data/sft.json")
     assert saved["optim"]["warmup_steps"] == 0 and saved["data"]["num_epochs"] == 1
