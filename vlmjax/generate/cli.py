@@ -11,44 +11,26 @@ import argparse
 import os
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _checked(cast, ok, expected: str, must: str):
+    """An argparse `type=`: `cast(text)` that must satisfy `ok`; the error quotes the cast value for ints and the
+    text as given for floats (as each parser always has)."""
+
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not ok(value):  # `not v >= 0` also rejects nan
+            raise argparse.ArgumentTypeError(f"must be {must}, got {value if cast is int else text}")
+        return value
+
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not value >= 0:  # also rejects nan
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
+positive_int = _checked(int, lambda v: v >= 1, "a positive integer", ">= 1")
+non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0", ">= 0")
+non_negative_float = _checked(float, lambda v: v >= 0, "a number >= 0", ">= 0")
+probability = _checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]", "in (0, 1]")
 
 
 def mesh_sizes(text: str) -> tuple[int, int, int]:
