@@ -13,7 +13,10 @@ step counts are scaled from the paper's (1e-7 LoRA / 2e-5 projector over 750 ste
 and ~50 steps; the structure (what trains, which loss, which reference) is the paper's.
 """
 
+from vlmjax.train.config_io import sibling_config
 from vlmjax.train.defaults import LLAMA_LINEAR, base
+
+_base = sibling_config(__file__, "../mini/base.py")
 
 STAGES = ("align", "sft", "stage1", "stage2")
 ROOT = "runs/stic_mini"
@@ -21,13 +24,9 @@ VOCAB = 1024
 
 
 def model_dict():
-    return dict(
-        llm=dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=320, num_layers=3, num_heads=4, num_kv_heads=2,
-                 tie_word_embeddings=True, bos_token_id=None, eos_token_id=2, pad_token_id=0,
-                 max_position_embeddings=1024),
-        vision=dict(kind="siglip", image_size=64, patch_size=16, hidden_size=128, intermediate_size=384, num_layers=3,
-                    num_heads=4, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5)),
-        projector="mlp2x_gelu", vision_feature_layer=-1, vision_feature_select="full")
+    """The shared mini base's model (configs/mini/base.py), so the STIC miniature and the base the other recipes
+    use cannot drift apart."""
+    return _base.model_dict()
 
 
 def get_config(stage: str = "sft"):
