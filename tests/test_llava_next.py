@@ -36,7 +36,7 @@ SIZES = [(40, 20), (20, 50), (31, 29), (90, 25)]
 def spec_for(cfg) -> ImageSpec:
     return ImageSpec(image_size=cfg.vision.image_size, mean=cfg.vision.image_mean, std=cfg.vision.image_std,
                      resize_mode="resize", tokens_per_image=cfg.tokens_per_image, tiling="anyres",
-                     grid_pinpoints=cfg.image_grid_pinpoints, feature_layout="llava_next",
+                     grid_pinpoints=cfg.image_grid_pinpoints, image_layout="llava_next",
                      feature_grid=cfg.feature_grid)
 
 

@@ -38,10 +38,10 @@ class ImageSpec:
     catty_rule: "internvl" (default; InternVL's grid choice and tie rule, no thumbnail for a 1x1 grid) or
       "points" (the WePOINTS reference: far-side ratios, tile count closest to the image's, thumbnail always;
       aspect beyond max_tiles:1 is an error unless `catty_squash_extreme`). See `vlmjax.data.tiling`.
-    feature_layout: how tile features become image tokens. "tiles": every tile's `tokens_per_image` features in
+    image_layout: how tile features become image tokens. "tiles": every tile's `tokens_per_image` features in
       order (LLaVA-1.5, POINTS, VILA). "llava_next": HF LLaVA-1.6 (global view, then the stitched grid cropped to
       the image's aspect ratio with a newline token per row; needs tiling="anyres" and `feature_grid`, the side of
-      one tile's square feature map), so the token count depends on the image size; see `image_positions`.
+      one tile's square feature map), so the token count depends on the image size; see `image_pos`.
     """
 
     image_size: int = 336
@@ -57,7 +57,7 @@ class ImageSpec:
     catty_rule: Literal["internvl", "points"] = "internvl"
     catty_squash_extreme: bool = False
     resample: Literal["bicubic", "bilinear", "lanczos"] = "bicubic"
-    feature_layout: Literal["tiles", "llava_next"] = "tiles"
+    image_layout: Literal["tiles", "llava_next"] = "tiles"
     feature_grid: int = 0
 
     def __post_init__(self):
@@ -69,11 +69,11 @@ class ImageSpec:
             raise ValueError(f"unknown catty_rule {self.catty_rule!r}; one of {tiles_lib.CATTY_RULES}")
         if self.tiling == "anyres" and any(w % self.image_size or h % self.image_size for w, h in self.grid_pinpoints):
             raise ValueError(f"grid_pinpoints {self.grid_pinpoints} must be multiples of image_size {self.image_size}")
-        if self.feature_layout not in ("tiles", "llava_next"):
-            raise ValueError(f"unknown feature_layout {self.feature_layout!r}")
-        if self.feature_layout == "llava_next" and (
+        if self.image_layout not in ("tiles", "llava_next"):
+            raise ValueError(f"unknown image_layout {self.image_layout!r}")
+        if self.image_layout == "llava_next" and (
                 self.tiling != "anyres" or self.feature_grid ** 2 != self.tokens_per_image):
-            raise ValueError("feature_layout='llava_next' needs tiling='anyres' and feature_grid**2 == tokens_per_image"
+            raise ValueError("image_layout='llava_next' needs tiling='anyres' and feature_grid**2 == tokens_per_image"
                              f" (got tiling={self.tiling!r}, feature_grid={self.feature_grid}, "
                              f"tokens_per_image={self.tokens_per_image})")
 
@@ -185,20 +185,20 @@ def normalize(tiles, spec: ImageSpec) -> np.ndarray:
     return arr
 
 
-def image_positions(spec: ImageSpec, size: tuple[int, int]) -> np.ndarray | None:
+def image_pos(spec: ImageSpec, size: tuple[int, int]) -> np.ndarray | None:
     """For layouts whose token count depends on the image, which tile feature each image token takes (-1: the
     image newline), from the original (width, height); None for "tiles" (k tiles -> k * tokens_per_image)."""
-    if spec.feature_layout == "tiles":
+    if spec.image_layout == "tiles":
         return None
     return tiles_lib.llava_next_positions(size, spec.image_size, spec.grid_pinpoints, spec.feature_grid)
 
 
 def load_image(data, spec: ImageSpec, name: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """Anything `decode_image` accepts -> (uint8 tiles (k, H, W, 3), `image_positions` or None). The pipeline moves
+    """Anything `decode_image` accepts -> (uint8 tiles (k, H, W, 3), `image_pos` or None). The pipeline moves
     images between processes as uint8 (4x less than float32) and normalises them in the consumer."""
     img = to_rgb(decode_image(data, name))
     tiles = np.stack([np.asarray(t, dtype=np.uint8) for t in image_tiles(img, spec)])
-    return tiles, image_positions(spec, img.size)
+    return tiles, image_pos(spec, img.size)
 
 
 def process_image(data, spec: ImageSpec, name: str | None = None) -> np.ndarray:
@@ -236,7 +236,7 @@ def model_image_spec(cfg, **over) -> ImageSpec:
     if cfg.image_grid_pinpoints:
         kw["grid_pinpoints"] = tuple(tuple(p) for p in cfg.image_grid_pinpoints)
     if cfg.image_layout == "llava_next":
-        kw.update(feature_layout="llava_next", feature_grid=cfg.feature_grid)
+        kw.update(image_layout="llava_next", feature_grid=cfg.feature_grid)
     spec = ImageSpec(**kw)
     for key, value in over.items():
         if not hasattr(spec, key):

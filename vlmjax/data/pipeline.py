@@ -110,7 +110,7 @@ def batch_shapes(config: DataConfig) -> dict[str, tuple[tuple[int, ...], np.dtyp
     return {"input_ids": seq, "targets": seq, "loss_mask": ((rows, s), np.dtype(np.float32)), "segment_ids": seq,
             "positions": seq, "pixel_values": ((n, size, size, 3), np.dtype(np.float32)),
             "image_rows": ((n,), np.dtype(np.int32)),
-            **({"image_pos": seq} if config.image.feature_layout != "tiles" else {})}
+            **({"image_pos": seq} if config.image.image_layout != "tiles" else {})}
 
 
 def _with_index(index, record):
@@ -177,7 +177,7 @@ def make_dataset(config: DataConfig, tokenizer, info: dict | None = None) -> tup
     shape = BatchShape(rows=config.batch_size, seq_len=config.seq_len, max_images=config.max_images,
                        image_size=config.image.image_size, parts=config.parts, pack=config.pack,
                        image_token_id=text.image_token_id,
-                       tokens_per_tile=config.image.tokens_per_image if config.image.feature_layout != "tiles" else 0)
+                       tokens_per_tile=config.image.tokens_per_image if config.image.image_layout != "tiles" else 0)
     it = PackedBatchIterDataset(it, shape)
     if config.num_workers > 0:
         ensure_absl_flags_parsed()

@@ -93,11 +93,12 @@ class TextProcessor:
 
     def encode(self, messages, image_tiles: Sequence[int], *, template: str | None = None,
                loss_on: str | None = None, document: bool = False, untrained_replies: int = 0,
-               image_positions: Sequence[np.ndarray] | None = None) -> Encoded:
+               image_pos: Sequence[np.ndarray] | None = None) -> Encoded:
         """messages -> ids with `tokens_per_image * tiles` image ids per placeholder, and per-token trained flags.
 
-        `image_positions`: per image, the tile feature each of its tokens takes (`data.image.image_positions`);
-        an image then gets len(positions) ids instead. `untrained_replies`: leave the first n assistant replies
+        `image_pos`: per image, the tile feature each of its tokens takes (`data.image.image_pos`; the
+        batch's `image_pos` is their concatenation);
+        image i then gets len(image_pos[i]) ids instead. `untrained_replies`: leave the first n assistant replies
         untrained (DPO: replies inside the prompt)."""
         loss_on = loss_on or self.spec.loss_on
         pieces, flags, slots = [], [], []  # slots: None for text pieces, image index for placeholders
@@ -119,11 +120,11 @@ class TextProcessor:
         if n_images != len(image_tiles):
             raise BadSample(IMAGE_COUNT,
                             f"{n_images} {self.spec.placeholder} placeholders for {len(image_tiles)} images")
-        if image_positions is not None:
+        if image_pos is not None:
             first_tile = np.cumsum([0, *image_tiles[:-1]]) * self.tokens_per_image
-            image_positions = [np.where(p >= 0, p + t0, -1).astype(np.int32)
-                               for p, t0 in zip(image_positions, first_tile)]
-        counts = ([len(p) for p in image_positions] if image_positions is not None
+            image_pos = [np.where(p >= 0, p + t0, -1).astype(np.int32)
+                               for p, t0 in zip(image_pos, first_tile)]
+        counts = ([len(p) for p in image_pos] if image_pos is not None
                   else [self.tokens_per_image * t for t in image_tiles])
         token_lists = iter(self.tokenizer(pieces, add_special_tokens=False)["input_ids"] if pieces else [])
         flag_iter = iter(flags)
@@ -153,8 +154,8 @@ class TextProcessor:
         if not trained[1:].any():  # position 0 is never a target
             raise BadSample(BAD_TURNS if len(ids) < self.max_length else TOO_LONG, "no trained tokens")
         pos = None
-        if image_positions is not None:
-            pos = np.concatenate([np.zeros(0, np.int32), *image_positions[:kept]])
+        if image_pos is not None:
+            pos = np.concatenate([np.zeros(0, np.int32), *image_pos[:kept]])
         return Encoded(ids, trained, kept, pos)
 
     def _truncate(self, ids, trained, image_spans, document):

@@ -53,18 +53,18 @@ class SampleTransform:
             raise
 
     def _unit(self, example: formats.Example, sample_id: str) -> Unit:
-        pixels, positions = [], []
+        pixels, per_image_pos = [], []
         for j, ref in enumerate(example.images):
             name = ref if isinstance(ref, str) else f"image {j}"
             tiles_j, pos_j = load_image(resolve_image(ref, self.store), self.image_spec, name)
             pixels.append(tiles_j)
-            positions.append(pos_j)
+            per_image_pos.append(pos_j)
         tiles = [len(p) for p in pixels]
         if self.parts * sum(tiles) > self.max_images:
             raise BadSample(TOO_MANY_IMAGES, f"{sum(tiles)} image tiles x {self.parts} > {self.max_images} "
                                              "image slots per batch")
         kw = dict(template=example.template, loss_on=example.loss_on, document=example.document,
-                  image_positions=positions if self.image_spec.feature_layout != "tiles" else None)
+                  image_pos=per_image_pos if self.image_spec.image_layout != "tiles" else None)
         if self.parts == 1:
             enc = self.text.encode(example.messages, tiles, **kw)
             seqs = ((enc.ids, enc.trained),)

@@ -103,9 +103,9 @@ class PromptEncoder:
         return getattr(self.base, name)
 
     def _encode(self, messages, req: Request):
-        pixels, tiles, positions = self.base.images(req)
+        pixels, tiles, image_pos = self.base.images(req)
         enc = self.base.text.encode(messages, tiles, template=getattr(req, "template", None),
-                                    image_positions=positions)
+                                    image_pos=image_pos)
         return enc, pixels
 
     def _reply(self, req: Request, content: str) -> tuple[Encoded, int, int]:

@@ -268,8 +268,8 @@ class Encoder:
                 img = resolve_image(img, req.store)
             loaded.append(load_image(self.source_image(req, img), self.image_spec, name=name))
         pixels = np.concatenate([normalize(t, self.image_spec) for t, _ in loaded])
-        positions = [p for _, p in loaded] if self.image_spec.feature_layout != "tiles" else None
-        return pixels, [len(t) for t, _ in loaded], positions
+        image_pos = [p for _, p in loaded] if self.image_spec.image_layout != "tiles" else None
+        return pixels, [len(t) for t, _ in loaded], image_pos
 
     def pixels(self, req: Request) -> np.ndarray | None:
         return self.images(req)[0]
@@ -278,9 +278,9 @@ class Encoder:
         if req.error is not None:
             raise req.error
         try:
-            pixels, tiles, positions = self.images(req)
+            pixels, tiles, image_pos = self.images(req)
             enc = self.text.encode(messages, tiles, template=req.template, loss_on=req.loss_on,
-                                   image_positions=positions)
+                                   image_pos=image_pos)
         except BadSample as e:  # name the sample and its file, as the training pipeline does
             raise e.with_context(req.id, req.source) from None
         return enc, pixels

@@ -195,7 +195,7 @@ def enums() -> dict[str, tuple]:
     }
     for f in ("loss_on", "truncation"):
         out[f"data.text.{f}"] = _literal_values(TextSpec, f)
-    for f in ("resize_mode", "tiling", "resample", "feature_layout", "catty_rule"):
+    for f in ("resize_mode", "tiling", "resample", "image_layout", "catty_rule"):
         out[f"data.image.{f}"] = _literal_values(ImageSpec, f)
     out["data.sources.format"] = _literal_values(SourceSpec, "format")
     return out
