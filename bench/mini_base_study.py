@@ -65,11 +65,11 @@ def probe_arm(name: str, cache: Path, out: Path) -> dict:
     probing instead of SFT + evaluation)?"""
     import mini_base_probe
 
-    from vlmjax.recipes.mini_base import CONFIG, prepare_data
+    from vlmjax.recipes.mini_base import CONFIG, data_dir, prepare_data
     from vlmjax.train.stages import train_stage
 
     augment, over, _what = ARMS[name]
-    data = cache / f"data_seed0_aug{augment}"
+    data = data_dir(cache, 0, augment)
     prepare_data(data, seed=0, augment=augment)
     align = train_stage("align", cache / name / "align", config_file=CONFIG, image_root=str(data / "images"),
                         source=str(data / "base_captions.jsonl"), tokenizer=str(data / "tokenizer"),

@@ -45,7 +45,7 @@ def test_tiny_base_is_built_on_its_own_pool_and_reused(tmp_path, monkeypatch):
 
     over = {"align": TINY, "sft": {"data.batch_size": 2}}
     base = mini_base.build_base(tmp_path, seed=0, augment=2, over=over, steps_scale=1e-3, quiet=True)
-    data = tmp_path / "data_seed0_aug2"
+    data = mini_base.data_dir(tmp_path, 0, 2)
     sft = json.loads((data / "base_sft.json").read_text())
     caps = [json.loads(line) for line in (data / "base_captions.jsonl").read_text().splitlines()]
     # images 3000-3999 only (the recipes' pools 0-2999 never seen), each in 2 views; the view is the turned image
@@ -59,6 +59,14 @@ def test_tiny_base_is_built_on_its_own_pool_and_reused(tmp_path, monkeypatch):
     orig = np.asarray(Image.open(data / "images" / "train" / "3000.png").convert("RGB"))
     assert np.array_equal(np.asarray(Image.open(data / "images" / rec["image"])), mini_base.dihedral(orig, 1))
     assert all(r["conversations"][0]["value"].startswith("<image>\n") for r in sft)
+    # ~1 in 4 conversations also asks an "imagine" prompt, answered with another colour AND another shape
+    truth = {c["id"]: c for c in caps}
+    imagined = [(r["id"], t["value"], r["conversations"][i + 1]["value"]) for r in sft
+                for i, t in enumerate(r["conversations"]) if t["value"] in mini_base.P.HALLUCINATION]
+    assert 0.2 < len(imagined) / len(sft) < 0.3
+    for sid, _prompt, answer in imagined:
+        words = answer.rstrip(".").split()
+        assert truth[sid]["color"] not in words and truth[sid]["shape"] not in words and words[:3] == ["The", "image", "shows"]
     assert base["stages"]["align"]["steps"] == 2 and base["stages"]["sft"]["steps"] == 2
     assert (data / "images" / "train" / "0.png").exists()  # the recipes' images come with the cache
     res = mini_base.evaluate_base(base, n=6)

@@ -62,7 +62,8 @@ def test_train_stage_applies_overrides_then_skips_when_exported(caption_data, tm
     export = stages.train_stage("align", work, config_file=MINI, image_root=str(caption_data / "images"),
                                 source=str(caption_data / "captions.jsonl"), tokenizer=str(caption_data / "tokenizer"),
                                 steps_scale=1e-3, over={**TINY, "optim.lr": 1e-3}, quiet=True)
-    assert (export / "config.json").exists() and (export / "model.safetensors").exists()
+    # the mini config's conv patch stem has no HF form: the stage exports a native folder (and a rerun finds it)
+    assert (export / "vlmjax_config.json").exists() and (export / "model.safetensors").exists()
     used = json.loads((work / "config.json").read_text())
     assert used["train"]["steps"] == 2  # scaled to the floor of 2
     assert used["optim"]["lr"] == 1e-3 and used["model"]["vlm"]["vision"]["hidden_size"] == 16

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from vlmjax.recipes.stic import corrupt, prompts as P
 from vlmjax.recipes.stic.make_infused_sft import infuse, make_infused_sft
@@ -49,7 +49,34 @@ def test_color_jitter_is_a_function_of_the_seed_and_really_applied():
     ref = np.clip(np.asarray(img, np.float64) * f["brightness"], 0, 255)
     assert np.abs(bright - ref).max() <= 1  # brightness = scaling, rounded to 8 bits
     with pytest.raises(ValueError, match="unknown corruption"):
-        corrupt.corrupt(img, "blur", 0)
+        corrupt.corrupt(img, "pixelate", 0)
+
+
+def test_parametrised_corruptions_destroy_what_they_name():
+    img = _image(64, 64)
+    assert corrupt.corrupt(img, "lowres:8", 0).size == (8, 8)
+    # blur is PIL's Gaussian blur of that radius
+    assert np.array_equal(np.asarray(corrupt.corrupt(img, "blur:3", 0)), np.asarray(img.filter(ImageFilter.GaussianBlur(3))))
+    # shuffle: the same 16 cells (colours kept), in the seed's order; another seed, another order
+    a, b = np.asarray(corrupt.corrupt(img, "shuffle:4", 1)), np.asarray(corrupt.corrupt(img, "shuffle:4", 2))
+    cells = lambda x: x.reshape(4, 16, 4, 16, 3).transpose(0, 2, 1, 3, 4).reshape(16, -1)  # noqa: E731
+    src = cells(np.asarray(img))
+    perm = np.random.default_rng(1).permutation(16)
+    assert np.array_equal(cells(a), src[perm]) and not np.array_equal(a, b)
+    assert np.array_equal(np.asarray(corrupt.shuffle_cells(_image(30, 30), 4, 0))[28:], np.asarray(_image(30, 30))[28:])
+    for bad, msg in (("blur", "needs its parameter"), ("color_jitter:2", "takes no parameter"),
+                     ("shuffle:1", "grid >= 2"), ("lowres:x", "must be a number")):
+        with pytest.raises(ValueError, match=msg):
+            corrupt.parse_kind(bad)
+
+
+def test_plans_draw_the_configured_corruptions():
+    from vlmjax.recipes.stic.make_preferences import PromptSet
+
+    mine = PromptSet(corruptions=("lowres:8", "shuffle:4", "blur:4"))
+    plans = [plan(f"img{i}", prompts=mine) for i in range(300)]
+    corr = {p["corruption"] for p in plans if p["rejected_kind"] == "corruption"}
+    assert corr == set(mine.corruptions)
 
 
 def test_plans_are_deterministic_and_mix_both_negative_kinds():

@@ -56,7 +56,7 @@ def get_config(stage: str = "sft"):
         c.data.max_images = 160  # ~5 captions per row
         c.data.sources = (dict(format="caption", path=f"{ROOT}/data/base_captions.jsonl", image_root=images),)
     elif stage == "sft":
-        c.model.init = "hf"
+        c.model.init = "checkpoint"  # native (conv stem) or HF export of the previous stage
         c.model.path = f"{ROOT}/align/export"
         c.train.trainable = (".*",)
         c.train.steps = 250
@@ -64,7 +64,7 @@ def get_config(stage: str = "sft"):
         c.optim.end_factor = 0.1
         c.data.sources = (dict(format="llava", path=f"{ROOT}/data/base_sft.json", image_root=images),)
     else:
-        c.model.init = "hf"
+        c.model.init = "checkpoint"  # native (conv stem) or HF export of the previous stage
         c.model.path = f"{ROOT}/sft/export"  # the base model; stage 2 starts from it plus the stage-1 adapter
         c.lora.update(rank=16, alpha=32.0, dropout=0.05, targets=LLAMA_LINEAR)
         c.train.trainable = ("lora_", "^projector/")

@@ -22,7 +22,8 @@ def get_config(stage: str = "sft"):
     c = _mini.get_config(stage)
     c.data.batch_size = 8
     if stage == "align":
-        tower = dict(_mini.model_dict()["vision"])
+        # the linear patchify (an HF-exportable tower, as before the shared base moved to a pretrained conv stem)
+        tower = {**_mini.model_dict()["vision"], "patch_stem": "linear"}
         c.model.init = "assemble"
         c.model.llm = "smollm2"
         with c.model.ignore_type():  # a fresh tower's config (a dict) instead of an HF folder path

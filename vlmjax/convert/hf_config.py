@@ -148,6 +148,10 @@ def llm_config_to_hf(cfg: LLMConfig):
 def vision_config_to_hf(cfg: VisionConfig):
     import transformers
 
+    if cfg.patch_stem != "linear":
+        raise UnsupportedModel(f"HF CLIP/SigLIP towers patchify linearly; vision.patch_stem={cfg.patch_stem!r} is "
+                               "expressible only as a native folder (train.export_format='native')")
+
     kw = dict(
         hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads, num_channels=cfg.num_channels, image_size=cfg.image_size,

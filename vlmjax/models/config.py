@@ -74,6 +74,17 @@ class VisionConfig:
     param_dtype: str = "float32"
     remat: str = "none"
     attention_impl: str = "auto"
+    # "linear": the ViT patchify (HF CLIP/SigLIP). "conv": log2(patch_size) 3x3 stride-2 convolutions (Xiao et al.
+    # 2021, "Early convolutions help transformers see better"): a tower trained from scratch on little data learns
+    # shapes from it where a linear patchify does not (README "A mini base that sees"). Native folders only.
+    patch_stem: str = "linear"
+
+    def __post_init__(self):
+        if self.patch_stem not in ("linear", "conv"):
+            raise ValueError(f"vision.patch_stem must be 'linear' or 'conv', got {self.patch_stem!r}")
+        p = self.patch_size
+        if self.patch_stem == "conv" and (p < 2 or p & (p - 1)):
+            raise ValueError(f"vision.patch_stem='conv' needs a power-of-two patch_size >= 2, got {p}")
 
     @property
     def grid(self) -> int:

@@ -14,7 +14,8 @@ from einops import rearrange
 from flax import nnx
 
 from vlmjax.models.config import VisionConfig, to_dtype
-from vlmjax.models.layers import LayerNorm, Linear, activation, constrain, normal_init, param, scan_layers, stacked
+from vlmjax.models.layers import (LayerNorm, Linear, activation, constrain, normal_init, param, scan_layers, stacked,
+                                  zeros_init)
 from vlmjax.ops.attention import attention
 
 
@@ -42,6 +43,30 @@ class ViTLayer(nnx.Module):
         return constrain(x_bnd, ("batch", "length", "act_embed"))
 
 
+class ConvStem(nnx.Module):
+    """patch_stem="conv": log2(p) 3x3 stride-2 convolutions (padding 1, as torch's Conv2d(3, stride=2, padding=1)),
+    channels doubling up to hidden_size, GELU between them and none after the last, so the output is one token per
+    p x p patch like the linear patchify's. Locality lets a tower trained from scratch see shapes."""
+
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs):
+        n, d = cfg.patch_size.bit_length() - 1, cfg.hidden_size
+        pdtype = to_dtype(cfg.param_dtype)
+        chans = [cfg.num_channels] + [max(d >> (n - 1 - i), 8) for i in range(n - 1)] + [d]
+        self.kernels = nnx.List([param(rngs, normal_init((2.0 / (9 * ci)) ** 0.5), (3, 3, ci, co),
+                                       (None, None, None, None), pdtype) for ci, co in zip(chans, chans[1:])])
+        self.biases = nnx.List([param(rngs, zeros_init, (co,), (None,), pdtype) for co in chans[1:]])
+        self.dtype = to_dtype(cfg.dtype)
+
+    def __call__(self, pixels_bhwc: jax.Array) -> jax.Array:
+        x = pixels_bhwc.astype(self.dtype)
+        for i, (w, b) in enumerate(zip(self.kernels, self.biases)):
+            if i:
+                x = jax.nn.gelu(x, approximate=False)
+            x = jax.lax.conv_general_dilated(x, w[...].astype(self.dtype), (2, 2), ((1, 1), (1, 1)),
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC")) + b[...].astype(self.dtype)
+        return rearrange(x, "b gh gw d -> b (gh gw) d")
+
+
 class VisionTower(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -49,7 +74,11 @@ class VisionTower(nnx.Module):
         dtype, pdtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
         kw = dict(dtype=dtype, param_dtype=pdtype, rngs=rngs)
         # kernel rows ordered (patch_row, patch_col, channel) to match the NHWC patchify below
-        self.patch_embed = Linear((p * p * cfg.num_channels,), (d,), ("patch", "embed"), use_bias=cfg.kind == "siglip", **kw)
+        if cfg.patch_stem == "conv":
+            self.conv_stem = ConvStem(cfg, rngs=rngs)
+        else:
+            self.patch_embed = Linear((p * p * cfg.num_channels,), (d,), ("patch", "embed"),
+                                      use_bias=cfg.kind == "siglip", **kw)
         n_pos = cfg.num_patches + (1 if cfg.has_cls else 0)
         self.position_embedding = param(rngs, normal_init(0.02), (n_pos, d), (None, "embed"), pdtype)
         self.class_embedding = param(rngs, normal_init(0.02), (d,), ("embed",), pdtype) if cfg.has_cls else None
@@ -64,8 +93,12 @@ class VisionTower(nnx.Module):
                 f"vision tower expects NHWC pixels of shape (N, {cfg.image_size}, {cfg.image_size}, "
                 f"{cfg.num_channels}), got {pixels_bhwc.shape}"
             )
-        patches = rearrange(pixels_bhwc, "b (gh p) (gw q) c -> b (gh gw) (p q c)", p=cfg.patch_size, q=cfg.patch_size)
-        x_bnd = self.patch_embed(patches)
+        if cfg.patch_stem == "conv":
+            x_bnd = self.conv_stem(pixels_bhwc)
+        else:
+            patches = rearrange(pixels_bhwc, "b (gh p) (gw q) c -> b (gh gw) (p q c)", p=cfg.patch_size,
+                                q=cfg.patch_size)
+            x_bnd = self.patch_embed(patches)
         if self.class_embedding is not None:
             cls = jnp.broadcast_to(self.class_embedding[...].astype(x_bnd.dtype), (x_bnd.shape[0], 1, x_bnd.shape[-1]))
             x_bnd = jnp.concatenate([cls, x_bnd], axis=1)

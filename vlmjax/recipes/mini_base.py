@@ -8,7 +8,7 @@ conversations with a description turn for SFT), each also seen in `augment` dihe
 turns: an easy-vqa image's shape and colour, hence every caption and answer, are unchanged by them); images 0-2999
 are the recipes' pools and are never seen by the base. The test split is only evaluated.
 
-Cache layout: CACHE/data_seed{S}_aug{A}/ (images, captions, SFT conversations, the corpus tokenizer) and
+Cache layout: CACHE/data_v{V}_seed{S}_aug{A}/ (images, captions, SFT conversations, the corpus tokenizer) and
 CACHE/{fingerprint}_seed{S}/{align,sft}/export (the models; the fingerprint hashes the config file and overrides,
 so a changed design builds afresh instead of reusing a stale model). Every step is skipped when its output exists.
 `base_gate` is the check every miniature prints before its own results.
@@ -38,17 +38,37 @@ AUGMENT = 4
 DESCRIBE_PROMPTS = P.SIMPLE + (P.DETAILED, P.DAR_DESCRIBE)
 EXTRA_TEXTS = DESCRIBE_PROMPTS + P.HALLUCINATION + ("Image description:", "user", "assistant", "system")
 GATE = {"shape": 0.85, "color": 0.85, "yes/no": 0.90, "describe_both": 0.60}
+# Miniature-only: 1 in IMAGINE_EVERY SFT conversations also asks one of STIC's hallucination prompts and is answered
+# with a description whose colour and shape are both wrong. A real base model follows "imagine..." requests from its
+# instruction data; without this turn the mini model answers them with the true description, and STIC's
+# hallucination-prompt negatives are not negatives (README "STIC, reproduced in miniature").
+IMAGINE_EVERY = 4
+TOWER_STEPS = 600  # pretrain_tower steps of 64 views
+DATA_VERSION = 2  # bump when prepare_data's output changes: the data folder is keyed by it
 
 
 # ----------------------------------------------------------------------------------------------------- data
 
 
-def sft_turns(turns: list[dict], rng: np.random.Generator, prompts=DESCRIBE_PROMPTS) -> list[dict]:
+def imagined(attrs: dict, rng: np.random.Generator) -> str:
+    """A description of what the image is not: another colour and another shape."""
+    from vlmjax.data.easy_vqa import COLORS, SHAPES
+
+    color = rng.choice([c for c in COLORS if c != attrs["color"]])
+    shape = rng.choice([s for s in SHAPES if s != attrs["shape"]])
+    return f"The image shows a {color} {shape}."
+
+
+def sft_turns(turns: list[dict], rng: np.random.Generator, prompts=DESCRIBE_PROMPTS,
+              imagine: tuple[str, str] | None = None) -> list[dict]:
     """easy-vqa's conversation (description turn, then its QA) in a random order, so any question can be the first
-    turn that carries the image (as the evaluation asks it); the description is asked with one of `prompts`."""
+    turn that carries the image (as the evaluation asks it); the description is asked with one of `prompts`;
+    `imagine` = (hallucination prompt, imagined description) adds one more turn."""
     pairs = [[turns[i]["value"].replace("<image>\n", ""), turns[i + 1]["value"]] for i in range(0, len(turns), 2)]
     if pairs[0][0] == "Describe the image briefly.":
         pairs[0][0] = prompts[int(rng.integers(len(prompts)))]
+    if imagine is not None:
+        pairs.append(list(imagine))
     order = rng.permutation(len(pairs))
     out = []
     for k, i in enumerate(order):
@@ -93,7 +113,7 @@ def prepare_data(data: Path, *, seed: int = 0, augment: int = AUGMENT, pool: tup
         raise ValueError(f"{data / 'train.json'}: easy-vqa train images {missing[:3]}... of the base pool {pool} are "
                          "missing")
     (data / "images" / "aug").mkdir(parents=True, exist_ok=True)
-    sft, caps = [], []
+    sft, caps, n_imagine = [], [], 0
     for sample_id in ids:
         rec, n = records[sample_id], int(sample_id.split("_")[1])
         pixels = np.asarray(Image.open(data / "images" / rec["image"]).convert("RGB"))
@@ -105,9 +125,14 @@ def prepare_data(data: Path, *, seed: int = 0, augment: int = AUGMENT, pool: tup
                     Image.fromarray(dihedral(pixels, k)).save(data / "images" / image)
             vid = sample_id + (f"_aug{k}" if k else "")
             rng = np.random.default_rng(zlib.crc32(f"{seed}:{vid}".encode()))
-            sft.append({"id": vid, "image": image, "conversations": sft_turns(rec["conversations"], rng)})
-            if sample_id in captions:
-                cap = captions[sample_id]
+            cap = captions.get(sample_id)
+            imagine = None
+            if cap and cap.get("shape") and cap.get("color") and rng.random() < 1 / IMAGINE_EVERY:
+                imagine = (P.HALLUCINATION[int(rng.integers(len(P.HALLUCINATION)))], imagined(cap, rng))
+                n_imagine += 1
+            sft.append({"id": vid, "image": image, "conversations": sft_turns(rec["conversations"], rng,
+                                                                             imagine=imagine)})
+            if cap is not None:
                 text = easy_vqa.caption({"shape": cap["shape"], "color": cap["color"]}, n + k)
                 caps.append({**cap, "id": vid, "image": image, "caption": text})
     _write_json(data / "base_sft.json", sft)
@@ -117,12 +142,103 @@ def prepare_data(data: Path, *, seed: int = 0, augment: int = AUGMENT, pool: tup
     texts = [t["value"].replace("<image>", "") for r in sft for t in r["conversations"]] + list(EXTRA_TEXTS)
     train_tokenizer(sorted(set(texts)), data / "tokenizer", vocab_size=1024)  # sorted: BPE ties follow text order
     info = {"pool": list(pool), "images": len(ids), "augment": augment, "sft": len(sft), "captions": len(caps),
-            "seed": seed}
+            "imagine_turns": n_imagine,
+            "seed": seed, "version": DATA_VERSION}
     _write_json(done, info)
     return info
 
 
+# ----------------------------------------------------------------------------------------------------- tower
+
+
+def pretrain_tower(data: Path, out: Path, *, config_file: Path = CONFIG, over: dict | None = None, steps: int = 300,
+                   batch: int = 64, lr: float = 2e-3, seed: int = 0, quiet: bool = False) -> dict:
+    """The miniature's stand-in for a pretrained CLIP/SigLIP tower (real VLMs never align a tower from scratch, and a
+    from-scratch tower aligned through the decoder's caption loss learns no shape in our budget: README "A mini base
+    that sees"): the align stage's tower + a linear head classify each base-pool view's shape and colour (the
+    attributes its caption states), mean-pooled features, AdamW. Writes OUT/tower.safetensors keyed by the VLM's
+    parameter paths (the align stage loads it: `model.load_params`) and OUT/tower.json. Skipped when done."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+    from safetensors.numpy import save_file
+
+    from vlmjax.convert.native import path_str
+    from vlmjax.data.easy_vqa import COLORS, SHAPES
+    from vlmjax.data.image import model_image_spec, process_image
+    from vlmjax.generate.jsonl import read_jsonl
+    from vlmjax.train.config_io import apply_overrides
+    from vlmjax.train.setup import build_model
+    from vlmjax.train.stages import stage_config
+
+    out = Path(out)
+    if (out / "tower.json").exists():
+        return json.loads((out / "tower.json").read_text())
+    t0, cpu0 = time.time(), time.process_time()
+    c = stage_config(config_file, "align")
+    c.model.tokenizer = str(data / "tokenizer")
+    apply_overrides(c, {"model.seed": seed, **(over or {})})
+    model, cfg, _tok = build_model(c.model, image=c.data.image)
+    tower, spec = model.vision, model_image_spec(cfg)
+    rows = [r for r in read_jsonl(data / "base_captions.jsonl", key=None) if r.get("shape") and r.get("color")]
+    x = np.stack([process_image(str(data / "images" / r["image"]), spec)[0] for r in rows])
+    y_shape = np.array([SHAPES.index(r["shape"]) for r in rows])
+    y_color = np.array([COLORS.index(r["color"]) for r in rows])
+    layers = cfg.vision_layers_used
+
+    class Probe(nnx.Module):
+        def __init__(self, rngs):
+            self.tower = tower
+            self.head = nnx.Linear(cfg.vision.hidden_size, len(SHAPES) + len(COLORS), rngs=rngs)
+
+        def __call__(self, px):
+            return self.head(self.tower.features(px, layers).mean(1))
+
+    probe = Probe(nnx.Rngs(seed))
+    opt = nnx.Optimizer(probe, optax.adamw(lr, b2=0.95, weight_decay=0.0), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(probe, opt, px, ys, yc):
+        def loss_fn(p):
+            logits = p(px)
+            s, col = logits[:, :len(SHAPES)], logits[:, len(SHAPES):]
+            loss = (optax.softmax_cross_entropy_with_integer_labels(s, ys).mean()
+                    + optax.softmax_cross_entropy_with_integer_labels(col, yc).mean())
+            return loss, (jnp.mean(s.argmax(-1) == ys), jnp.mean(col.argmax(-1) == yc))
+
+        (loss, accs), grads = nnx.value_and_grad(loss_fn, has_aux=True)(probe)
+        opt.update(probe, grads)
+        return loss, accs
+
+    rng = np.random.default_rng(seed)
+    hist = []
+    for i in range(steps):
+        b = rng.integers(0, len(rows), batch)
+        loss, (acc_s, acc_c) = step(probe, opt, jnp.asarray(x[b]), jnp.asarray(y_shape[b]), jnp.asarray(y_color[b]))
+        hist.append((float(loss), float(acc_s), float(acc_c)))  # blocks on each step (CPU: no overlap to lose)
+        if not quiet and (i + 1) % 50 == 0:
+            print(f"  tower {i + 1}/{steps}: loss {hist[-1][0]:.3f} shape {acc_s:.2f} colour {acc_c:.2f}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {f"vision/{path_str(p)}": np.asarray(jax.device_get(v[...]))
+               for p, v in nnx.to_flat_state(nnx.state(tower, nnx.Param))}
+    save_file(tensors, str(out / "tower.safetensors.tmp"))
+    os.replace(out / "tower.safetensors.tmp", out / "tower.safetensors")
+    tail = np.array(hist[-50:])
+    info = {"stage": "tower", "steps": steps, "batch": batch, "lr": lr, "images": len(rows),
+            "seconds": round(time.time() - t0, 1), "cpu_seconds": round(time.process_time() - cpu0, 1),
+            "loss_first": hist[0][0], "loss_last": hist[-1][0], "losses": [round(h[0], 5) for h in hist],
+            "train_shape_acc_last50": round(float(tail[:, 1].mean()), 3),
+            "train_color_acc_last50": round(float(tail[:, 2].mean()), 3)}
+    _write_json(out / "tower.json", info)
+    return info
+
+
 # ----------------------------------------------------------------------------------------------------- build
+
+
+def data_dir(cache, seed: int = 0, augment: int = AUGMENT) -> Path:
+    return Path(cache) / f"data_v{DATA_VERSION}_seed{seed}_aug{augment}"
 
 
 def fingerprint(config_file: Path, over: dict | None) -> str:
@@ -130,7 +246,8 @@ def fingerprint(config_file: Path, over: dict | None) -> str:
     from vlmjax.train.stages import stage_config
 
     stages = [stage_config(config_file, s).to_json(sort_keys=True) for s in ("align", "sft")]
-    text = json.dumps([stages, over or {}], sort_keys=True, default=str)
+    text = json.dumps([stages, over or {}, {"tower_steps": TOWER_STEPS, "data": DATA_VERSION}], sort_keys=True,
+                      default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
@@ -146,7 +263,7 @@ def build_base(cache: str | Path = "runs/mini_base", *, seed: int = 0, augment: 
 
     cache, config_file = Path(cache), Path(config_file)
     t0, cpu0 = time.time(), time.process_time()
-    data = cache / f"data_seed{seed}_aug{augment}"
+    data = data_dir(cache, seed, augment)
     info = prepare_data(data, seed=seed, augment=augment)
     prep = {"seconds": round(time.time() - t0, 1), "cpu_seconds": round(time.process_time() - cpu0, 1)}
     if not (data / "prep_time.json").exists():
@@ -159,11 +276,14 @@ def build_base(cache: str | Path = "runs/mini_base", *, seed: int = 0, augment: 
     over = over or {}
     seeds = {"train.seed": seed, "model.seed": seed}
     kw = dict(config_file=config_file, image_root=images, steps_scale=steps_scale, quiet=quiet)
+    tower = pretrain_tower(data, root / "tower", config_file=config_file, over=over.get("align"), seed=seed,
+                           steps=max(2, int(round(TOWER_STEPS * steps_scale))), quiet=quiet)
     align = train_stage("align", root / "align", source=str(data / "base_captions.jsonl"),
-                        tokenizer=str(data / "tokenizer"), over={**seeds, **over.get("align", {})}, **kw)
+                        tokenizer=str(data / "tokenizer"), load_params=str(root / "tower" / "tower.safetensors"),
+                        over={**seeds, **over.get("align", {})}, **kw)
     sft = train_stage("sft", root / "sft", model_path=str(align), source=str(data / "base_sft.json"),
                       over={**seeds, **over.get("sft", {})}, **kw)
-    stages = {s: json.loads((root / s / "stage.json").read_text()) for s in ("align", "sft")}
+    stages = {"tower": tower, **{s: json.loads((root / s / "stage.json").read_text()) for s in ("align", "sft")}}
     spent = json.loads((data / "prep_time.json").read_text())
     out = {"model": str(sft), "align": str(align), "tokenizer": str(data / "tokenizer"), "images": images,
            "data": str(data), "root": str(root), "data_info": info, "stages": stages,

@@ -38,7 +38,9 @@ def train_stage(stage: str, workdir: Path, *, config_file: str | Path, image_roo
 
     workdir = Path(workdir)
     export = workdir / "export"
-    if (export / "config.json").exists():
+    from vlmjax.convert.native import is_native
+
+    if (export / "config.json").exists() or is_native(export):
         return export
     c = stage_config(config_file, stage)
     if c.model.init == "random":

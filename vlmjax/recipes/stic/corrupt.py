@@ -4,14 +4,19 @@ corruption and then feeds the clean image).
 lowres: the shorter side down to 20 px; the preprocessing then resizes it back up to the tower's input size.
 color_jitter: brightness x U(1 - b, 1 + b) and hue shifted by U(-h, h) of the colour circle (torchvision's
 ColorJitter(brightness=0.5, hue=0.3) semantics), drawn from a per-pair seed so a rerun corrupts identically.
+Those two are the paper's. A kind may carry a parameter after a colon, for images where the paper's corruptions
+destroy nothing (a 64 px clip-art shape survives a 20 px downscale): "lowres:8" (shorter side 8 px), "blur:R"
+(Gaussian blur, radius R px), "shuffle:G" (the image cut into a G x G grid whose cells are permuted by the pair's
+seed, so outlines break while colours stay).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image, ImageEnhance
+from PIL import Image, ImageEnhance, ImageFilter
 
-KINDS = ("lowres", "color_jitter")
+KINDS = ("lowres", "color_jitter")  # the paper's
+PARAMETRISED = ("lowres", "blur", "shuffle")
 
 
 def lowres(img: Image.Image, short_side: int = 20) -> Image.Image:
@@ -64,11 +69,47 @@ def jitter_factors(seed: int, brightness: float = 0.5, hue: float = 0.3) -> dict
             "hue": float(rng.uniform(-hue, hue))}
 
 
+def shuffle_cells(img: Image.Image, grid: int, seed: int) -> Image.Image:
+    """Cut into grid x grid equal cells and permute them (a random permutation drawn from `seed`); a remainder
+    strip at the right / bottom edge, when the size does not divide, stays in place."""
+    a = np.asarray(img.convert("RGB"))
+    h, w = a.shape[0] // grid * grid, a.shape[1] // grid * grid
+    ch, cw = h // grid, w // grid
+    cells = a[:h, :w].reshape(grid, ch, grid, cw, 3).transpose(0, 2, 1, 3, 4).reshape(grid * grid, ch, cw, 3)
+    cells = cells[np.random.default_rng(seed).permutation(grid * grid)]
+    out = a.copy()
+    out[:h, :w] = cells.reshape(grid, grid, ch, cw, 3).transpose(0, 2, 1, 3, 4).reshape(h, w, 3)
+    return Image.fromarray(out)
+
+
+def parse_kind(kind: str) -> tuple[str, float | None]:
+    """'lowres:8' -> ('lowres', 8.0); 'color_jitter' -> ('color_jitter', None). Errors name the kind."""
+    name, _, arg = kind.partition(":")
+    if name not in KINDS + PARAMETRISED:
+        raise ValueError(f"unknown corruption {kind!r}; use one of {KINDS} or lowres:PX, blur:RADIUS, shuffle:GRID")
+    if not arg:
+        if name in ("blur", "shuffle"):
+            raise ValueError(f"corruption {kind!r} needs its parameter ({name}:N)")
+        return name, None
+    if name not in PARAMETRISED:
+        raise ValueError(f"corruption {name!r} takes no parameter, got {kind!r}")
+    try:
+        value = float(arg)
+    except ValueError:
+        raise ValueError(f"corruption {kind!r}: the parameter must be a number") from None
+    if value <= 0 or (name in ("lowres", "shuffle") and value != int(value)) or (name == "shuffle" and value < 2):
+        raise ValueError(f"corruption {kind!r}: lowres takes whole pixels >= 1, shuffle a grid >= 2, blur a radius > 0")
+    return name, value
+
+
 def corrupt(img: Image.Image, kind: str, seed: int) -> Image.Image:
-    """Apply corruption `kind`; jitter factors are a function of the pair's `seed` alone."""
+    """Apply corruption `kind`; jitter factors and shuffles are a function of the pair's `seed` alone."""
     img = img.convert("RGB")
-    if kind == "lowres":
-        return lowres(img)
-    if kind == "color_jitter":
+    name, arg = parse_kind(kind)
+    if name == "lowres":
+        return lowres(img) if arg is None else lowres(img, int(arg))
+    if name == "color_jitter":
         return color_jitter(img, **jitter_factors(seed))
-    raise ValueError(f"unknown corruption {kind!r}; use one of {KINDS}")
+    if name == "blur":
+        return img.filter(ImageFilter.GaussianBlur(arg))
+    return shuffle_cells(img, int(arg), seed)

@@ -5,7 +5,8 @@
 Per image (all choices drawn from a seed that is a function of the image id, so reruns and hosts agree):
   chosen    model(clean image, DETAILED prompt), temperature 0.2
   rejected  p=0.5 model(clean image, one of the HALLUCINATION prompts), else model(CORRUPTED image, the pair's
-            simple prompt) with lowres or color_jitter (0.5 each), really applied to the pixels
+            simple prompt) with lowres or color_jitter (0.5 each; `PromptSet.corruptions`, `--corruptions`),
+            really applied to the pixels
   stored    prompt = "<image>\\n" + one random SIMPLE prompt, the same for both sides
 `negatives="plain"` (the no-negatives ablation) makes the rejected side model(clean image, simple prompt).
 
@@ -48,6 +49,8 @@ class PromptSet:
     detailed: str = P.DETAILED
     hallucination: tuple[str, ...] = P.HALLUCINATION
     simple: tuple[str, ...] = P.SIMPLE
+    # image corruptions for the corrupted-image negatives (`corrupt.corrupt` kinds), drawn uniformly per pair
+    corruptions: tuple[str, ...] = corrupt_lib.KINDS
 
 
 def plan(image_id: str, seed: int = 0, prompts: PromptSet = PromptSet(), negatives: str = "generated") -> dict:
@@ -56,7 +59,7 @@ def plan(image_id: str, seed: int = 0, prompts: PromptSet = PromptSet(), negativ
     rng = np.random.default_rng(pair_seed)
     p = {"simple_prompt_id": int(rng.integers(len(prompts.simple))), "seed": pair_seed}
     use_hallucination, hall_id, corruption = rng.random() < 0.5, int(rng.integers(len(prompts.hallucination))), \
-        corrupt_lib.KINDS[int(rng.integers(2))]
+        prompts.corruptions[int(rng.integers(len(prompts.corruptions)))]
     if negatives == "plain":
         p["rejected_kind"] = "plain"
     elif negatives != "generated":
@@ -182,15 +185,21 @@ def main(argv=None) -> int:
     ap.add_argument("--temperature", type=float, default=0.2)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--corruptions", nargs="+", default=list(corrupt_lib.KINDS),
+                    help="corruption kinds for the corrupted-image negatives (default: the paper's lowres "
+                         "color_jitter; also lowres:PX, blur:RADIUS, shuffle:GRID)")
     ap.add_argument("--template", default="auto", help="chat template: auto (the checkpoint's) or a built-in name")
     ap.add_argument("--dtype", default="bfloat16")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     from vlmjax.generate.loading import load_model
 
+    for kind in args.corruptions:
+        corrupt_lib.parse_kind(kind)  # a typo fails before the model loads
     model, _cfg, tokenizer = load_model(args.model, dtype=args.dtype)
     stats = make_preferences(model, tokenizer, image_list(args.images, limit=args.limit), args.images, args.out,
-                             negatives=args.negatives, seed=args.seed, max_new_tokens=args.max_new_tokens,
+                             prompts=PromptSet(corruptions=tuple(args.corruptions)), negatives=args.negatives,
+                             seed=args.seed, max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature, batch_size=args.batch_size, template=args.template)
     print(json.dumps(stats))
     return 0
