@@ -19,6 +19,24 @@ def test_dihedral_gives_the_eight_distinct_views_of_a_square():
     assert np.array_equal(views[1], np.rot90(a)) and np.array_equal(views[4], a[:, ::-1])
 
 
+def test_sft_turns_balance_absent_yes_no_answers_and_add_an_imagine_turn():
+    cases = {("Is there a red shape?", "No"): True, ("Is there not a red shape?", "Yes"): True,
+             ("Is no green shape present?", "Yes"): True, ("Is a circle present?", "Yes"): False,
+             ("Does the image not contain a rectangle?", "No"): False, ("What color is the shape?", "Red"): False}
+    assert {k: mini_base.says_absent(*k) for k in cases} == cases
+    turns = [{"value": "<image>\nDescribe the image briefly."}, {"value": "The image shows a red circle."}]
+    for q, a in cases:
+        turns += [{"value": q}, {"value": a}]
+    rng = np.random.default_rng(0)
+    out = mini_base.sft_turns(turns, rng, keep_absent=0.0, imagine=("Imagine it.", "The image shows a teal triangle."))
+    pairs = {(out[i]["value"].replace("<image>\n", ""), out[i + 1]["value"]) for i in range(0, len(out), 2)}
+    kept = {k for k, absent in cases.items() if not absent}
+    assert {p for p in pairs if p in cases} == kept and ("Imagine it.", "The image shows a teal triangle.") in pairs
+    assert out[0]["value"].startswith("<image>\n") and len(pairs) == len(kept) + 2  # + description + imagine
+    full = mini_base.sft_turns(turns, np.random.default_rng(0))  # keep_absent=1: every pair, the order shuffled
+    assert len(full) == len(turns)
+
+
 def test_answer_kind_and_description_accuracy():
     assert [answer_kind(g) for g in ("Circle", "teal", "Yes", "no")] == ["shape", "color", "yes/no", "yes/no"]
     task = Task("d", "caption", [EvalSample(str(i), "Describe the image.", ans, "x.png") for i, ans in
