@@ -120,13 +120,14 @@ def test_run_meta_and_atomic_results(tmp_path):
     cfg = ml_collections.ConfigDict({"optim": {"lr": 1e-3}, "seeds": (0, 1, 2)})
     path = report.write_results(tmp_path / "r" / "results.json",
                                 {"config": cfg, "acc": np.float32(0.5), "curve": np.array([1.0, np.inf]),
-                                 "path": tmp_path}, meta={"commit": "abc"})
+                                 "path": tmp_path, "agg": report.aggregate({"a": [{"m": 1.0}]})},
+                                meta={"commit": "abc"})
     assert path == str(tmp_path / "r" / "results.json")
     assert [p.name for p in (tmp_path / "r").iterdir()] == ["results.json"]  # no temporary file left
     body = json.loads((tmp_path / "r" / "results.json").read_text())
     assert body["config"] == {"optim": {"lr": 1e-3}, "seeds": [0, 1, 2]} and body["acc"] == 0.5
     assert body["curve"] == [1.0, None] and body["nonfinite"] == ["curve/1"] and body["path"] == str(tmp_path)
-    assert body["meta"] == {"commit": "abc"}
+    assert body["meta"] == {"commit": "abc"} and body["agg"] == {"a": {"m": {"mean": 1.0, "sd": None, "n": 1}}}
     body = json.loads(open(report.write_results(tmp_path / "b.json", {"x": 1})).read())
     assert set(body["meta"]) >= {"commit", "host", "versions", "started", "finished", "wall_s"}
     with pytest.raises(TypeError, match="x/y is a object"):

@@ -206,10 +206,12 @@ def run_meta(started: float | None = None, *, repo: str | os.PathLike | None = N
 
 
 def _jsonable(x, path: str, nonfinite: list[str]):
-    """Plain JSON values: ConfigDicts, numpy scalars/arrays, Paths and tuples converted; NaN/inf -> None, their key
-    paths collected (strict JSON, as metrics.jsonl does)."""
+    """Plain JSON values: ConfigDicts, Stats ({mean, sd, n}), numpy scalars/arrays, Paths and tuples converted;
+    NaN/inf -> None, their key paths collected (strict JSON, as metrics.jsonl does)."""
     if hasattr(x, "to_dict") and callable(x.to_dict):  # ml_collections.ConfigDict
         x = x.to_dict()
+    if isinstance(x, Stat):
+        x = x._asdict()
     if isinstance(x, Mapping):
         return {str(k): _jsonable(v, f"{path}/{k}" if path else str(k), nonfinite) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
