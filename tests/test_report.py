@@ -160,7 +160,15 @@ def test_bar_chart_heights_and_error_bars(tmp_path):
     assert one.patches[0].get_height() == pytest.approx(0.5) and np.isnan(one.patches[1].get_height())
     assert np.isnan(one.errorbar.lines[2][0].get_segments()[0]).all()  # 1 seed: no error bar
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["base (n=3 seeds)", "one (n=1 seed)"]
-    out = plots.bar_chart(agg, ["acc", "f1"], tmp_path / "bars.png")
+    assert not ax.texts  # no baseline, no markers
+    # base vs a clearly lower arm: acc exceeds the spread (p = 0.008, as above), f1 does not (p = 0.288)
+    agg = report.aggregate({"base": [{"acc": 0.80, "f1": 0.80}, {"acc": 0.81, "f1": 0.81}, {"acc": 0.82, "f1": 0.82}],
+                            "low": [{"acc": 0.76, "f1": 0.79}, {"acc": 0.77, "f1": 0.80}, {"acc": 0.78, "f1": 0.81}]})
+    ax = plots.bar_figure(agg, ["acc", "f1"], baseline="base").axes[0]
+    low = [c for c in ax.containers if isinstance(c, BarContainer)][1].patches[0]
+    (star,) = ax.texts
+    assert star.get_text() == "*" and star.xy == pytest.approx((low.get_x() + low.get_width() / 2, 0.77 + 0.01))
+    out = plots.bar_chart(agg, ["acc", "f1"], tmp_path / "bars.png", baseline="base")
     assert out == str(tmp_path / "bars.png")
     _png(out)
 

@@ -33,11 +33,16 @@ def _save(fig, path) -> str:
 
 
 def bar_figure(agg: Mapping[str, Mapping], metrics: Sequence[str], *, title: str | None = None,
-               labels: Mapping[str, str] | None = None):
+               labels: Mapping[str, str] | None = None, baseline: str | None = None, alpha: float = 0.05):
     """Grouped bars: one group per metric, one bar per arm (its mean), error bars = sample sd (none for 1 seed);
     the legend gives each arm's seed count. agg: `report.aggregate`'s {arm: {metric: Stat}}. A metric an arm
-    lacks is left out of that arm's bars (NaN height)."""
+    lacks is left out of that arm's bars (NaN height). With `baseline`, a '*' above a bar marks a difference to
+    the baseline arm's bar that exceeds the run-to-run spread (`report.exceeds_spread`, as the markdown table)."""
+    from vlmjax.eval.report import exceeds_spread
+
     labels = labels or {}
+    if baseline is not None and baseline not in agg:
+        raise KeyError(f"baseline arm {baseline!r} not in {list(agg)}")
     arms = list(agg)
     if not arms or not metrics:
         raise ValueError(f"bar_figure needs arms and metrics (got {arms}, {list(metrics)})")
@@ -51,10 +56,15 @@ def bar_figure(agg: Mapping[str, Mapping], metrics: Sequence[str], *, title: str
         sds = [np.nan if s is None or s.sd is None else s.sd for s in stats]  # NaN: no error bar drawn
         ns = sorted({s.n for s in stats if s is not None})
         seeds = "/".join(map(str, ns))
-        ax.bar(x + (i - (len(arms) - 1) / 2) * width, means, width, yerr=sds, capsize=3,
+        pos = x + (i - (len(arms) - 1) / 2) * width
+        ax.bar(pos, means, width, yerr=sds, capsize=3,
                label=f"{labels.get(arm, arm)} (n={seeds} seed{'' if ns == [1] else 's'})")
+        for p, s, m in zip(pos, stats, metrics):
+            base = agg[baseline].get(m) if baseline is not None and arm != baseline else None
+            if s is not None and base is not None and exceeds_spread(s, base, alpha):
+                ax.annotate("*", (p, s.mean + (s.sd or 0.0)), ha="center", va="bottom", fontsize=12)
     ax.set_xticks(x, [labels.get(m, m) for m in metrics])
-    ax.set_ylabel("mean +- sd over seeds")
+    ax.set_ylabel("mean +- sd over seeds" + (f" (* differs from {labels.get(baseline, baseline)})" if baseline else ""))
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     if title:
@@ -64,9 +74,9 @@ def bar_figure(agg: Mapping[str, Mapping], metrics: Sequence[str], *, title: str
 
 
 def bar_chart(agg: Mapping[str, Mapping], metrics: Sequence[str], path, *, title: str | None = None,
-              labels: Mapping[str, str] | None = None) -> str:
+              labels: Mapping[str, str] | None = None, baseline: str | None = None) -> str:
     """`bar_figure` saved as a PNG at `path`; returns the path."""
-    return _save(bar_figure(agg, metrics, title=title, labels=labels), path)
+    return _save(bar_figure(agg, metrics, title=title, labels=labels, baseline=baseline), path)
 
 
 def read_metrics(path, key: str = "loss") -> tuple[np.ndarray, np.ndarray]:
