@@ -46,7 +46,7 @@ def bar_figure(agg: Mapping[str, Mapping], metrics: Sequence[str], *, title: str
     arms = list(agg)
     if not arms or not metrics:
         raise ValueError(f"bar_figure needs arms and metrics (got {arms}, {list(metrics)})")
-    fig = _figure(figsize=(max(4.0, 1.2 * len(metrics) * max(1, len(arms)) / 2 + 1.5), 3.6), dpi=100)
+    fig = _figure(figsize=(max(4.0, 0.6 * len(metrics) * len(arms) + 1.0) + 2.0, 3.6), dpi=100)  # + legend
     ax = fig.add_subplot()
     x = np.arange(len(metrics))
     width = 0.8 / len(arms)
@@ -64,8 +64,9 @@ def bar_figure(agg: Mapping[str, Mapping], metrics: Sequence[str], *, title: str
             if s is not None and base is not None and exceeds_spread(s, base, alpha):
                 ax.annotate("*", (p, s.mean + (s.sd or 0.0)), ha="center", va="bottom", fontsize=12)
     ax.set_xticks(x, [labels.get(m, m) for m in metrics])
-    ax.set_ylabel("mean +- sd over seeds" + (f" (* differs from {labels.get(baseline, baseline)})" if baseline else ""))
-    ax.legend(fontsize=8)
+    ax.set_ylabel("mean +- sd over seeds")
+    ax.legend(fontsize=8, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1),  # outside: never over a bar
+              title=f"* beyond the spread vs {labels.get(baseline, baseline)}" if baseline is not None else None)
     ax.grid(axis="y", alpha=0.3)
     if title:
         ax.set_title(title)
