@@ -248,7 +248,7 @@ def with_mode(task: Task, *, shots: int | None = None, demos=None, template: str
         raise ValueError(f"method must be 'generate' or 'loglik', not {method!r}")
     new = {"shots": shots, "demos": demos, "template": {"chat": None}.get(template, template), "method": method,
            "option_format": option_format, "normalize": normalize, "seed": seed}
-    new = {k: v for k, v in new.items() if v is not None and not (k == "template" and template is None)}
+    new = {k: v for k, v in new.items() if v is not None or (k == "template" and template is not None)}
     if new.get("shots", task.shots) < 0:
         raise ValueError(f"shots must be >= 0, not {new['shots']}")
     out = dataclasses.replace(task, **new)
