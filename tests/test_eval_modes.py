@@ -255,6 +255,7 @@ BAD = [
     ("--template plain --dar easy_vqa --n 2", "--dar with --template plain"),
     ("--shots 1 mmlu --file mmlu/data/test", "--shots 1: mmlu needs --demos"),
     ("--template fancy easy_vqa", "argument --template: invalid choice"),
+    ("--mesh 3 mmlu --file mmlu/data/test", "--mesh 3,1,1:"),  # 3 data rows on this process's one device
 ]
 
 
@@ -286,6 +287,16 @@ def test_with_mode_names_each_mode():
         tasks.with_mode(t, normalize="mean")
     with pytest.raises(ValueError, match="template must be 'chat' or 'plain'"):
         tasks.with_mode(t, template="fancy")
+
+
+def test_llava_jsonl_reads_choices(tmp_path):
+    jsonl(tmp_path / "mc.jsonl", [{"question_id": 7, "text": "Pick\nA. x\nB. y", "answer": "B", "choices": ["x", "y"]},
+                                  {"question_id": 8, "text": "Say", "answer": "z"}])
+    t = tasks.llava_jsonl(tmp_path / "mc.jsonl", "", "mc")
+    assert [s.choices for s in t.samples] == [["x", "y"], None] and t.samples[0].answers == ["B"]
+    jsonl(tmp_path / "bad.jsonl", [{"question_id": 9, "text": "q", "answer": "A", "choices": "x,y"}])
+    with pytest.raises(ValueError, match="bad.jsonl: question 9: choices must be a list of strings"):
+        tasks.llava_jsonl(tmp_path / "bad.jsonl", "", "mc")
 
 
 MESH_SCRIPT = """

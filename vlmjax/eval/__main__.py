@@ -100,9 +100,11 @@ def build_task(p: argparse.ArgumentParser, a) -> tasks.Task:
             p.error(f"--shots: {where} shares samples with the queries (e.g. {sorted(shared)[0]}); demonstrations "
                     "must come from other samples" + (" (coco_captions: the Karpathy dataset_coco.json has the "
                                                        "splits)" if a.task == "coco_captions" else ""))
-    for s in task.samples:  # what would fail mid-run, named now
-        if task.method == "loglik" and not s.choices:
-            p.error(f"--by loglik: {a.task} sample {s.id} has no choices (llava_jsonl: a \"choices\" list)")
+    # what would fail mid-run, named now: options to score; a pool too small (one draw per kind: mmlu's subjects)
+    bare = next((s.id for s in task.samples if task.method == "loglik" and not s.choices), None)
+    if bare is not None:
+        p.error(f"--by loglik: {a.task} sample {bare} has no choices (llava_jsonl: a \"choices\" list)")
+    for s in {str(s.meta.get("kind")): s for s in task.samples}.values():
         try:
             pick_demos(task, s)
         except ValueError as e:

@@ -13,12 +13,13 @@ yesno     accuracy, precision, recall, F1, yes ratio            pope: POPE / LLa
 caption   BLEU-4, CIDEr-D                                       coco_captions: COCO captions_*.json, or the
                                                                   Karpathy dataset_coco.json (with `split`)
 any       (as `kind`)                                           llava_jsonl: {"question_id", "image", "text",
-                                                                  "answer" | "answers" | "label"} per line
+                                                                  "answer" | "answers" | "label", "choices"?}
 mc        accuracy of the most likely option (method="loglik")  mmlu: the MMLU CSVs (question, A, B, C, D, answer;
                                                                   no header), one file per subject
 
 Prompting (vlmjax/eval/prompts.py): `shots` k-shot demonstrations drawn from `demos`; `template="plain"` for
-pre-trained (stage-1/2) checkpoints. Samples with `meta["kind"]` (easy-vqa: shape / color / yes_no; VQAv2: the
+pre-trained (stage-1/2) checkpoints. `with_mode(task, shots=, template=, method=, ...)` sets them and names the
+task after its mode (easy_vqa_test_4shot_plain), so outputs of two modes never mix. Samples with `meta["kind"]` (easy-vqa: shape / color / yes_no; VQAv2: the
 answer type; MMLU: the subject) get per-kind metrics in the results (`by_kind`).
 """
 
