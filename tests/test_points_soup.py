@@ -159,28 +159,55 @@ def test_bad_ingredients_are_errors_naming_what(tmp_path):
     assert S.metric_value({"by_kind": {"shape": {"accuracy": 1.0}}}, "by_kind.shape.accuracy") == 1.0
 
 
-def test_greedy_cli_with_an_easy_vqa_val_file(tmp_path):
-    """The README's command shape: greedy by easy-vqa accuracy on a held-out question file, in memory."""
-    from test_generate import smol_vlm
+@pytest.fixture(scope="module")
+def smol_runs(tmp_path_factory):
+    """Two tiny random VLMs on the SmolLM2 tokenizer (different seeds) and a 4-question easy-vqa val file of
+    held-out train images 3300-3499."""
+    from test_generate import SMOL_IMAGE_ID, tiny_vlm
 
     from vlmjax.data.assets import easy_vqa_data_dir, smollm2_tokenizer
 
+    d = tmp_path_factory.mktemp("smol_runs")
     root = os.path.join(easy_vqa_data_dir(), "train")
     qs = json.load(open(os.path.join(root, "questions.json")))
-    val = [q for q in qs if 3300 <= int(q[2]) < 3500][:4]
-    (tmp_path / "val.json").write_text(json.dumps(val))
+    (d / "val.json").write_text(json.dumps([q for q in qs if 3300 <= int(q[2]) < 3500][:4]))
     tok = smollm2_tokenizer()
     for i in range(2):
-        model = smol_vlm()
-        b = model.projector.linear_2.bias
-        b.set_value(b[...] + i)
-        save_native(model, tmp_path / f"sft{i}", tokenizer=tok)
-    rec = main(["soup", "greedy", str(tmp_path / "sft0"), str(tmp_path / "sft1"), "--out", str(tmp_path / "g"),
-                "--val-file", str(tmp_path / "val.json"), "--val-images", os.path.join(root, "images"),
-                "--batch-size", "4"])
+        save_native(tiny_vlm(vocab=49216, image_token_id=SMOL_IMAGE_ID, seed=i), d / f"sft{i}", tokenizer=tok)
+    return d, os.path.join(root, "images")
+
+
+def test_greedy_cli_with_an_easy_vqa_val_file(smol_runs, tmp_path):
+    """The README's command shape: greedy by easy-vqa accuracy on a held-out question file, in memory."""
+    d, images = smol_runs
+    rec = main(["soup", "greedy", str(d / "sft0"), str(d / "sft1"), "--out", str(tmp_path / "g"),
+                "--val-file", str(d / "val.json"), "--val-images", images, "--batch-size", "4"])
     assert rec["val"].startswith("easy_vqa_val:accuracy:n=4:") and 0.0 <= rec["soup_val"] <= 1.0
     state = json.loads((tmp_path / "g" / "soup.json").read_text())
     assert len(state["trials"]) == 2 + 2 and len(state["evaluated"]) == 3
     load_native(tmp_path / "g" / "model")
     with pytest.raises(SystemExit, match="--val-file is required"):
-        main(["soup", "greedy", str(tmp_path / "sft0"), "--out", str(tmp_path / "h")])
+        main(["soup", "greedy", str(d / "sft0"), "--out", str(tmp_path / "h")])
+
+
+def test_in_memory_trials_answer_as_the_exported_weights(smol_runs, tmp_path):
+    """Each trial's generations (in memory, weights streamed into one model) equal those of the same weights
+    loaded fresh from disk: no stale engine copy of an earlier candidate's weights."""
+    from vlmjax.convert.native import load_folder
+    from vlmjax.eval import tasks
+    from vlmjax.eval.runner import predict
+
+    d, images = smol_runs
+    task = tasks.easy_vqa_file(d / "val.json", images)
+    seen = []
+
+    def fn(model, tok):
+        seen.append(predict(model, tok, task, batch_size=4, progress=False))
+        return 0.0  # a tie: the pair is accepted
+
+    S.greedy([d / "sft0", d / "sft1"], tmp_path / "g", S.Val("record", fn), log=lambda m: None)
+    fresh = []
+    for folder in (d / "sft0", d / "sft1", tmp_path / "g" / "model"):
+        model, _, tok = load_folder(folder)
+        fresh.append(predict(model, tok, task, batch_size=4, progress=False))
+    assert seen == fresh and seen[0] != seen[1]

@@ -171,7 +171,7 @@ def greedy(folders: Sequence, out_dir, val: Val, *, dtype: str = "float32", log=
     order = sorted(range(len(folders)), key=lambda i: -singles[i])  # stable: ties keep the given order
     soup, best = [order[0]], singles[order[0]]
     trials.append({"stage": "greedy", "ingredient": folders[order[0]], "val": best, "soup_val": None,
-                   "accepted": True, "members": [folders[order[0]]], "cached": True})
+                   "accepted": True, "members": [folders[order[0]]], "cached": trials[order[0]]["cached"]})
     for i in order[1:]:
         cand = soup + [i]
         v, cached = score(cand)
