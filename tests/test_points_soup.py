@@ -211,3 +211,18 @@ def test_in_memory_trials_answer_as_the_exported_weights(smol_runs, tmp_path):
         model, _, tok = load_folder(folder)
         fresh.append(predict(model, tok, task, batch_size=4, progress=False))
     assert seen == fresh and seen[0] != seen[1]
+
+
+def test_easy_vqa_file_reads_the_package_layout(tmp_path):
+    from vlmjax.data.assets import easy_vqa_data_dir
+    from vlmjax.eval import tasks
+
+    root = os.path.join(easy_vqa_data_dir(), "train")
+    a = tasks.easy_vqa_file(os.path.join(root, "questions.json"), os.path.join(root, "images"), n=7)
+    b = tasks.easy_vqa("train", n=7)
+    assert [(s.question, s.answers, s.image, s.meta) for s in a.samples] == \
+        [(s.question, s.answers, s.image, s.meta) for s in b.samples]
+    assert a.vocab == b.vocab and a.name == "easy_vqa_questions" and a.samples[0].id.startswith("questions_0_")
+    (tmp_path / "bad.json").write_text(json.dumps([["What shape?", "circle"]]))
+    with pytest.raises(ValueError, match="bad.json: not an easy-vqa question file"):
+        tasks.easy_vqa_file(tmp_path / "bad.json", tmp_path)
