@@ -187,7 +187,8 @@ def _easy_vqa_samples(questions, images, prefix: str, count: int | None) -> list
         rows = json.loads(Path(questions).read_text())
         rows = _spread([(i, (str(q), str(a), int(image_id))) for i, (q, a, image_id) in enumerate(rows)], count)
     except (ValueError, TypeError) as e:
-        raise ValueError(f"{questions}: not an easy-vqa question file ([question, answer, image_id] rows): {e}") from None
+        raise ValueError(f"{questions}: not an easy-vqa question file ([question, answer, image_id] rows): "
+                         f"{e}") from None
     return [EvalSample(f"{prefix}_{i}_{image_id}", q[0].upper() + q[1:], [a], str(Path(images) / f"{image_id}.png"),
                        meta={"kind": answer_kind(a)}) for i, (q, a, image_id) in rows]
 

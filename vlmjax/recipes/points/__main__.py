@@ -100,6 +100,7 @@ def parser() -> argparse.ArgumentParser:
     u = sp.add_parser("uniform", help="the uniform weight average of all ingredients")
     g = sp.add_parser("greedy", help="greedy soup (Wortsman et al. 2022) by a held-out val task, in memory")
     from vlmjax.eval.__main__ import TASKS
+    from vlmjax.generate.cli import positive_int
 
     g.add_argument("--val-task", default="easy_vqa", choices=[t for t in TASKS if t != "perplexity"],
                    help="a python -m vlmjax.eval task (default: %(default)s)")
@@ -109,9 +110,10 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--val-annotations", help="vqav2: annotations JSON")
     g.add_argument("--val-kind", default="vqa", choices=["vqa", "mc", "yesno", "caption"], help="llava_jsonl: kind")
     g.add_argument("--val-split", default=None, help="scienceqa / coco_captions split")
-    g.add_argument("--val-n", type=int, default=None, help="first N val samples (easy_vqa: N spread over the file)")
+    g.add_argument("--val-n", type=positive_int, default=None,
+                   help="first N val samples (easy_vqa: N spread over the file)")
     g.add_argument("--metric", default="accuracy", help="metric read from the task's results (default: accuracy)")
-    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--batch-size", type=positive_int, default=16)
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="in-memory model dtype")
     for q in (u, g):
         q.add_argument("ingredients", nargs="+", help="native or HF model folders (LoRA runs exported merged)")
