@@ -82,17 +82,20 @@ def score(args, out: dict) -> None:
     reqs = caption_requests(caption_pool(args.pairs, tmp))
     ours = {}
     for b in (1, 32):
-        times = []
+        times, cpus = [], []
         for rep in range(args.reps + 1):  # rep 0: warm-up (compiles)
             path = tmp / f"ours_b{b}_{rep}.jsonl"
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             st = score_dataset(model, tok, reqs, path, batch_size=b, progress=False)
             if rep:
                 times.append(time.perf_counter() - t0)
+                cpus.append(time.process_time() - c0)
             assert st["written"] == len(reqs), st
         ours[b] = {json.loads(x)["id"]: json.loads(x)["perplexity"] for x in path.read_text().splitlines()}
         out[f"ours_b{b}_pairs_per_s"] = round(len(reqs) / statistics.median(times), 3)
-        print(f"score_dataset batch {b}: {out[f'ours_b{b}_pairs_per_s']} pairs/s", flush=True)
+        out[f"ours_b{b}_cpu_s_per_pair"] = round(statistics.median(cpus) / len(reqs), 4)
+        print(f"score_dataset batch {b}: {out[f'ours_b{b}_pairs_per_s']} pairs/s, "
+              f"{out[f'ours_b{b}_cpu_s_per_pair']} CPU s/pair", flush=True)
 
     folder = tmp / "hf"
     hf.save_vlm(model, folder, tokenizer=tok)
@@ -113,15 +116,18 @@ def score(args, out: dict) -> None:
             ppl[r.id] = float(torch.exp(-torch.log(p[mask]).mean()))
         return ppl
 
-    times = []
+    times, cpus = [], []
     for rep in range(args.reps + 1):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         hf_ppl = reference_loop()
         if rep:
             times.append(time.perf_counter() - t0)
+            cpus.append(time.process_time() - c0)
     out["transformers_b1_pairs_per_s"] = round(len(reqs) / statistics.median(times), 3)
+    out["transformers_b1_cpu_s_per_pair"] = round(statistics.median(cpus) / len(reqs), 4)
     for b in (1, 32):
         out[f"ratio_b{b}"] = round(out[f"ours_b{b}_pairs_per_s"] / out["transformers_b1_pairs_per_s"], 3)
+        out[f"cpu_ratio_b{b}"] = round(out["transformers_b1_cpu_s_per_pair"] / out[f"ours_b{b}_cpu_s_per_pair"], 3)
     ids = sorted(hf_ppl)
     out["max_rel_ppl_diff"] = float(max(abs(ours[b][i] / hf_ppl[i] - 1) for b in (1, 32) for i in ids))
     out.update(pairs=len(reqs), torch_threads=args.torch_threads, reps=args.reps)
@@ -159,21 +165,23 @@ def soup_child(mode: str, folders: list[str], out_dir: str) -> None:
 
     th = threading.Thread(target=sample, daemon=True)
     th.start()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if mode == "uniform":
         average_folders(folders, out_dir)
     elif mode == "in_memory":
         average_into(model, open_sources(folders))
-    else:  # the reference's model_soup.py: every state dict in memory, then the sum / N
-        from safetensors.numpy import load_file
+    else:  # the reference's model_soup.py: every state dict in memory, summed, / N, saved
+        from safetensors.numpy import load_file, save_file
 
         dicts = [load_file(str(Path(f) / "model.safetensors")) for f in folders]
         soup = {k: sum(d[k].astype(np.float32) for d in dicts) / len(dicts) for k in dicts[0]}
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        save_file(soup, str(Path(out_dir) / "model.safetensors"))
         del soup, dicts
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     done.set()
     th.join()
-    print(json.dumps(dict(mode=mode, seconds=round(seconds, 3), base_mb=round(base),
+    print(json.dumps(dict(mode=mode, seconds=round(seconds, 3), cpu_s=round(cpu, 3), base_mb=round(base),
                           peak_growth_mb=round(_status("VmHWM:") - base),
                           peak_anon_growth_mb=round(max(peak_anon[0], _status("RssAnon:")) - base_anon))))
 
@@ -204,6 +212,7 @@ def soup(args, out: dict) -> None:
         got = json.loads(res.stdout.strip().splitlines()[-1])
         print(f"soup {mode}: {got} (model {model_mb:.0f} MB)", flush=True)
         out[f"soup_{mode}_s"] = got["seconds"]
+        out[f"soup_{mode}_cpu_s"] = got["cpu_s"]
         out[f"soup_{mode}_peak_growth_models"] = round(got["peak_growth_mb"] / model_mb, 2)
         out[f"soup_{mode}_peak_anon_growth_models"] = round(got["peak_anon_growth_mb"] / model_mb, 2)
     shutil.rmtree(tmp, ignore_errors=True)
