@@ -1,6 +1,7 @@
 """`python -m vlmjax.eval`: evaluate a model on benchmarks stored locally (layouts: see vlmjax/eval/tasks.py).
 
     python -m vlmjax.eval --model HF_LLAVA_DIR --out results/ easy_vqa --n 200
+    python -m vlmjax.eval --model DIR --out results/ easy_vqa --file val/questions.json --images train/images
     python -m vlmjax.eval --model DIR --out results/ vqav2 --questions Q.json --annotations A.json --images val2014/
     python -m vlmjax.eval --model DIR --out results/ pope --file coco_pope_random.json --images val2014/
     python -m vlmjax.eval --model DIR --out results/ scienceqa --file problems.json --images scienceqa/images
@@ -56,6 +57,8 @@ def load_task(a, file=None, split=None, limit=None) -> tasks.Task:
     """The task as its loader reads it (`file` / `split`: another file or split of it, the demonstration pool)."""
     file, split = file or a.file, split or a.split
     if a.task == "easy_vqa":
+        if file:  # a question file in the package's layout (e.g. held-out validation questions)
+            return tasks.easy_vqa_file(file, a.images or ".", n=limit)
         return tasks.easy_vqa(split or "test", n=limit)
     if a.task == "vqav2":
         return tasks.vqav2(a.questions, a.annotations, a.images, limit=limit)
@@ -76,7 +79,7 @@ def load_task(a, file=None, split=None, limit=None) -> tasks.Task:
 
 def build_task(p: argparse.ArgumentParser, a) -> tasks.Task:
     """The task in the mode the flags ask for: its loader, the demonstration pool, then `tasks.with_mode`."""
-    if a.task == "easy_vqa":  # its loader spreads --n over the split and draws demonstrations from 1000 train rows
+    if a.task == "easy_vqa" and not a.file:  # spreads --n over the split; demonstrations from 1000 train rows
         task = tasks.easy_vqa(a.split or "test", n=a.n, shots=a.shots, template=a.template)
     elif a.task == "mmlu":  # demonstrations from the query's own subject
         task = tasks.mmlu(a.file, limit=a.n, shots=a.shots, dev_path=a.demos, option_format=a.options,
@@ -122,7 +125,8 @@ def parser() -> argparse.ArgumentParser:
                    help="tokens per answer (default: the task kind's, e.g. 16 for vqa)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight dtype")
     p.add_argument("task", choices=TASKS, help="benchmark (layouts: vlmjax/eval/tasks.py)")
-    p.add_argument("--file", help="the task's main file (all but easy_vqa and vqav2)")
+    p.add_argument("--file", help="the task's main file (all but vqav2; easy_vqa: optional, a questions.json of "
+                   "[question, answer, image_id] rows with --images)")
     p.add_argument("--questions", help="vqav2: the official questions JSON")
     p.add_argument("--annotations", help="vqav2: the official annotations JSON")
     p.add_argument("--images", help="image folder (vqav2, textvqa, scienceqa, pope, coco_captions; llava_jsonl)")

@@ -184,6 +184,26 @@ def _spread(rows, n):
     return rows
 
 
+def _easy_vqa_samples(questions, images, prefix: str, count: int | None) -> list[EvalSample]:
+    from vlmjax.data.easy_vqa import answer_kind
+
+    try:
+        rows = json.loads(Path(questions).read_text())
+        rows = _spread([(i, (str(q), str(a), int(image_id))) for i, (q, a, image_id) in enumerate(rows)], count)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{questions}: not an easy-vqa question file ([question, answer, image_id] rows): "
+                         f"{e}") from None
+    return [EvalSample(f"{prefix}_{i}_{image_id}", q[0].upper() + q[1:], [a], str(Path(images) / f"{image_id}.png"),
+                       meta={"kind": answer_kind(a)}) for i, (q, a, image_id) in rows]
+
+
+def _easy_vqa_vocab() -> list[str]:
+    from vlmjax.data.assets import easy_vqa_data_dir
+
+    text = (Path(easy_vqa_data_dir()) / "answers.txt").read_text()
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def easy_vqa(split: str = "test", *, n: int | None = 200, shots: int = 0, demo_split: str = "train",
              n_demos: int = 1000, template: str | None = None) -> Task:
     """easy-vqa questions (single-word answers: shapes, colours, yes/no), prompted as in the training data built by
@@ -191,19 +211,22 @@ def easy_vqa(split: str = "test", *, n: int | None = 200, shots: int = 0, demo_s
     meta["kind"] is the answer kind (shape, color, yes_no). With shots, demonstrations come from n_demos
     questions spread over demo_split."""
     from vlmjax.data.assets import easy_vqa_data_dir
-    from vlmjax.data.easy_vqa import answer_kind
 
     root = Path(easy_vqa_data_dir())
 
     def load(part, count):
-        rows = _spread(list(enumerate(json.loads((root / part / "questions.json").read_text()))), count)
-        return [EvalSample(f"{part}_{i}_{image_id}", q[0].upper() + q[1:], [a],
-                           str(root / part / "images" / f"{image_id}.png"), meta={"kind": answer_kind(a)})
-                for i, (q, a, image_id) in rows]
+        return _easy_vqa_samples(root / part / "questions.json", root / part / "images", part, count)
 
-    vocab = [line.strip() for line in (root / "answers.txt").read_text().splitlines() if line.strip()]
-    task = Task(f"easy_vqa_{split}", "vqa", load(split, n), instruction="", max_new_tokens=8, vocab=vocab)
+    task = Task(f"easy_vqa_{split}", "vqa", load(split, n), instruction="", max_new_tokens=8, vocab=_easy_vqa_vocab())
     return with_mode(task, shots=shots, demos=load(demo_split, n_demos) if shots else None, template=template)
+
+
+def easy_vqa_file(questions, images, *, n: int | None = None, name: str | None = None) -> Task:
+    """easy-vqa questions from a file in the package's layout (`questions.json`: [question, answer, image_id] rows,
+    images `{images}/{image_id}.png`), scored as `easy_vqa`: e.g. a validation set of held-out train images."""
+    name = name or f"easy_vqa_{Path(questions).stem}"
+    return Task(name, "vqa", _easy_vqa_samples(questions, images, Path(questions).stem, n), instruction="",
+                max_new_tokens=8, vocab=_easy_vqa_vocab())
 
 
 def mmlu(path, *, subjects=None, limit=None, shots: int = 0, dev_path=None, option_format: str = "letter",
