@@ -50,14 +50,14 @@ def cmd_select(a) -> dict:
 
 
 def val_task(a):
-    from vlmjax.eval.__main__ import build_task
+    from vlmjax.eval.__main__ import load_task
 
     if a.val_task == "easy_vqa" and not a.val_file:
         raise SystemExit("soup greedy: --val-file is required (held-out questions, easy-vqa layout "
                          "[question, answer, image_id] rows with --val-images); the test split is never a val set")
-    ns = argparse.Namespace(task=a.val_task, file=a.val_file, images=a.val_images, n=a.val_n, split=a.val_split,
+    ns = argparse.Namespace(task=a.val_task, file=a.val_file, images=a.val_images, split=a.val_split,
                             kind=a.val_kind, questions=a.val_questions, annotations=a.val_annotations, pid_splits=None)
-    return build_task(ns)
+    return load_task(ns, limit=a.val_n)
 
 
 def cmd_uniform(a) -> dict:
