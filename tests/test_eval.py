@@ -406,7 +406,7 @@ def test_text_perplexity_matches_a_plain_forward(tmp_path):
         assert [r["perplexity"] for r in rows] == pytest.approx(per, rel=1e-4)
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in docs))
     m = text_perplexity(model, tok, tmp_path / "docs.jsonl", max_length=4, batch_size=2, out_dir=tmp_path)
-    assert m["perplexity"] == pytest.approx(ref(4)[0], rel=1e-4) and m["task"] == "docs_perplexity"
+    assert m["perplexity"] == pytest.approx(ref(4)[0], rel=1e-4) and m["task"] == "docs_perplexity_len4"
     (tmp_path / "bad.jsonl").write_text('{"id": 1, "txt": "x"}\n')
     with pytest.raises(ValueError, match="bad.jsonl: record 1 has no text field 'text'"):
         text_perplexity(model, tok, tmp_path / "bad.jsonl")

@@ -9,7 +9,7 @@ import pytest
 from packaging.requirements import Requirement
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
-TESTED_EXTRAS = ("hf", "test", "data")  # what `make test` installs
+TESTED_EXTRAS = ("hf", "test", "data", "plot")  # what `make test` installs
 
 
 def requirements(extras=TESTED_EXTRAS):

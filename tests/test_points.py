@@ -107,7 +107,7 @@ def _readme_commands():
     section = text.split("## POINTS (vlmjax/recipes/points)")[1].split("\n## ")[0]
     joined = section.replace("\\\n", " ")
     return [" ".join(line.split()) for line in joined.splitlines()
-            if line.strip().startswith("python -m vlmjax.recipes.points")]
+            if line.strip().startswith("python -m vlmjax.recipes.points filter")]  # soup: test_points_soup.py
 
 
 def test_score_ppl_is_exp_mean_nll_and_readme_commands(tmp_path, monkeypatch, scorer):

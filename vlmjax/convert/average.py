@@ -7,7 +7,8 @@ The folders must hold the same model: the same parameter paths, shapes and dtype
 naming the tensor, the field or the folder. Reading streams one parameter at a time from every folder into one fp32
 accumulator, so host memory peaks at about one parameter per folder plus the shard being written, never N models.
 The soup is written as a native folder (the first folder's config and tokenizer). Weights are normalised to sum 1.
-Greedy soup selection (which folders to average) is the recipe's business (POINTS), not this module's.
+`average_into` streams the same average into a model already in memory (candidate soups evaluated without an
+export). Greedy soup selection (which folders to average) is the recipe's business (POINTS), not this module's.
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ class ParamSource:
             self._src = SafetensorsSource(folder)
             self._rules = {path_str(r.path): r for r in vlm_rules(self.cfg)}
             self.paths = sorted(self._rules)
+
+    def spec(self, path: str) -> tuple[str, tuple[int, ...]] | None:
+        """(dtype name, shape) from the file header for a native folder; None for HF (layouts differ from ours)."""
+        return self._src.spec(path) if self._rules is None else None
 
     def get(self, path: str) -> np.ndarray:
         if self._rules is None:
@@ -115,6 +120,11 @@ def check_same_model(sources: Sequence[ParamSource], check_tokenizer: bool = Tru
             only_a, only_b = sorted(set(first.paths) - set(s.paths)), sorted(set(s.paths) - set(first.paths))
             raise Mismatch(f"tensor {(only_a or only_b)[0]} is in {first.folder if only_a else s.folder} only "
                            f"({len(only_a)} vs {len(only_b)} tensors differ)")
+        for path in first.paths:  # from the headers (native folders): caught before any tensor is read
+            a, b = first.spec(path), s.spec(path)
+            if a is not None and b is not None and a != b:
+                raise Mismatch(f"tensor {path}: {first.folder} has {a[0]}{list(a[1])}, {s.folder} has "
+                               f"{b[0]}{list(b[1])}")
         if check_tokenizer and _tokenizer_signature(s.folder) != ref_tok:
             raise Mismatch(f"tokenizer of {s.folder} differs from {first.folder}'s (vocabulary, special tokens or "
                            "chat template)")
@@ -137,21 +147,66 @@ def averaged_tensors(sources: Sequence[ParamSource], weights: np.ndarray):
         yield path, acc.astype(dtype, copy=False)
 
 
+def open_sources(folders: Sequence, *, check_tokenizer: bool = True) -> list[ParamSource]:
+    """One ParamSource per folder, checked to hold the same model (errors name the field, tensor or folder)."""
+    sources = [ParamSource(f) for f in folders]
+    check_same_model(sources, check_tokenizer)
+    return sources
+
+
+def normalised_weights(n: int, weights: Sequence[float] | None = None) -> np.ndarray:
+    w = np.ones(n) if weights is None else np.asarray(weights, np.float64)
+    if w.shape != (n,):
+        raise ValueError(f"{len(w)} weights for {n} folders")
+    if not np.isfinite(w).all() or w.sum() == 0:
+        raise ValueError(f"weights {w.tolist()} must be finite and not sum to 0")
+    return w / w.sum()
+
+
+def average_into(model, sources: Sequence[ParamSource], weights: Sequence[float] | None = None):
+    """Set every parameter of the in-memory `model` to the sources' average (one source: its weights), streamed one
+    parameter at a time, so a candidate soup is evaluated without an export and without a second model in memory.
+    Each value is the one `average_folders` would write (cast to the stored dtype), then to the parameter's dtype.
+    The model must have exactly the sources' parameters, with their shapes (errors name the tensor)."""
+    import jax
+    from flax import nnx
+
+    flat = {path_str(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    first = sources[0]
+    if set(flat) != set(first.paths):
+        only_m, only_s = sorted(set(flat) - set(first.paths)), sorted(set(first.paths) - set(flat))
+        name = (only_m or only_s)[0]
+        raise Mismatch(f"tensor {name} is in the {'model' if only_m else first.folder} only "
+                       f"({len(only_m)} model-only, {len(only_s)} folder-only tensors)")
+    for path, arr in averaged_tensors(sources, normalised_weights(len(sources), weights)):
+        var = flat[path]
+        if tuple(arr.shape) != tuple(var.shape):
+            raise Mismatch(f"tensor {path}: {first.folder} has shape {list(arr.shape)}, the model {list(var.shape)}")
+        arr = arr.astype(var.dtype, copy=False)
+        old = var.get_value() if hasattr(var, "get_value") else var.value
+        # placed like the value it replaces (a sharded model stays sharded; each process fills its own shards)
+        value = jax.make_array_from_callback(arr.shape, old.sharding, lambda idx, b=arr: b[idx])
+        del old
+        var.set_value(value) if hasattr(var, "set_value") else setattr(var, "value", value)
+        del arr
+    return model
+
+
 def average_folders(folders: Sequence, out_dir, *, weights: Sequence[float] | None = None,
                     max_shard_bytes: int = 2 << 30) -> Path:
     """Average native or HF VLM folders into a native folder at `out_dir`; returns it."""
     if len(folders) < 2:
         raise ValueError(f"averaging needs at least two folders, got {len(folders)}")
-    w = np.ones(len(folders)) if weights is None else np.asarray(weights, np.float64)
-    if w.shape != (len(folders),):
-        raise ValueError(f"{len(w)} weights for {len(folders)} folders")
-    if not np.isfinite(w).all() or w.sum() == 0:
-        raise ValueError(f"weights {w.tolist()} must be finite and not sum to 0")
-    w = w / w.sum()
-    sources = [ParamSource(f) for f in folders]
-    check_same_model(sources)
+    w = normalised_weights(len(folders), weights)
+    return write_average(open_sources(folders), out_dir, weights=w, max_shard_bytes=max_shard_bytes)
+
+
+def write_average(sources: Sequence[ParamSource], out_dir, *, weights: Sequence[float] | None = None,
+                  max_shard_bytes: int = 2 << 30) -> Path:
+    """The average of checked sources (`open_sources`; one source: its weights) as a native folder, streamed."""
     from vlmjax.convert.native import load_tokenizer
 
+    w = normalised_weights(len(sources), weights)
     first = sources[0]
     stored = {np.dtype(first.get(first.paths[0]).dtype).name}  # record the dtype the tensors are stored in
     cfg = first.cfg

@@ -79,6 +79,16 @@ class SafetensorsSource:
             raise MissingTensor(f"tensor {name!r} not found in {self.folder}") from None
         return np.asarray(handle.get_tensor(raw))
 
+    def spec(self, name: str) -> tuple[str, tuple[int, ...]]:
+        """(dtype name, shape) of a tensor from the file header, without reading it."""
+        handle, raw = self._where[name]
+        sl = handle.get_slice(raw)
+        return _ST_DTYPES.get(sl.get_dtype(), sl.get_dtype()), tuple(sl.get_shape())
+
+
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
 
 def _rename(name: str, renames) -> str:
     for old, new in renames:

@@ -6,6 +6,7 @@ benchmark files, a runner on the KV-cache generation engine, and the built-in ea
     evaluate(model, tokenizer, tasks.pope("coco_pope_random.json", "val2014/"), out_dir="results/")
     evaluate(model, tokenizer, tasks.easy_vqa("test", n=200, shots=4, template="plain"))   # 4-shot, stage-2 model
     evaluate(llm, tokenizer, tasks.mmlu("mmlu/data/test"))                  # multiple choice by option likelihood
+    evaluate(model, tokenizer, tasks.with_mode(tasks.scienceqa(...), method="loglik"), mesh=mesh)  # any mc task
     text_perplexity(llm, tokenizer, "wiki.txt")["perplexity"]
 """
 

@@ -32,7 +32,7 @@ from vlmjax.eval.tasks import Task
 from vlmjax.generate.dataset import iter_batches
 from vlmjax.generate.jsonl import ResumableJsonl, read_jsonl
 from vlmjax.generate.requests import Encoder, collate_images, image_pos_of, image_slots
-from vlmjax.scoring.loglik import pad_rows, sequence_scores, token_logprobs
+from vlmjax.scoring.loglik import data_parallel, pad_rows, sequence_scores, token_logprobs
 
 
 def _option(task: Task, j: int, text: str) -> str:
@@ -44,10 +44,12 @@ def _option(task: Task, j: int, text: str) -> str:
 
 
 def option_scores(model, tokenizer, task: Task, *, out_path=None, batch_size: int = 16,
-                  encoder: Encoder | None = None, progress: bool = False) -> dict[str, dict]:
+                  encoder: Encoder | None = None, mesh=None, progress: bool = False) -> dict[str, dict]:
     """{f"{sample id}#{option index}": {"sum_logprob", "num_tokens", "mean_logprob"} or {"error"}}; resumable JSONL
-    at out_path."""
+    at out_path. mesh: rows split over its data axes, as in `scoring.loglik.on_mesh` (the model placed by
+    `sharding.shard_module`); batches are padded to a multiple of the data-parallel size."""
     encoder = PromptEncoder(encoder or Encoder(tokenizer, model.cfg))
+    rows_per_batch = -(-batch_size // data_parallel(mesh)) * data_parallel(mesh)
     items = []
     for s in task.samples:
         if not s.choices:
@@ -62,9 +64,9 @@ def option_scores(model, tokenizer, task: Task, *, out_path=None, batch_size: in
                                                desc=task.name, progress=progress):
             recs = [{"id": key, "error": err} for (key, _, _), err in failed]
             if batch:
-                ids, tgt = pad_rows([e.ids for e in enc], [e.target for e in enc], batch_size=batch_size)
+                ids, tgt = pad_rows([e.ids for e in enc], [e.target for e in enc], batch_size=rows_per_batch)
                 px, rows = collate_images([e.pixels for e in enc], slots=image_slots(batch_size, enc))
-                sc = sequence_scores(model, ids, tgt, px, rows, image_pos=image_pos_of(enc))
+                sc = sequence_scores(model, ids, tgt, px, rows, image_pos=image_pos_of(enc), mesh=mesh)
                 recs += [{"id": key, "sum_logprob": float(sc["sum_logprob"][i]),
                           "num_tokens": int(sc["num_tokens"][i]), "mean_logprob": float(sc["mean_logprob"][i])}
                          for i, (key, _, _) in enumerate(batch)]
@@ -119,10 +121,13 @@ def read_texts(path, key: str = "text") -> list[tuple[str, str]]:
 
 
 def text_perplexity(model, tokenizer, docs: Sequence[tuple[str, str]] | str | os.PathLike, *, max_length: int = 1024,
-                    batch_size: int = 8, out_dir=None, name: str = "perplexity", key: str = "text") -> dict:
-    """Corpus perplexity of documents [(id, text)] or a file (read_texts); see the module docstring."""
+                    batch_size: int = 8, out_dir=None, name: str = "perplexity", key: str = "text",
+                    mesh=None) -> dict:
+    """Corpus perplexity of documents [(id, text)] or a file (read_texts); see the module docstring. A file's
+    results are named `{stem}_perplexity` (+ `_len{max_length}` when not 1024). mesh: as `option_scores`."""
     if not isinstance(docs, (list, tuple)):
-        name = name if name != "perplexity" else f"{Path(docs).stem}_perplexity"
+        if name == "perplexity":
+            name = f"{Path(docs).stem}_perplexity" + (f"_len{max_length}" if max_length != 1024 else "")
         docs = read_texts(docs, key)
     if max_length < 2:
         raise ValueError("max_length must be >= 2 (a window predicts its tokens after the first)")
@@ -133,11 +138,12 @@ def text_perplexity(model, tokenizer, docs: Sequence[tuple[str, str]] | str | os
             windows.append((d, ids[start: start + max_length]))
     total = np.zeros(len(docs))
     count = np.zeros(len(docs), np.int64)
+    rows_per_batch = -(-batch_size // data_parallel(mesh)) * data_parallel(mesh)
     for i in range(0, len(windows), batch_size):
         chunk = windows[i: i + batch_size]
         targets = [np.arange(len(w)) > 0 for _, w in chunk]
-        ids, tgt = pad_rows([w for _, w in chunk], targets, batch_size=batch_size)
-        lp = token_logprobs(model, ids, tgt)
+        ids, tgt = pad_rows([w for _, w in chunk], targets, batch_size=rows_per_batch)
+        lp = token_logprobs(model, ids, tgt, mesh=mesh)
         for r, (d, _) in enumerate(chunk):
             total[d] += lp[r].sum(dtype=np.float64)
             count[d] += int(tgt[r].sum())
@@ -147,7 +153,7 @@ def text_perplexity(model, tokenizer, docs: Sequence[tuple[str, str]] | str | os
     if not n_tok:
         raise ValueError(f"{name}: no token to predict (every document is at most one token)")
     metrics = {"perplexity": math.exp(-total.sum() / n_tok), "nll_per_token": float(-total.sum() / n_tok),
-               "num_tokens": n_tok, "task": name, "kind": "perplexity", "n": len(docs)}
+               "num_tokens": n_tok, "task": name, "kind": "perplexity", "n": len(docs), "max_length": max_length}
     if out_dir is not None:
         write_results(out_dir, name, metrics, rows)
     return metrics

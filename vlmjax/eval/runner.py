@@ -126,7 +126,7 @@ def evaluate(model, tokenizer, task: Task, *, out_dir=None, batch_size: int = 16
             raise ValueError(f"task {task.name}: method 'loglik' needs kind 'mc', not {task.kind!r}")
         path = None if out_dir is None else os.path.join(out_dir, f"{task.name}_options.jsonl")
         scores = option_scores(model, tokenizer, task, out_path=path, batch_size=batch_size, encoder=encoder,
-                               progress=progress)
+                               mesh=mesh, progress=progress)
         metrics, rows = score_options(task, scores)
         metrics = with_kinds(task, metrics, rows, lambda sub: score_options(sub, scores)[0])
     elif task.method == "generate":
@@ -135,7 +135,12 @@ def evaluate(model, tokenizer, task: Task, *, out_dir=None, batch_size: int = 16
         metrics, rows = score(task, preds)
     else:
         raise ValueError(f"task {task.name}: unknown method {task.method!r} (generate or loglik)")
-    metrics.update(shots=task.shots, template=task.template or "chat")
+    # the mode, so two runs are never confused (names differ too: tasks.with_mode)
+    metrics.update(shots=task.shots, template=task.template or "chat", by=task.method)
+    if task.shots:
+        metrics["seed"] = task.seed
+    if task.method == "loglik":
+        metrics["options"] = task.option_format
     if out_dir is not None:
         write_results(out_dir, task.name, metrics, rows)
     return metrics

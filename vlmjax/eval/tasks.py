@@ -13,12 +13,13 @@ yesno     accuracy, precision, recall, F1, yes ratio            pope: POPE / LLa
 caption   BLEU-4, CIDEr-D                                       coco_captions: COCO captions_*.json, or the
                                                                   Karpathy dataset_coco.json (with `split`)
 any       (as `kind`)                                           llava_jsonl: {"question_id", "image", "text",
-                                                                  "answer" | "answers" | "label"} per line
+                                                                  "answer" | "answers" | "label", "choices"?}
 mc        accuracy of the most likely option (method="loglik")  mmlu: the MMLU CSVs (question, A, B, C, D, answer;
                                                                   no header), one file per subject
 
 Prompting (vlmjax/eval/prompts.py): `shots` k-shot demonstrations drawn from `demos`; `template="plain"` for
-pre-trained (stage-1/2) checkpoints. Samples with `meta["kind"]` (easy-vqa: shape / color / yes_no; VQAv2: the
+pre-trained (stage-1/2) checkpoints. `with_mode(task, shots=, template=, method=, ...)` sets them and names the
+task after its mode (easy_vqa_test_4shot_plain), so outputs of two modes never mix. Samples with `meta["kind"]` (easy-vqa: shape / color / yes_no; VQAv2: the
 answer type; MMLU: the subject) get per-kind metrics in the results (`by_kind`).
 """
 
@@ -144,7 +145,10 @@ def llava_jsonl(path, image_folder, kind: str, *, name: str | None = None, limit
         gold = d.get("answers", d.get("answer", d.get("label")))
         gold = [gold] if isinstance(gold, str) else list(gold or [])
         image = os.path.join(image_folder, d["image"]) if d.get("image") else None
-        samples.append(EvalSample(str(d["question_id"]), d["text"], gold, image, meta=d.get("meta", {})))
+        choices = d.get("choices")
+        if choices is not None and not (isinstance(choices, list) and all(isinstance(c, str) for c in choices)):
+            raise ValueError(f"{path}: question {d['question_id']}: choices must be a list of strings")
+        samples.append(EvalSample(str(d["question_id"]), d["text"], gold, image, choices, meta=d.get("meta", {})))
     return Task(name or Path(path).stem, kind, samples)
 
 
@@ -180,6 +184,26 @@ def _spread(rows, n):
     return rows
 
 
+def _easy_vqa_samples(questions, images, prefix: str, count: int | None) -> list[EvalSample]:
+    from vlmjax.data.easy_vqa import answer_kind
+
+    try:
+        rows = json.loads(Path(questions).read_text())
+        rows = _spread([(i, (str(q), str(a), int(image_id))) for i, (q, a, image_id) in enumerate(rows)], count)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{questions}: not an easy-vqa question file ([question, answer, image_id] rows): "
+                         f"{e}") from None
+    return [EvalSample(f"{prefix}_{i}_{image_id}", q[0].upper() + q[1:], [a], str(Path(images) / f"{image_id}.png"),
+                       meta={"kind": answer_kind(a)}) for i, (q, a, image_id) in rows]
+
+
+def _easy_vqa_vocab() -> list[str]:
+    from vlmjax.data.assets import easy_vqa_data_dir
+
+    text = (Path(easy_vqa_data_dir()) / "answers.txt").read_text()
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def easy_vqa(split: str = "test", *, n: int | None = 200, shots: int = 0, demo_split: str = "train",
              n_demos: int = 1000, template: str | None = None) -> Task:
     """easy-vqa questions (single-word answers: shapes, colours, yes/no), prompted as in the training data built by
@@ -187,20 +211,22 @@ def easy_vqa(split: str = "test", *, n: int | None = 200, shots: int = 0, demo_s
     meta["kind"] is the answer kind (shape, color, yes_no). With shots, demonstrations come from n_demos
     questions spread over demo_split."""
     from vlmjax.data.assets import easy_vqa_data_dir
-    from vlmjax.data.easy_vqa import answer_kind
 
     root = Path(easy_vqa_data_dir())
 
     def load(part, count):
-        rows = _spread(list(enumerate(json.loads((root / part / "questions.json").read_text()))), count)
-        return [EvalSample(f"{part}_{i}_{image_id}", q[0].upper() + q[1:], [a],
-                           str(root / part / "images" / f"{image_id}.png"), meta={"kind": answer_kind(a)})
-                for i, (q, a, image_id) in rows]
+        return _easy_vqa_samples(root / part / "questions.json", root / part / "images", part, count)
 
-    vocab = [line.strip() for line in (root / "answers.txt").read_text().splitlines() if line.strip()]
-    name = f"easy_vqa_{split}" + (f"_{shots}shot" if shots else "") + (f"_{template}" if template else "")
-    return Task(name, "vqa", load(split, n), instruction="", max_new_tokens=8, vocab=vocab, shots=shots,
-                demos=load(demo_split, n_demos) if shots else None, template=template)
+    task = Task(f"easy_vqa_{split}", "vqa", load(split, n), instruction="", max_new_tokens=8, vocab=_easy_vqa_vocab())
+    return with_mode(task, shots=shots, demos=load(demo_split, n_demos) if shots else None, template=template)
+
+
+def easy_vqa_file(questions, images, *, n: int | None = None, name: str | None = None) -> Task:
+    """easy-vqa questions from a file in the package's layout (`questions.json`: [question, answer, image_id] rows,
+    images `{images}/{image_id}.png`), scored as `easy_vqa`: e.g. a validation set of held-out train images."""
+    name = name or f"easy_vqa_{Path(questions).stem}"
+    return Task(name, "vqa", _easy_vqa_samples(questions, images, Path(questions).stem, n), instruction="",
+                max_new_tokens=8, vocab=_easy_vqa_vocab())
 
 
 def mmlu(path, *, subjects=None, limit=None, shots: int = 0, dev_path=None, option_format: str = "letter",
@@ -229,5 +255,39 @@ def mmlu(path, *, subjects=None, limit=None, shots: int = 0, dev_path=None, opti
     if shots and dev_path is None:
         raise ValueError("mmlu: shots need dev_path (the {subject}_dev.csv demonstrations)")
     demos = read(dev_path) if shots else None
-    return Task("mmlu", "mc", _limit(read(path), limit), instruction="", max_new_tokens=1, shots=shots, demos=demos,
-                demo_kind=True, method="loglik", option_format=option_format, normalize=normalize)
+    task = Task("mmlu", "mc", _limit(read(path), limit), instruction="", max_new_tokens=1, demo_kind=True,
+                method="loglik")
+    return with_mode(task, shots=shots, demos=demos, option_format=option_format, normalize=normalize)
+
+
+def with_mode(task: Task, *, shots: int | None = None, demos=None, template: str | None = None,
+              method: str | None = None, option_format: str | None = None, normalize: str | None = None,
+              seed: int | None = None) -> Task:
+    """`task` prompted or scored another way (arguments left None keep the task's own), its name suffixed with each
+    change, `{name}[_{k}shot][_plain][_{method}][_{format}-options][_{normalize}][_seed{n}]`, so two modes never share
+    a results, predictions or option-scores file (those are resumed by sample id). template: "chat" | "plain"."""
+    if template not in (None, "chat", "plain"):
+        raise ValueError(f"template must be 'chat' or 'plain', not {template!r}")
+    if method not in (None, "generate", "loglik"):
+        raise ValueError(f"method must be 'generate' or 'loglik', not {method!r}")
+    new = {"shots": shots, "demos": demos, "template": {"chat": None}.get(template, template), "method": method,
+           "option_format": option_format, "normalize": normalize, "seed": seed}
+    new = {k: v for k, v in new.items() if v is not None or (k == "template" and template is not None)}
+    if new.get("shots", task.shots) < 0:
+        raise ValueError(f"shots must be >= 0, not {new['shots']}")
+    out = dataclasses.replace(task, **new)
+    if out.method == "loglik" and out.kind != "mc":
+        raise ValueError(f"task {task.name}: method 'loglik' needs kind 'mc', not {out.kind!r}")
+    if out.method != "loglik" and (option_format is not None or normalize is not None):
+        raise ValueError(f"task {task.name}: option_format / normalize apply to method 'loglik' only")
+    if out.option_format not in ("letter", "text") or out.normalize not in ("sum", "mean"):
+        raise ValueError(f"option_format must be 'letter' or 'text' and normalize 'sum' or 'mean', not "
+                         f"{out.option_format!r}, {out.normalize!r}")
+    suffix = [(out.shots != task.shots and out.shots, f"{out.shots}shot"),
+              (out.template != task.template, out.template or "chat"),
+              (out.method != task.method, out.method),
+              (out.option_format != task.option_format, f"{out.option_format}-options"),
+              (out.normalize != task.normalize, out.normalize),
+              (out.seed != task.seed, f"seed{out.seed}")]
+    out.name = "_".join([task.name] + [text for changed, text in suffix if changed])
+    return out
