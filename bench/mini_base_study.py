@@ -26,8 +26,7 @@ V = "model.vlm.vision."
 FROZEN_TOWER = ("^projector/", "^llm/")
 
 # name -> (augment, {"tower": {"steps": N}, "align": {...}, "sft": {...}}, what the arm tests). Arms are changes
-# to configs/mini/base.py at HEAD (conv stem, 600-step pretrained tower, tower frozen in SFT, balanced yes/no, data
-# v3). The first study's arms (v0, aug4, frozen, p8, ...: linear stem, no pretrained tower, data v1) are kept in
+# to configs/mini/base.py at HEAD (conv stem, 600-step pretrained tower, tower frozen in SFT, data v2). The first study's arms (v0, aug4, frozen, p8, ...: linear stem, no pretrained tower, data v1) are kept in
 # bench/results/mini_base_study.json; rerun them from the commit the README names.
 ARMS = {
     "base": (4, {}, "configs/mini/base.py as it is"),
@@ -35,6 +34,7 @@ ARMS = {
     "linear_stem": (4, {"align": {V + "patch_stem": "linear"}}, "pretrained tower with the linear patchify"),
     "sft_tower": (4, {"sft": {"train.trainable": (".*",)}}, "tower trained in SFT too"),
     "sft400": (4, {"sft": {"train.steps": 400}}, "400 SFT steps"),
+    "balanced": (4, {"data": {"keep_absent": 0.25}}, "'absent' yes/no questions kept with p 0.25 (balanced answers)"),
 }
 
 
@@ -63,8 +63,9 @@ def probe_arm(name: str, cache: Path, out: Path) -> dict:
     from vlmjax.train.stages import train_stage
 
     augment, over, _what = ARMS[name]
-    data = data_dir(cache, 0, augment)
-    prepare_data(data, seed=0, augment=augment)
+    keep = over.get("data", {}).get("keep_absent", 1.0)
+    data = data_dir(cache, 0, augment, keep)
+    prepare_data(data, seed=0, augment=augment, keep_absent=keep)
     steps = over.get("tower", {}).get("steps", TOWER_STEPS)
     if steps:
         pretrain_tower(data, cache / name / "tower", over=over.get("align"), steps=steps, quiet=True)

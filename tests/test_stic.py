@@ -281,3 +281,23 @@ def test_trainable_params_round_trip_through_safetensors(tmp_path):
     c = tiny_vlm(vocab=64, image_token_id=63)  # no LoRA: the adapter tensors match nothing
     with pytest.raises(KeyError, match="lora"):
         load_params(c, path)
+
+
+def test_pair_report_counts_real_negatives_by_hand(tmp_path):
+    from vlmjax.recipes.stic.miniature import pair_report
+
+    truth = [{"id": "a", "color": "red", "shape": "circle"}, {"id": "b", "color": "blue", "shape": "triangle"},
+             {"id": "c", "color": "gray", "shape": "rectangle"}]
+    pairs = [  # a: rejected wrong colour (real); b: both sides wrong shape, same colour (not real); c: identical
+        {"id": "a", "chosen": "A red circle.", "rejected": "A green circle.", "rejected_kind": "hallucination_prompt"},
+        {"id": "b", "chosen": "A blue circle.", "rejected": "The image shows a blue rectangle.",
+         "rejected_kind": "corruption", "corruption": "lowres:8"},
+        {"id": "c", "chosen": "A gray rectangle.", "rejected": "A gray rectangle.", "rejected_kind": "corruption",
+         "corruption": "lowres:8"}]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in truth))
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    rep = pair_report(tmp_path / "p.jsonl", tmp_path / "t.jsonl")
+    assert rep["all"] == {"n": 3, "identical": round(1 / 3, 3), "real_negative": round(1 / 3, 3), "chosen_color": 1.0,
+                          "rejected_color": round(2 / 3, 3), "chosen_shape": round(2 / 3, 3),
+                          "rejected_shape": round(2 / 3, 3)}
+    assert rep["hallucination_prompt"]["real_negative"] == 1.0 and rep["corruption/lowres:8"]["real_negative"] == 0.0

@@ -27,8 +27,10 @@ def test_quick_pipeline_runs_every_stage(tmp_path):
     assert r["pairs"]["pairs"] == len(pairs) and r["pairs"]["images"] == 12
     assert all(p["prompt"].startswith("<image>\n") and "rejected_kind" in p for p in pairs)
     kinds = r["pairs_by_kind"]
-    assert set(kinds) <= {"hallucination_prompt", "corruption/lowres:8", "corruption/shuffle:4"}
-    assert sum(k["n"] for k in kinds.values()) <= len(pairs) and all(0 <= k["identical"] <= 1 for k in kinds.values())
+    assert set(kinds) <= {"all", "hallucination_prompt", "corruption/lowres:8", "corruption/shuffle:4"}
+    by_kind = {k: v for k, v in kinds.items() if k != "all"}
+    assert sum(k["n"] for k in by_kind.values()) == kinds["all"]["n"] <= len(pairs)
+    assert all(0 <= k["identical"] <= 1 and 0 <= k["real_negative"] <= 1 for k in kinds.values())
     assert (stic / "stage1" / "trainable.safetensors").exists()
     s2 = json.loads((stic / "stage2" / "config.json").read_text())
     assert s2["model"]["load_params"].endswith("stage1/trainable.safetensors")
@@ -37,3 +39,16 @@ def test_quick_pipeline_runs_every_stage(tmp_path):
     # a rerun finds every step done and changes nothing
     again = run(tmp_path / "stic", quick=True, base_cache=tmp_path / "mini_base")
     assert {k: again[k] for k in ("base", "stic")} == {k: r[k] for k in ("base", "stic")}
+    # the seeded report over the finished run (nothing retrained): table, real negatives, figures, results JSON
+    from PIL import Image
+
+    from vlmjax.recipes.stic.miniature import run_seeds
+
+    rep = run_seeds(tmp_path / "stic", seeds=(0,), ablation=False, quick=True, base_cache=tmp_path / "mini_base")
+    assert rep["rows"]["STIC (stage 1 + 2)"]["accuracy"]["mean"] == r["stic"]["accuracy"]
+    assert rep["real_negative_fraction"]["generated"]["mean"] == kinds["all"]["real_negative"]
+    assert "| STIC (stage 1 + 2) | 1 |" in rep["table"] and rep["gate"] == r["base_gate"]
+    for path in rep["figures"].values():
+        assert Image.open(path).size[0] > 0
+    saved = json.loads((tmp_path / "stic" / "results" / "miniature.json").read_text())
+    assert saved["seeds"] == [0] and saved["meta"]["wall_s"] >= 0 and "commit" in saved["meta"]

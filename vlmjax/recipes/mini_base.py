@@ -44,12 +44,13 @@ GATE = {"shape": 0.85, "color": 0.85, "yes/no": 0.90, "describe_both": 0.60}
 # hallucination-prompt negatives are not negatives (README "STIC, reproduced in miniature").
 IMAGINE_EVERY = 4
 TOWER_STEPS = 600  # pretrain_tower steps of 64 views
-# easy-vqa's yes/no questions mostly ask about what is absent (81% of them, in both the plain and the negated
-# form), so a small decoder learns "absent" as a prior: it answered 16% of test yes/no questions wrongly while its own
-# colour and shape answers for those images were right (70 of 73). As VQAv2 balanced its answers (Goyal et al.
-# 2017), the base's SFT keeps an "absent" yes/no question with probability KEEP_ABSENT (~ the present ones' share).
-KEEP_ABSENT = 0.25
-DATA_VERSION = 3  # bump when prepare_data's output changes: the data folder is keyed by it
+# easy-vqa's yes/no questions mostly ask about what is absent (81% of them, plain and negated forms alike). The base
+# answers 16% of test yes/no questions wrongly, always saying "absent", while its own colour and shape answers for
+# those images are right (70 of 73): its decoder answers yes/no from the prior. Keeping an "absent" question with
+# probability 0.25 (balanced answers, as VQAv2 did) does not teach the comparison: yes/no falls to chance (0.49;
+# README "A mini base that sees"). So the default keeps them all; over={"data": {"keep_absent": p}} is the arm.
+KEEP_ABSENT = 1.0
+DATA_VERSION = 2  # bump when prepare_data's output changes: the data folder is keyed by it
 
 
 # ----------------------------------------------------------------------------------------------------- data
@@ -105,7 +106,8 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def prepare_data(data: Path, *, seed: int = 0, augment: int = AUGMENT, pool: tuple[int, int] = POOL) -> dict:
+def prepare_data(data: Path, *, seed: int = 0, augment: int = AUGMENT, pool: tuple[int, int] = POOL,
+                 keep_absent: float = KEEP_ABSENT) -> dict:
     """easy-vqa train split -> data/images (all 4000 train images, for the recipes too), the base's captions and SFT
     conversations on `pool` (+ augmented views) and data/tokenizer fitted to the corpus. Skipped when done."""
     from PIL import Image
@@ -147,7 +149,7 @@ def prepare_data(data: Path, *, seed: int = 0, augment: int = AUGMENT, pool: tup
                 imagine = (P.HALLUCINATION[int(rng.integers(len(P.HALLUCINATION)))], imagined(cap, rng))
                 n_imagine += 1
             sft.append({"id": vid, "image": image, "conversations": sft_turns(rec["conversations"], rng,
-                                                                             imagine=imagine, keep_absent=KEEP_ABSENT)})
+                                                                             imagine=imagine, keep_absent=keep_absent)})
             if cap is not None:
                 text = easy_vqa.caption({"shape": cap["shape"], "color": cap["color"]}, n + k)
                 caps.append({**cap, "id": vid, "image": image, "caption": text})
@@ -159,7 +161,7 @@ def prepare_data(data: Path, *, seed: int = 0, augment: int = AUGMENT, pool: tup
     train_tokenizer(sorted(set(texts)), data / "tokenizer", vocab_size=1024)  # sorted: BPE ties follow text order
     info = {"pool": list(pool), "images": len(ids), "augment": augment, "sft": len(sft), "captions": len(caps),
             "imagine_turns": n_imagine,
-            "seed": seed, "version": DATA_VERSION}
+            "seed": seed, "version": DATA_VERSION, "keep_absent": keep_absent}
     _write_json(done, info)
     return info
 
@@ -253,8 +255,9 @@ def pretrain_tower(data: Path, out: Path, *, config_file: Path = CONFIG, over: d
 # ----------------------------------------------------------------------------------------------------- build
 
 
-def data_dir(cache, seed: int = 0, augment: int = AUGMENT) -> Path:
-    return Path(cache) / f"data_v{DATA_VERSION}_seed{seed}_aug{augment}"
+def data_dir(cache, seed: int = 0, augment: int = AUGMENT, keep_absent: float = KEEP_ABSENT) -> Path:
+    return Path(cache) / (f"data_v{DATA_VERSION}_seed{seed}_aug{augment}"
+                          + (f"_absent{keep_absent:g}" if keep_absent != 1.0 else ""))
 
 
 def fingerprint(config_file: Path, over: dict | None) -> str:
@@ -273,14 +276,15 @@ def build_base(cache: str | Path = "runs/mini_base", *, seed: int = 0, augment: 
     """Build (or reuse) the base for `seed`: -> {"model" (the SFT'd export), "align", "tokenizer", "images" (all
     easy-vqa train images: the recipes' pools are RECIPE_POOL), "data", "root", "stages" (each stage's
     stage.json), "seconds", "cpu_seconds" (what building took, summed over stages and data)}.
-    over = {"tower": {"steps": N}, "align": {dotted: value}, "sft": {...}} changes the design (a fresh fingerprint
+    over = {"tower": {"steps": N}, "data": {"keep_absent": p}, "align": {dotted: value}, "sft": {...}} changes the design (a fresh fingerprint
     folder, unless `root` names the model folder); steps_scale shrinks every stage (tests)."""
     from vlmjax.train.stages import train_stage
 
     cache, config_file = Path(cache), Path(config_file)
     t0, cpu0 = time.time(), time.process_time()
-    data = data_dir(cache, seed, augment)
-    info = prepare_data(data, seed=seed, augment=augment)
+    keep_absent = float((over or {}).get("data", {}).get("keep_absent", KEEP_ABSENT))
+    data = data_dir(cache, seed, augment, keep_absent)
+    info = prepare_data(data, seed=seed, augment=augment, keep_absent=keep_absent)
     prep = {"seconds": round(time.time() - t0, 1), "cpu_seconds": round(time.process_time() - cpu0, 1)}
     if not (data / "prep_time.json").exists():
         _write_json(data / "prep_time.json", prep)

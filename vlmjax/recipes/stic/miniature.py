@@ -1,6 +1,7 @@
 """STIC reproduced in miniature on offline easy-vqa: the `make demo` pipeline, composed from library pieces.
 
-    python -m vlmjax.recipes.stic.miniature [--workdir runs/stic_mini] [--negatives plain] [--quick] [--llm smollm2]
+    python -m vlmjax.recipes.stic.miniature [--workdir runs/stic_mini] [--seeds 0 1 2] [--quick] [--llm smollm2]
+    python -m vlmjax.recipes.stic.miniature --single [--negatives plain] [--stic-seed N]   # one run, its own table
 
 1. base model: the recipes' shared mini base (`vlmjax.recipes.mini_base`: pretrained conv-stem tower, caption
    alignment, SFT on QA conversations with a description turn asked with STIC's simple / detailed / DaR prompts and
@@ -13,9 +14,10 @@
 3. The pairs are judged against the unlabeled images' true attributes (never used in training): how often the
    rejected side is really wrong. A model HF can express is exported and reloaded with transformers (logits
    compared); the shared base's conv stem makes a native folder.
-Every step is skipped when its output exists, so a rerun resumes; `--negatives plain` reruns STIC from the same
-base model with the no-negatives ablation (rejected = a plain description of the clean image). Results go to
-WORKDIR/results/*.json and a printed table.
+Every step is skipped when its output exists, so a rerun resumes. By default STIC runs for seeds 0 1 2 on the one
+base, each also with the no-negatives ablation (`negatives="plain"`: rejected = a plain description of the clean
+image); the report (`run_seeds`) prints the gate, a mean +- sd table, the real-negative fractions and the figure paths
+(WORKDIR/figures/*.png), and writes WORKDIR/results/miniature.json (config, seeds, commit, host, wall-clock).
 """
 
 from __future__ import annotations
@@ -99,7 +101,8 @@ def evaluate(model_dir: Path, out: Path, *, n: int, dar: bool) -> dict:
 
 def pair_report(pairs_path: Path, captions_path: Path) -> dict:
     """How often each kind of rejected side is really wrong, judged against the true attributes of the unlabeled
-    images (known here, never used for training): {kind: {n, identical, chosen/rejected colour and shape right}}."""
+    images (known here, never used for training): {kind and "all": {n, identical, real_negative (the rejected side
+    wrong on an attribute the chosen side gets right), chosen/rejected colour and shape right}} as fractions."""
     from vlmjax.data.easy_vqa import COLORS, SHAPES
     from vlmjax.eval.answers import first_vocab_answer
 
@@ -110,13 +113,18 @@ def pair_report(pairs_path: Path, captions_path: Path) -> dict:
         if t is None or not (t.get("color") and t.get("shape")):
             continue
         kind = r["rejected_kind"] + (f"/{r['corruption']}" if r.get("corruption") else "")
-        k = out.setdefault(kind, {"n": 0, "identical": 0, "chosen_color": 0, "rejected_color": 0, "chosen_shape": 0,
-                                  "rejected_shape": 0})
-        k["n"] += 1
-        k["identical"] += r["chosen"] == r["rejected"]
-        for side in ("chosen", "rejected"):
-            k[f"{side}_color"] += first_vocab_answer(r[side], list(COLORS)) == t["color"]
-            k[f"{side}_shape"] += first_vocab_answer(r[side], list(SHAPES)) == t["shape"]
+        right = {(side, attr): first_vocab_answer(r[side], list(vocab)) == t[attr]
+                 for side in ("chosen", "rejected") for attr, vocab in (("color", COLORS), ("shape", SHAPES))}
+        # a real negative: the rejected side is wrong on an attribute the chosen side gets right
+        real = any(right["chosen", a] and not right["rejected", a] for a in ("color", "shape"))
+        for name in (kind, "all"):
+            k = out.setdefault(name, {"n": 0, "identical": 0, "real_negative": 0, "chosen_color": 0,
+                                      "rejected_color": 0, "chosen_shape": 0, "rejected_shape": 0})
+            k["n"] += 1
+            k["identical"] += r["chosen"] == r["rejected"]
+            k["real_negative"] += real
+            for (side, attr), ok in right.items():
+                k[f"{side}_{attr}"] += ok
     return {kind: {"n": k["n"], **{x: round(v / k["n"], 3) for x, v in k.items() if x != "n"}} for kind, k in out.items()}
 
 
@@ -192,7 +200,7 @@ def run(root: Path, *, negatives: str = "generated", quick: bool = False, n_eval
     else:
         base_info = own_base(root, seed=seed, quick=quick, llm=llm)
     base, images, data = Path(base_info["model"]), base_info["images"], Path(base_info["data"])
-    results = {"base_model": str(base),
+    results = {"base_model": str(base), "base_images": images,
                "base": evaluate(base, root / "results" / f"base_seed{seed}.json", n=n_eval, dar=False),
                "base_dar": evaluate(base, root / "results" / f"base_seed{seed}_dar.json", n=n_eval, dar=True)}
     print(f"[2/6] base on easy-vqa test: {results['base']} | DaR {results['base_dar']}", flush=True)
@@ -200,7 +208,7 @@ def run(root: Path, *, negatives: str = "generated", quick: bool = False, n_eval
     results["base_gate"] = {"passed": passed, "lines": gate_lines}
     print("\n".join(gate_lines), flush=True)
 
-    stic = root / (f"stic_{negatives}" + (f"_seed{stic_seed}" if stic_seed else ""))
+    stic = stic_dir(root, negatives, stic_seed)
     stic.mkdir(exist_ok=True)
     # quick: a few steps leave the model ending every reply at once; min_new_tokens keeps its pairs non-empty
     gen = dict(max_new_tokens=24, batch_size=32, progress=False, min_new_tokens=4 if quick else 0)
@@ -249,6 +257,73 @@ def run(root: Path, *, negatives: str = "generated", quick: bool = False, n_eval
     return results
 
 
+ROWS = (("base", "base", None), ("base + DaR", "base_dar", None), ("STIC stage 1", "stage1", "generated"),
+        ("STIC (stage 1 + 2)", "stic", "generated"), ("STIC + DaR", "stic_dar", "generated"),
+        ("no negatives (stage 1 + 2)", "stic", "plain"))
+METRICS = ("accuracy", "shape", "color", "yes/no", "describe_both")
+
+
+def stic_dir(root: Path, negatives: str, stic_seed: int) -> Path:
+    return root / (f"stic_{negatives}" + (f"_seed{stic_seed}" if stic_seed else ""))
+
+
+def run_seeds(root: Path, *, seeds=(0, 1, 2), ablation: bool = True, figures: bool = True, **kw) -> dict:
+    """`run` for every STIC seed on one base (and the no-negatives ablation), then the report: mean +- sd per row
+    (`vlmjax.eval.report`; '*' = exceeds the spread against the no-negatives row), real-negative fractions, PNG
+    figures (results bars, stage loss curves, chosen vs rejected descriptions) and WORKDIR/results/miniature.json."""
+    from vlmjax.eval import report
+
+    started = time.time()
+    negs = ("generated", "plain") if ablation else ("generated",)
+    runs = {(neg, s): run(root, negatives=neg, stic_seed=s, **kw) for neg in negs for s in seeds}
+    first = runs[negs[0], seeds[0]]
+    per_seed = {}
+    for label, key, neg in ROWS:
+        if neg is None:  # one base model: its evaluation does not vary with the STIC seed
+            per_seed[label] = [{m: first[key][m] for m in METRICS if m in first[key]}]
+        elif neg in negs:
+            per_seed[label] = [{m: runs[neg, s][key][m] for m in METRICS if m in runs[neg, s][key]} for s in seeds]
+    agg = report.aggregate(per_seed)
+    baseline = "no negatives (stage 1 + 2)" if ablation else None
+    table = report.markdown_table(agg, METRICS, baseline=baseline)
+    negatives_real = {neg: report.mean_sd([runs[neg, s]["pairs_by_kind"].get("all", {}).get("real_negative", 0.0)
+                                           for s in seeds]) for neg in negs}
+    out = {"rows": {k: {m: st._asdict() for m, st in v.items()} for k, v in agg.items()}, "per_seed": per_seed,
+           "real_negative_fraction": {k: v._asdict() for k, v in negatives_real.items()},
+           "pairs_by_kind": {f"{neg}_seed{s}": r["pairs_by_kind"] for (neg, s), r in runs.items()},
+           "gate": first["base_gate"], "table": table, "seeds": list(seeds), "base_seed": kw.get("seed", 0),
+           "config": {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
+                      for k, v in kw.items()}}
+    if figures:
+        out["figures"] = draw_figures(root, agg, runs, negs, seeds)
+    report.write_results(root / "results" / "miniature.json", out, meta=report.run_meta(started))
+    print("\n".join(first["base_gate"]["lines"]))
+    print(table)
+    print("real negatives (rejected wrong where chosen is right, vs the true attributes): "
+          + ", ".join(f"{neg} {report.format_stat(st)}" for neg, st in negatives_real.items()))
+    for path in out.get("figures", {}).values():
+        print(f"figure: {path}")
+    return out
+
+
+def draw_figures(root: Path, agg: dict, runs: dict, negs, seeds) -> dict:
+    from vlmjax.eval import plots
+
+    fig = root / "figures"
+    seed0 = seeds[0]
+    stic = stic_dir(root, negs[0], seed0)
+    curves = {f"{stage} (seed {seed0})": stic / stage / "metrics.jsonl" for stage in ("stage1", "stage2")}
+    pairs = [json.loads(line) for line in (stic / "pairs.jsonl").read_text().splitlines()][:8]
+    images = Path(runs[negs[0], seed0]["base_images"])
+    items = [(str(images / p["image"]), [f"chosen: {p['chosen']}",
+                                         f"rejected ({p['rejected_kind']}{'/' + p['corruption'] if p.get('corruption') else ''}): "
+                                         f"{p['rejected']}"]) for p in pairs]
+    return {"results": plots.bar_chart(agg, METRICS, fig / "results.png", title="STIC miniature (easy-vqa test)"),
+            "losses": plots.loss_curves({k: v for k, v in curves.items() if v.exists()}, fig / "losses.png",
+                                        title="STIC stage losses"),
+            "pairs": plots.image_grid(items, fig / "pairs.png", title="STIC pairs: chosen vs rejected")}
+
+
 def format_table(r: dict, negatives: str) -> str:
     rows = [("base", "base"), ("base + DaR", "base_dar"), ("STIC stage 1", "stage1"), ("STIC (stage 1 + 2)", "stic"),
             ("STIC + DaR", "stic_dar")]
@@ -277,13 +352,23 @@ def main(argv=None) -> int:
     ap.add_argument("--corruptions", nargs="+", default=list(MINI_CORRUPTIONS),
                     help="corrupted-image negatives (default lowres:8 shuffle:4: the paper's 20 px downscale and colour "
                          "jitter leave a 64 px shape intact; `lowres color_jitter` = the paper's)")
-    ap.add_argument("--stic-seed", type=int, default=0, help="pair plans, sampling, STIC training (own folder if nonzero)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                    help="STIC seeds (pair plans, sampling, STIC training) on the one base; the table gives mean +- sd")
+    ap.add_argument("--no-ablation", action="store_true", help="skip the no-negatives ablation (half the runs)")
+    ap.add_argument("--no-figures", action="store_true")
+    ap.add_argument("--single", action="store_true",
+                    help="one STIC run (--negatives, --stic-seed) and its one-run table instead of the seeded report")
+    ap.add_argument("--stic-seed", type=int, default=0, help="--single: the STIC seed (own folder if nonzero)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    r = run(args.workdir, negatives=args.negatives, quick=args.quick, n_eval=args.n_eval, seed=args.seed,
-            stic_seed=args.stic_seed, llm=args.llm, base_cache=args.base_cache, corruptions=tuple(args.corruptions))
-    err = r["hf_reload_max_abs_logit_diff"]
-    return 0 if err is None or err < 1e-3 else 1
+    kw = dict(quick=args.quick, n_eval=args.n_eval, seed=args.seed, llm=args.llm, base_cache=args.base_cache,
+              corruptions=tuple(args.corruptions))
+    if args.single:
+        r = run(args.workdir, negatives=args.negatives, stic_seed=args.stic_seed, **kw)
+        err = r["hf_reload_max_abs_logit_diff"]
+        return 0 if err is None or err < 1e-3 else 1
+    run_seeds(args.workdir, seeds=tuple(args.seeds), ablation=not args.no_ablation, figures=not args.no_figures, **kw)
+    return 0
 
 
 if __name__ == "__main__":
