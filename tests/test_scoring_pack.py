@@ -1,0 +1,135 @@
+"""Packed scoring (`scoring.packed`, `score_dataset(pack=True)`): several requests per row with segment ids give
+every request the score the padded path (tested against transformers in test_scoring.py) gives it alone."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from test_generate import tiny_vlm
+
+from vlmjax.generate import Encoder, Request
+from vlmjax.generate.requests import Encoded, collate_images
+from vlmjax.scoring import pad_rows, score_dataset, sequence_scores, token_logprobs
+from vlmjax.scoring.packed import PackedScorer
+
+I = 95  # tiny_vlm's image token
+
+
+def _requests(model, rng):
+    """Encoded requests of varied length: one image, two images, text only (targets = a trailing span)."""
+    T = model.cfg.tokens_per_image
+    out = []
+    for n in range(9):
+        k = n % 3  # images
+        head = [1, 2 + n] + sum(([I] * T + [10 + j] for j in range(k)), [])
+        tail = list(rng.integers(3, 90, size=3 + 2 * n))
+        ids = head + tail
+        target = np.zeros(len(ids), bool)
+        target[len(ids) - 2 - n % 4:] = True
+        px = rng.normal(size=(k, 16, 16, 3)).astype(np.float32) if k else None
+        out.append(Encoded(ids, px, target))
+    return out
+
+
+def _padded(model, enc):
+    """The padded path: one request per row (one compile for all)."""
+    ids, tgt = pad_rows([e.ids for e in enc], [e.target for e in enc], pad_to=64)
+    px, rows = collate_images([e.pixels for e in enc])
+    return sequence_scores(model, ids, tgt, px, rows)
+
+
+def test_packed_scores_equal_each_request_alone():
+    model = tiny_vlm()
+    rng = np.random.default_rng(0)
+    enc = _requests(model, rng)
+    row_len = len(enc[4].ids)  # request 4 fills a row exactly; longer ones are scored on their own
+    long = [i for i, e in enumerate(enc) if len(e.ids) > row_len]
+    assert long and len(enc) - len(long) >= 5
+    scorer = PackedScorer(model, rows=2, row_len=row_len, max_images=4, image_size=16)
+    got = {}
+    for i, e in enumerate(enc):
+        got.update(scorer.add(i, e))
+    got.update(scorer.finish())
+    assert sorted(got) == list(range(len(enc)))
+    assert scorer.stats["long"] == len(long)
+    assert scorer.stats["packed_batches"] < len(enc) - len(long)  # requests shared rows
+    ref = _padded(model, enc)
+    for i, e in enumerate(enc):
+        assert got[i]["num_tokens"] == ref["num_tokens"][i] == e.target.sum()
+        np.testing.assert_allclose(got[i]["mean_logprob"], ref["mean_logprob"][i], atol=1e-5, err_msg=f"request {i}")
+        np.testing.assert_allclose(got[i]["perplexity"], ref["perplexity"][i], rtol=1e-5)
+
+
+def test_packed_logprobs_refuse_targets_across_segments():
+    model = tiny_vlm()
+    ids = np.array([[1, 5, 6, 1, 7, 8]])
+    seg = np.array([[1, 1, 1, 2, 2, 2]])
+    pos = np.array([[0, 1, 2, 0, 1, 2]])
+    tgt = np.zeros_like(ids, bool)
+    tgt[0, 3] = True  # first token of segment 2: it has no prefix in its own sequence
+    with pytest.raises(ValueError, match="row 0, token 3"):
+        token_logprobs(model, ids, tgt, segment_ids=seg, positions=pos)
+    with pytest.raises(ValueError, match="both"):
+        token_logprobs(model, ids, tgt, segment_ids=seg)
+    # independent check: segment 2 scored in a row of its own
+    tgt[0, 3], tgt[0, 5] = False, True
+    packed = token_logprobs(model, ids, tgt, segment_ids=seg, positions=pos)
+    alone = token_logprobs(model, ids[:, 3:], tgt[:, 3:])
+    np.testing.assert_allclose(packed[0, 5], alone[0, 2], atol=1e-6)
+
+
+def _caption_requests(tmp_path, reps=(1, 2, 1, 20, 25, 1, 30)):
+    rng = np.random.default_rng(1)
+    reqs = []
+    for i, rep in enumerate(reps):
+        if i % 3 == 2:  # text only
+            reqs.append(Request(f"t{i}", [{"role": "user", "content": "Say something."},
+                                          {"role": "assistant", "content": "word " * rep}], meta={"n": i}))
+            continue
+        p = tmp_path / f"{i}.png"
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(p)
+        reqs.append(Request(f"c{i}", [{"role": "user", "content": "<image>\nCaption it."},
+                                      {"role": "assistant", "content": "A red circle " * rep}], [str(p)],
+                            meta={"n": i}))
+    reqs.append(Request("broken", [{"role": "user", "content": "<image>\nCaption it."},
+                                   {"role": "assistant", "content": "x"}], [str(tmp_path / "missing.png")]))
+    return reqs
+
+
+def test_score_dataset_packed_equals_unpacked_and_resumes(tmp_path):
+    from test_generate import smol_vlm
+
+    from vlmjax.data.assets import smollm2_tokenizer
+
+    tok, model = smollm2_tokenizer(), smol_vlm()
+    reqs = _caption_requests(tmp_path)
+    lengths = {r.id: len(Encoder(tok, model.cfg).scored(r).ids) for r in reqs if r.id != "broken"}
+    row_len = lengths["c3"]  # c3 fills a row; c4 and c6 are longer
+    assert lengths["c4"] > row_len and lengths["c0"] + lengths["t2"] <= row_len
+    ref_path = tmp_path / "padded.jsonl"
+    score_dataset(model, tok, reqs, ref_path, batch_size=2, pack=False, pad_to=128, progress=False)
+    ref = {r["id"]: r for r in map(json.loads, ref_path.read_text().splitlines())}
+    path, st = tmp_path / "packed.jsonl", {}
+    got = score_dataset(model, tok, reqs, path, batch_size=2, pack=True, row_len=row_len, progress=False, stats=st)
+    assert got["written"] == 7 and got["failed"] == 1 and st["long"] == 2 and st["row_len"] == row_len
+    assert st["packed_batches"] < 5  # 5 requests fit a row, several share one
+    lines = path.read_text().splitlines(keepends=True)
+    recs = {r["id"]: r for r in map(json.loads, lines)}
+    assert "missing" in recs["broken"]["error"] and recs["c0"]["n"] == 0  # error records and meta kept
+    for k, r in ref.items():
+        if "error" in r:
+            continue
+        assert recs[k]["num_tokens"] == r["num_tokens"]
+        np.testing.assert_allclose(recs[k]["mean_logprob"], r["mean_logprob"], atol=1e-5, err_msg=k)
+    # a crash mid-write: the rerun scores only what is missing, by id, and agrees
+    part = tmp_path / "part.jsonl"
+    part.write_text("".join(lines[:3]) + lines[3][:9])
+    again = score_dataset(model, tok, reqs, part, batch_size=2, row_len=row_len, progress=False)
+    assert again["written"] + again["failed"] == len(reqs) - 3
+    final = {r["id"]: r for r in map(json.loads, part.read_text().splitlines())}
+    assert sorted(final) == sorted(recs)
+    for k in ref:
+        if "error" not in ref[k]:
+            np.testing.assert_allclose(final[k]["mean_logprob"], recs[k]["mean_logprob"], atol=1e-6)
