@@ -42,10 +42,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import generate as decode_bench  # noqa: E402  (bench/generate.py: the decode timings and the roofline)
+import score_jobs  # noqa: E402  (bench/score_jobs.py: the scoring and capture cases)
 
 PROMPT = "Describe this image in detail."
 SAMPLING = dict(temperature=0.7, top_p=0.9)
-CASES = ("recaption", "decode_b8", "decode_b1_roofline", "weights", "memory")
+CASES = ("recaption", "score_vs_loop", "score_vs_batched", "capture", "decode_b8", "decode_b1_roofline", "weights",
+         "memory")
 
 
 def result(case: str, value: float, baseline: float, **extra) -> None:
@@ -154,6 +156,14 @@ def hf_recaption(model, tok, cfg, reqs, args) -> dict:
     print(f"recaption transformers ({args.torch_threads} threads): {ips:.3f} images/s; output tokens mean "
           f"{np.mean(lengths):.1f} sd {np.std(lengths):.1f} (min {min(lengths)}, max {max(lengths)})", flush=True)
     return dict(ips=ips, lengths=lengths)
+
+
+# ---------------------------------------------------------------- score, capture
+
+
+def score(args, cases) -> None:
+    model, _, tok = vlm()
+    score_jobs.score_cases(args, cases, model, tok, easy_vqa_root(), result)
 
 
 # ---------------------------------------------------------------- decode
@@ -321,6 +331,12 @@ def main(argv=None) -> int:
     p.add_argument("--weights", nargs="+", default=["float32", "bfloat16", "int8"])
     p.add_argument("--quality-prompts", type=int, default=200)
     p.add_argument("--torch-threads", type=int, default=2)
+    p.add_argument("--pairs", type=int, default=256, help="score / capture: (image, caption) pairs")
+    p.add_argument("--loop-pairs", type=int, default=64, help="score_vs_loop: pairs the batch-1 loop times")
+    p.add_argument("--score-batch", type=int, default=16, help="score / capture: transformers batch (pairs)")
+    p.add_argument("--pack-per-row", type=int, default=4,
+                   help="score: our packed rows per forward = score-batch / this (about as many pairs per forward)")
+    p.add_argument("--row-len", type=int, default=0, help="score: packed row width (0: score_dataset's default)")
     p.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.rss_child:
@@ -331,10 +347,15 @@ def main(argv=None) -> int:
     print(f"jax {jax.__version__} {jax.default_backend()} ({jax.device_count()} device); cases {args.cases}",
           flush=True)
     t0 = time.time()
+    score_cases = [c for c in args.cases if c.startswith("score_vs")]
     run = {"recaption": recaption, "weights": weights_quality, "memory": memory,
+           "score_vs_loop": lambda a: score(a, score_cases), "score_vs_batched": lambda a: score(a, score_cases),
+           "capture": lambda a: score_jobs.capture_case(a, *vlm()[::2], easy_vqa_root(), result),
            "decode_b8": lambda a: decode_cases(a, ["decode_b8"]),
            "decode_b1_roofline": lambda a: decode_cases(a, ["decode_b1_roofline"])}
     for case in dict.fromkeys(args.cases):  # in the order given
+        if case in score_cases[1:]:
+            continue  # the score cases run together (one set of timings of ours)
         run[case](args)
     print(f"total {time.time() - t0:.0f} s")
     return 0

@@ -98,16 +98,21 @@ def _caption_requests(tmp_path, reps=(1, 2, 1, 20, 25, 1, 30)):
     return reqs
 
 
-def test_score_dataset_packed_equals_unpacked_and_resumes(tmp_path):
-    from test_generate import smol_vlm
+@pytest.fixture(scope="module")
+def small_tok(tmp_path_factory):
+    """A byte-level BPE with a 300-id vocabulary (ChatML template): a small LM head keeps the test fast."""
+    from vlmjax.data.tokenizer import train_tokenizer
 
-    from vlmjax.data.assets import smollm2_tokenizer
+    words = "Caption it. A red circle. Say something. word"
+    return train_tokenizer([words] * 4, tmp_path_factory.mktemp("tok"), vocab_size=300)
 
-    tok, model = smollm2_tokenizer(), smol_vlm()
+
+def test_score_dataset_packed_equals_unpacked_and_resumes(tmp_path, small_tok):
+    tok, model = small_tok, tiny_vlm(vocab=320, image_token_id=310)
     reqs = _caption_requests(tmp_path)
     lengths = {r.id: len(Encoder(tok, model.cfg).scored(r).ids) for r in reqs if r.id != "broken"}
     row_len = lengths["c3"]  # c3 fills a row; c4 and c6 are longer
-    assert lengths["c4"] > row_len and lengths["c0"] + lengths["t2"] <= row_len
+    assert lengths["c4"] > row_len and lengths["c0"] + lengths["t2"] <= row_len, lengths
     ref_path = tmp_path / "padded.jsonl"
     score_dataset(model, tok, reqs, ref_path, batch_size=2, pack=False, pad_to=128, progress=False)
     ref = {r["id"]: r for r in map(json.loads, ref_path.read_text().splitlines())}
