@@ -11,6 +11,16 @@ Cases (each ends with a `RESULT {json}` line: case, value, baseline, ratio = val
                       over 32 slots vs transformers `generate` at batch 32, left-padded, same sampling. Also the
                       static engine (batches of 32) and the fraction of decode slot-steps spent on finished rows,
                       static (before) and continuous (after).
+  score_vs_loop       score_dataset (packed: --score-batch / --pack-per-row rows, about --score-batch pairs per
+                      forward) over --pairs easy-vqa image + caption pairs (POINTS' prompt; a caption is 1-6 of the
+                      image's question/answer sentences): pairs/s vs the reference-style transformers loop (batch 1,
+                      full-vocabulary log_softmax, one pair at a time) over --loop-pairs pairs. Also the padded path
+                      (pack=False, batch --score-batch), CPU seconds per pair on each side, and the max |per-pair
+                      mean NLL, ours - transformers|
+  score_vs_batched    the same against transformers at --score-batch pairs per forward, right-padded
+  capture             capture_dataset at COINCIDE's layers (3, 7, 11, 15, 19; attention outputs, after-image span):
+                      samples/s vs transformers forward hooks on o_proj at the same batch (the full forward, as the
+                      reference runs it); CPU seconds and the max |feature difference|
   decode_b8           decode tokens/s at batch 8 (bench/generate.py's timings) vs transformers `generate`
   decode_b1_roofline  batch-1 decode tokens/s over the bandwidth roofline (the weights' bytes per token over the
                       read bandwidth of a jitted sum over 1 GiB); baseline 1.0
@@ -24,6 +34,8 @@ Cases (each ends with a `RESULT {json}` line: case, value, baseline, ratio = val
     python bench/jobs.py                                                    # all cases, full size
     python bench/jobs.py --images 32 --new 64 --reps 1 --quality-prompts 16 # short run
     python bench/jobs.py --cases decode_b8 decode_b1_roofline --weights float32 bfloat16 int8
+    python bench/jobs.py --cases score_vs_loop score_vs_batched capture --pairs 32 --loop-pairs 8 --score-batch 8 \
+        --reps 1                                                            # short scoring / capture run
 """
 
 from __future__ import annotations

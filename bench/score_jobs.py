@@ -84,13 +84,16 @@ def hf_mean_logprobs(ref, encoded, batch: int, pad: int) -> np.ndarray:
 
 
 def _median_time(fn, reps: int):
+    """(median wall seconds, median process CPU seconds, last value) of `reps` calls after a warm-up call. CPU
+    seconds count every thread of this process (XLA's and torch's alike), so they hold up on a shared host."""
     fn()  # warm-up (compiles)
-    times, value = [], None
+    walls, cpus, value = [], [], None
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         value = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), value
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    return statistics.median(walls), statistics.median(cpus), value
 
 
 def score_cases(args, cases, model, tok, data_root: Path, result) -> None:
@@ -118,12 +121,14 @@ def score_cases(args, cases, model, tok, data_root: Path, result) -> None:
             score_dataset(model, tok, pairs, out, progress=False, stats=st, **kw)
             return read_jsonl(out)
 
-        t, recs = _median_time(run, args.reps)
-        ours[name] = dict(pps=len(pairs) / t, mean=np.array([recs[r.id]["mean_logprob"] for r in pairs]))
+        t, cpu, recs = _median_time(run, args.reps)
+        ours[name] = dict(pps=len(pairs) / t, cpu=cpu / len(pairs),
+                          mean=np.array([recs[r.id]["mean_logprob"] for r in pairs]))
         extra = (f" ({st['rows']} rows x {st['row_len']} tokens, {len(pairs) / st['packed_batches']:.1f} pairs "
                  f"per forward, {st['packed_tokens'] / (st['packed_batches'] * st['rows'] * st['row_len']):.2f} "
                  f"of the grid filled, {st['long']} alone)" if name == "packed" else f" (batch {b})")
-        print(f"score ours {name}: {ours[name]['pps']:.2f} pairs/s{extra}", flush=True)
+        print(f"score ours {name}: {ours[name]['pps']:.2f} pairs/s, {ours[name]['cpu']:.3f} CPU s/pair{extra}",
+              flush=True)
     np.testing.assert_allclose(ours["packed"]["mean"], ours["padded"]["mean"], atol=1e-5)
 
     ref = hf_vlm(model, tok, args.torch_threads)
@@ -132,15 +137,18 @@ def score_cases(args, cases, model, tok, data_root: Path, result) -> None:
     for name, batch, subset in (("loop", 1, enc[: args.loop_pairs]), ("batched", b, enc)):
         if f"score_vs_{name}" not in cases:
             continue
-        t, means = _median_time(lambda: hf_mean_logprobs(ref, subset, batch, pad), args.reps)
+        t, cpu, means = _median_time(lambda: hf_mean_logprobs(ref, subset, batch, pad), args.reps)
         diff = float(np.abs(means - ours["packed"]["mean"][: len(subset)]).max())
-        hf[name] = dict(pps=len(subset) / t, diff=diff)
+        hf[name] = dict(pps=len(subset) / t, cpu=cpu / len(subset), diff=diff)
         print(f"score transformers {name} (batch {batch}, {len(subset)} pairs, {args.torch_threads} threads): "
-              f"{hf[name]['pps']:.2f} pairs/s; max |mean NLL ours - transformers| {diff:.2e}", flush=True)
+              f"{hf[name]['pps']:.2f} pairs/s, {hf[name]['cpu']:.3f} CPU s/pair; max |mean NLL ours - "
+              f"transformers| {diff:.2e}", flush=True)
         result(f"score_vs_{name}", ours["packed"]["pps"], hf[name]["pps"], unit="pairs/s", pairs=len(pairs),
                baseline_pairs=len(subset), baseline_batch=batch, padded_path=round(ours["padded"]["pps"], 4),
-               max_abs_mean_nll_diff=diff, rows=st["rows"], row_len=st["row_len"],
-               torch_threads=args.torch_threads)
+               cpu_s_per_pair=round(ours["packed"]["cpu"], 4), baseline_cpu_s_per_pair=round(hf[name]["cpu"], 4),
+               cpu_ratio=round(hf[name]["cpu"] / ours["packed"]["cpu"], 4),
+               padded_cpu_s_per_pair=round(ours["padded"]["cpu"], 4), max_abs_mean_nll_diff=diff,
+               rows=st["rows"], row_len=st["row_len"], torch_threads=args.torch_threads)
 
 
 def hf_features(ref, encoded, batch: int, pad: int, layers, image_token_id: int) -> np.ndarray:
@@ -189,17 +197,19 @@ def capture_case(args, model, tok, data_root: Path, result) -> None:
         ids, rows, _ = load_shards(out, mmap=False)
         return np.asarray(rows)[:, 0]
 
-    t, feats = _median_time(run, args.reps)
-    ours = len(pairs) / t
-    print(f"capture ours: {ours:.2f} samples/s (batch {b}, layers {CAPTURE_LAYERS})", flush=True)
+    t, cpu, feats = _median_time(run, args.reps)
+    ours, ours_cpu = len(pairs) / t, cpu / len(pairs)
+    print(f"capture ours: {ours:.2f} samples/s, {ours_cpu:.3f} CPU s/sample (batch {b}, layers {CAPTURE_LAYERS})",
+          flush=True)
     enc = [Encoder(tok, model.cfg).full(r) for r in pairs]
     ref = hf_vlm(model, tok, args.torch_threads)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    th, ref_feats = _median_time(lambda: hf_features(ref, enc, b, pad, CAPTURE_LAYERS, model.cfg.image_token_id),
-                                 args.reps)
-    hf = len(pairs) / th
+    th, hcpu, ref_feats = _median_time(
+        lambda: hf_features(ref, enc, b, pad, CAPTURE_LAYERS, model.cfg.image_token_id), args.reps)
+    hf, hf_cpu = len(pairs) / th, hcpu / len(pairs)
     diff = float(np.abs(ref_feats - feats).max())
-    print(f"capture transformers hooks: {hf:.2f} samples/s; max |features ours - transformers| {diff:.2e}",
-          flush=True)
+    print(f"capture transformers hooks: {hf:.2f} samples/s, {hf_cpu:.3f} CPU s/sample; max |features ours - "
+          f"transformers| {diff:.2e}", flush=True)
     result("capture", ours, hf, unit="samples/s", samples=len(pairs), batch=b, layers=list(CAPTURE_LAYERS),
-           max_abs_feature_diff=diff, torch_threads=args.torch_threads)
+           cpu_s_per_sample=round(ours_cpu, 4), baseline_cpu_s_per_sample=round(hf_cpu, 4),
+           cpu_ratio=round(hf_cpu / ours_cpu, 4), max_abs_feature_diff=diff, torch_threads=args.torch_threads)
