@@ -138,3 +138,36 @@ def test_score_dataset_packed_equals_unpacked_and_resumes(tmp_path, small_tok):
     for k in ref:
         if "error" not in ref[k]:
             np.testing.assert_allclose(final[k]["mean_logprob"], recs[k]["mean_logprob"], atol=1e-6)
+
+
+def test_packed_llava_next_rows_with_several_images(small_tok):
+    """LLaVA-1.6 layout: image tokens carry `image_pos` into their own tiles, which packing offsets by the tiles of
+    the row's earlier requests; each request still gets its padded-path score."""
+    import dataclasses
+
+    from flax import nnx
+    from test_generate import random_model
+
+    from vlmjax.models.vlm import VLM
+
+    base = tiny_vlm(vocab=320, image_token_id=310).cfg
+    cfg = dataclasses.replace(base, image_layout="llava_next", image_tiling="anyres",
+                              image_grid_pinpoints=((32, 16), (16, 32), (32, 32)))
+    model = random_model(lambda: VLM(cfg, rngs=nnx.Rngs(0)), 1)
+    encoder = Encoder(small_tok, cfg)
+    rng = np.random.default_rng(3)
+    reqs = [Request(f"r{i}", [{"role": "user", "content": "<image>\nCaption it."},
+                              {"role": "assistant", "content": "A red circle " * (1 + i)}],
+                    [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))])
+            for i, (w, h) in enumerate([(40, 20), (20, 50), (31, 29)])]
+    enc = [encoder.scored(r) for r in reqs]
+    assert all(e.image_pos is not None and len(e.pixels) > 1 for e in enc)
+    scorer = PackedScorer(model, rows=1, row_len=sum(len(e.ids) for e in enc), max_images=12,
+                          image_size=encoder.image_spec.image_size, tokens_per_tile=cfg.tokens_per_image)
+    got = dict(sum((scorer.add(i, e) for i, e in enumerate(enc)), []) + scorer.finish())
+    assert scorer.stats["packed_batches"] == 1  # all three in one row
+    ids, tgt = pad_rows([e.ids for e in enc], [e.target for e in enc])
+    px, rows = collate_images([e.pixels for e in enc])
+    ref = sequence_scores(model, ids, tgt, px, rows, image_pos=[e.image_pos for e in enc])
+    for i in range(3):
+        np.testing.assert_allclose(got[i]["mean_logprob"], ref["mean_logprob"][i], atol=1e-5)
