@@ -5,7 +5,8 @@
                     parts=("attn",), span="after_image", dtype="bfloat16")
 
 Both take `vlmjax.generate.Request`s (conversations + images); the scored span is the last assistant reply plus
-its end-of-turn token, tokenised by the training pipeline's template code. Like `generate_dataset`: outputs are
+its end-of-turn token, tokenised by the training pipeline's template code. Scoring packs several requests per row
+by default (`scoring.packed`: short pairs padded to their batch's longest waste the forward). Like `generate_dataset`: outputs are
 keyed by `sample_keys` (ids, or source:index when ids repeat), each host (`shard_index` of `shard_count`, default
 the jax process) runs its share into its own output, merged with coverage checks when the hosts are one job's
 processes; samples that cannot be encoded become {"id", "error"} records, counted and not retried unless
