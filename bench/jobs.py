@@ -11,6 +11,16 @@ Cases (each ends with a `RESULT {json}` line: case, value, baseline, ratio = val
                       over 32 slots vs transformers `generate` at batch 32, left-padded, same sampling. Also the
                       static engine (batches of 32) and the fraction of decode slot-steps spent on finished rows,
                       static (before) and continuous (after).
+  score_vs_loop       score_dataset (packed: --score-batch / --pack-per-row rows, about --score-batch pairs per
+                      forward) over --pairs easy-vqa image + caption pairs (POINTS' prompt; a caption is 1-6 of the
+                      image's question/answer sentences): pairs/s vs the reference-style transformers loop (batch 1,
+                      full-vocabulary log_softmax, one pair at a time) over --loop-pairs pairs. Also the padded path
+                      (pack=False, batch --score-batch), CPU seconds per pair on each side, and the max |per-pair
+                      mean NLL, ours - transformers|
+  score_vs_batched    the same against transformers at --score-batch pairs per forward, right-padded
+  capture             capture_dataset at COINCIDE's layers (3, 7, 11, 15, 19; attention outputs, after-image span):
+                      samples/s vs transformers forward hooks on o_proj at the same batch (the full forward, as the
+                      reference runs it); CPU seconds and the max |feature difference|
   decode_b8           decode tokens/s at batch 8 (bench/generate.py's timings) vs transformers `generate`
   decode_b1_roofline  batch-1 decode tokens/s over the bandwidth roofline (the weights' bytes per token over the
                       read bandwidth of a jitted sum over 1 GiB); baseline 1.0
@@ -24,6 +34,8 @@ Cases (each ends with a `RESULT {json}` line: case, value, baseline, ratio = val
     python bench/jobs.py                                                    # all cases, full size
     python bench/jobs.py --images 32 --new 64 --reps 1 --quality-prompts 16 # short run
     python bench/jobs.py --cases decode_b8 decode_b1_roofline --weights float32 bfloat16 int8
+    python bench/jobs.py --cases score_vs_loop score_vs_batched capture --pairs 32 --loop-pairs 8 --score-batch 8 \
+        --reps 1                                                            # short scoring / capture run
 """
 
 from __future__ import annotations
@@ -42,10 +54,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import generate as decode_bench  # noqa: E402  (bench/generate.py: the decode timings and the roofline)
+import score_jobs  # noqa: E402  (bench/score_jobs.py: the scoring and capture cases)
 
 PROMPT = "Describe this image in detail."
 SAMPLING = dict(temperature=0.7, top_p=0.9)
-CASES = ("recaption", "decode_b8", "decode_b1_roofline", "weights", "memory")
+CASES = ("recaption", "score_vs_loop", "score_vs_batched", "capture", "decode_b8", "decode_b1_roofline", "weights",
+         "memory")
 
 
 def result(case: str, value: float, baseline: float, **extra) -> None:
@@ -154,6 +168,14 @@ def hf_recaption(model, tok, cfg, reqs, args) -> dict:
     print(f"recaption transformers ({args.torch_threads} threads): {ips:.3f} images/s; output tokens mean "
           f"{np.mean(lengths):.1f} sd {np.std(lengths):.1f} (min {min(lengths)}, max {max(lengths)})", flush=True)
     return dict(ips=ips, lengths=lengths)
+
+
+# ---------------------------------------------------------------- score, capture
+
+
+def score(args, cases) -> None:
+    model, _, tok = vlm()
+    score_jobs.score_cases(args, cases, model, tok, easy_vqa_root(), result)
 
 
 # ---------------------------------------------------------------- decode
@@ -321,6 +343,12 @@ def main(argv=None) -> int:
     p.add_argument("--weights", nargs="+", default=["float32", "bfloat16", "int8"])
     p.add_argument("--quality-prompts", type=int, default=200)
     p.add_argument("--torch-threads", type=int, default=2)
+    p.add_argument("--pairs", type=int, default=256, help="score / capture: (image, caption) pairs")
+    p.add_argument("--loop-pairs", type=int, default=64, help="score_vs_loop: pairs the batch-1 loop times")
+    p.add_argument("--score-batch", type=int, default=16, help="score / capture: transformers batch (pairs)")
+    p.add_argument("--pack-per-row", type=int, default=4,
+                   help="score: our packed rows per forward = score-batch / this (about as many pairs per forward)")
+    p.add_argument("--row-len", type=int, default=0, help="score: packed row width (0: score_dataset's default)")
     p.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.rss_child:
@@ -331,10 +359,15 @@ def main(argv=None) -> int:
     print(f"jax {jax.__version__} {jax.default_backend()} ({jax.device_count()} device); cases {args.cases}",
           flush=True)
     t0 = time.time()
+    score_cases = [c for c in args.cases if c.startswith("score_vs")]
     run = {"recaption": recaption, "weights": weights_quality, "memory": memory,
+           "score_vs_loop": lambda a: score(a, score_cases), "score_vs_batched": lambda a: score(a, score_cases),
+           "capture": lambda a: score_jobs.capture_case(a, *vlm()[::2], easy_vqa_root(), result),
            "decode_b8": lambda a: decode_cases(a, ["decode_b8"]),
            "decode_b1_roofline": lambda a: decode_cases(a, ["decode_b1_roofline"])}
     for case in dict.fromkeys(args.cases):  # in the order given
+        if case in score_cases[1:]:
+            continue  # the score cases run together (one set of timings of ours)
         run[case](args)
     print(f"total {time.time() - t0:.0f} s")
     return 0

@@ -44,6 +44,7 @@ class BatchShape:
     pack: bool = True
     image_token_id: int | None = None  # targets that would be this id are written as 0
     tokens_per_tile: int = 0  # > 0: also write `image_pos` (layouts whose token count depends on the image)
+    pixel_dtype: str = "uint8"  # training moves uint8 tiles; scoring packs already-normalised float32 ones
 
 
 class BatchBuilder:
@@ -89,7 +90,7 @@ class BatchBuilder:
             "segment_ids": np.zeros((n_rows, shape.seq_len), np.int32),
             "positions": np.zeros((n_rows, shape.seq_len), np.int32),
             # uint8 until `DataIterator` normalises it in the consuming process (4x less to move between processes).
-            "pixel_values": np.zeros((shape.max_images, shape.image_size, shape.image_size, 3), np.uint8),
+            "pixel_values": np.zeros((shape.max_images, shape.image_size, shape.image_size, 3), shape.pixel_dtype),
             "image_rows": np.full((shape.max_images,), -1, np.int32),
         }
         if shape.tokens_per_tile:

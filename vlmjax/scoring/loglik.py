@@ -3,8 +3,10 @@
     PPL = exp(-(1/N) * sum_i log p(w_i | w_<i, image))   over the N target tokens (caption + end-of-turn)
 
 The label log-probability is logit[label] - logsumexp(logits), with the label logit gathered by index: no one-hot
-of the vocabulary is ever built. Logits are computed chunk by chunk over the sequence inside a scan, so memory is
-O(B * chunk * V) instead of O(B * S * V) (a 150k vocabulary at S=600, B=32 would otherwise need 11 GB in fp32).
+of the vocabulary is ever built. Only the positions that predict a target go through the LM head (a caption is a
+fraction of its image + prompt + caption sequence; the head is ~20% of a small model's per-token work), in chunks
+inside a scan, so memory is O(chunk * V) instead of O(B * S * V) (a 150k vocabulary at S=600, B=32 would
+otherwise need 11 GB in fp32).
 """
 
 from __future__ import annotations
@@ -62,34 +64,63 @@ def _label_logprobs(llm, h_bsd, labels_bs, chunk: int):
 
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("chunk",))
-def _token_logprobs(graphdef, state, ids_bs, target_bs, pixel_values, image_rows, image_pos, *, chunk: int):
+def _token_logprobs(graphdef, state, ids_bs, pick_k, valid_k, pixel_values, image_rows, image_pos, segment_ids,
+                    positions, *, chunk: int):
     model = nnx.merge(graphdef, state)
     llm = llm_of(model)
     x_bsd = embed_inputs(model, ids_bs, pixel_values, image_rows, image_pos)
-    h_bsd = llm.hidden_states(x_bsd)
-    # position s predicts token s+1; row padding is on the right, so causal attention never sees it
-    lp = _label_logprobs(llm, h_bsd[:, :-1], ids_bs[:, 1:], chunk)
-    lp = jnp.where(target_bs[:, 1:], lp, 0.0)
-    return jnp.pad(lp, ((0, 0), (1, 0)))
+    h_bsd = llm.hidden_states(x_bsd, positions, segment_ids)
+    # flat position p predicts token p + 1 (the same row: a target is never a row's first token); only the K
+    # picked positions go through the LM head
+    b, s, d = h_bsd.shape
+    h_kd = h_bsd.reshape(b * s, d)[pick_k]
+    lp = _label_logprobs(llm, h_kd[None], ids_bs.reshape(-1)[pick_k + 1][None], chunk)[0]
+    out = jnp.zeros((b * s,), jnp.float32).at[pick_k + 1].add(jnp.where(valid_k, lp, 0.0))
+    return out.reshape(b, s)
+
+
+def target_picks(target_bs: np.ndarray, buckets: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Flat indices of the positions that predict a target (each target's previous position) and their validity,
+    padded to a multiple of B*S / `buckets` so a run compiles at most `buckets` head sizes per batch shape."""
+    flat = np.flatnonzero(target_bs) - 1
+    q = max(1, -(-target_bs.size // buckets))
+    k = max(1, -(-len(flat) // q)) * q
+    pick, valid = np.zeros(k, np.int32), np.zeros(k, bool)
+    pick[: len(flat)], valid[: len(flat)] = flat, True
+    return pick, valid
 
 
 def token_logprobs(model, ids_bs, target_bs, pixel_values=None, image_rows=None, *, chunk: int = 128,
-                   image_pos=None, mesh=None) -> np.ndarray:
+                   image_pos=None, segment_ids=None, positions=None, mesh=None) -> np.ndarray:
     """(B, S) log p(token s | tokens < s, images) where target[b, s], else 0. Rows right-padded; token 0 is never
     a target. Arrays are model-layout (`image_token_id` expanded; pixel_values NHWC; image_rows, -1 = padding;
-    image_pos per row for LLaVA-1.6 layouts). mesh: see `on_mesh` (the model placed by `sharding.shard_module`)."""
+    image_pos per row for LLaVA-1.6 layouts). Packed rows (several sequences per row, as `data.packing` writes
+    them): segment_ids (B, S) (0 = padding) and positions restarting at 0 per segment; the first token of a
+    segment is never a target. mesh: see `on_mesh` (the model placed by `sharding.shard_module`)."""
     ids_bs, target_bs = np.asarray(ids_bs, np.int32), np.asarray(target_bs, bool)
     if target_bs[:, 0].any():
         raise ValueError("token 0 has no prefix and cannot be a target")
+    if (segment_ids is None) != (positions is None):
+        raise ValueError("packed rows need both segment_ids and positions")
+    if segment_ids is not None:
+        segment_ids, positions = np.asarray(segment_ids, np.int32), np.asarray(positions, np.int32)
+        starts = np.concatenate([np.ones_like(segment_ids[:, :1], bool),
+                                 segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+        bad = target_bs & (starts | (segment_ids == 0))
+        if bad.any():
+            r, s = map(int, np.argwhere(bad)[0])
+            raise ValueError(f"row {r}, token {s}: a target at a segment's first token or in padding")
     if pixel_values is not None:
         from vlmjax.models.vlm import host_image_inputs
 
         image_rows, image_pos = host_image_inputs(model.cfg, ids_bs, pixel_values, image_rows, image_pos)
     graphdef, state = nnx.split(model)
-    chunk = min(chunk, max(ids_bs.shape[1] - 1, 1))
+    pick, valid = target_picks(target_bs)
     with on_mesh(mesh) as put:
-        lp = _token_logprobs(graphdef, state, *put(ids_bs, target_bs, pixel_values, image_rows, image_pos),
-                             chunk=chunk)
+        ids_d, pixel_values, image_rows, image_pos, segment_ids, positions = put(
+            ids_bs, pixel_values, image_rows, image_pos, segment_ids, positions)
+        lp = _token_logprobs(graphdef, state, ids_d, pick, valid, pixel_values, image_rows, image_pos, segment_ids,
+                             positions, chunk=min(chunk, len(pick)))
         return np.asarray(jax.device_get(lp))
 
 
@@ -98,8 +129,12 @@ def sequence_scores(model, ids_bs, target_bs, pixel_values=None, image_rows=None
     """Per row: sum_logprob, num_tokens, mean_logprob and perplexity = exp(-mean_logprob) over the target."""
     lp = token_logprobs(model, ids_bs, target_bs, pixel_values, image_rows, chunk=chunk, image_pos=image_pos,
                         mesh=mesh)
-    n = np.asarray(target_bs, bool).sum(1)
-    total = lp.sum(1, dtype=np.float64)
+    return scores_from(lp.sum(1, dtype=np.float64), np.asarray(target_bs, bool).sum(1))
+
+
+def scores_from(total, n) -> dict:
+    """Per-sequence scores from the summed target log-probs and the target counts (NaN mean without targets)."""
+    total, n = np.asarray(total, np.float64), np.asarray(n, np.int64)
     mean = np.where(n > 0, total / np.maximum(n, 1), np.nan)
     return {"sum_logprob": total, "num_tokens": n, "mean_logprob": mean, "perplexity": np.exp(-mean)}
 

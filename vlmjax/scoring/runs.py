@@ -5,7 +5,8 @@
                     parts=("attn",), span="after_image", dtype="bfloat16")
 
 Both take `vlmjax.generate.Request`s (conversations + images); the scored span is the last assistant reply plus
-its end-of-turn token, tokenised by the training pipeline's template code. Like `generate_dataset`: outputs are
+its end-of-turn token, tokenised by the training pipeline's template code. Scoring packs several requests per row
+by default (`scoring.packed`: short pairs padded to their batch's longest waste the forward). Like `generate_dataset`: outputs are
 keyed by `sample_keys` (ids, or source:index when ids repeat), each host (`shard_index` of `shard_count`, default
 the jax process) runs its share into its own output, merged with coverage checks when the hosts are one job's
 processes; samples that cannot be encoded become {"id", "error"} records, counted and not retried unless
@@ -26,39 +27,77 @@ from vlmjax.generate.requests import Encoder, Request, collate_images, image_pos
 from vlmjax.generate.shards import host_shard, merge_shards, shard_path
 from vlmjax.scoring.capture import GROUPS, SPANS, features
 from vlmjax.scoring.loglik import data_parallel, pad_rows, sequence_scores
+from vlmjax.scoring.packed import PackedScorer, default_max_images
 from vlmjax.scoring.shards import ShardWriter, merge_feature_shards, row_dtype
 
 
 def score_dataset(model, tokenizer, requests: Sequence[Request], out_path, *, batch_size: int = 16,
-                  which: str = "last", encoder: Encoder | None = None, pad_to: int = 32, mesh=None,
+                  which: str = "last", encoder: Encoder | None = None, pad_to: int = 32, pack: bool = True,
+                  row_len: int | None = None, max_images: int | None = None, mesh=None,
                   shard_index: int | None = None, shard_count: int | None = None, retry_errors: bool = False,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, stats: dict | None = None) -> dict:
     """Append {"id", **meta, "sum_logprob", "num_tokens", "mean_logprob", "perplexity"} per request to JSONL
-    ({"id", **meta, "error"} for a request that cannot be encoded). Returns counts as `generate_dataset` does."""
+    ({"id", **meta, "error"} for a request that cannot be encoded). Returns counts as `generate_dataset` does.
+
+    batch_size: rows per forward. pack=False: one request per row, padded to the batch's longest (a multiple of
+    `pad_to`); pack=True: requests packed first-fit into rows of `row_len` tokens and `max_images` image slots
+    (`scoring.packed`; same scores; None: `auto_row_len` / `default_max_images` of the first batch), and one
+    longer than a row is scored alone. stats: filled with the packer's counts (batches, tokens, long)."""
     encoder = encoder or Encoder(tokenizer, model.cfg)
     i, n = host_shard(shard_index, shard_count)
     check_local_mesh(mesh, n)
     rows_per_batch = -(-batch_size // data_parallel(mesh)) * data_parallel(mesh)
     path = shard_path(out_path, i, n)
+    scorer = None
     with ResumableJsonl(path, retry_errors=retry_errors) as out:
-        keys, todo, stats = shard_work(requests, out, i, n)
+        keys, todo, run = shard_work(requests, out, i, n)
+
+        def write(done):
+            out.write({**record_head(k, r), "sum_logprob": float(s["sum_logprob"]),
+                       "num_tokens": int(s["num_tokens"]), "mean_logprob": float(s["mean_logprob"]),
+                       "perplexity": float(s["perplexity"])} for (k, r), s in done)
+            run["written"] += len(done)
+
         for batch, enc, failed in iter_batches(todo, batch_size, lambda kr: encoder.scored(kr[1], which),
                                                desc="score", progress=progress):
             out.write(error_records(failed))
-            stats["failed"] += len(failed)
+            run["failed"] += len(failed)
             if not batch:
+                continue
+            if pack:
+                if scorer is None:
+                    scorer = _packed_scorer(model, encoder, enc, rows_per_batch, row_len, max_images, pad_to, mesh)
+                for item, e in zip(batch, enc):
+                    write(scorer.add(item, e))
                 continue
             ids, tgt = pad_rows([e.ids for e in enc], [e.target for e in enc], pad_to=pad_to,
                                 batch_size=rows_per_batch)
             px, rows = collate_images([e.pixels for e in enc], slots=image_slots(batch_size, enc))
             s = sequence_scores(model, ids, tgt, px, rows, image_pos=image_pos_of(enc), mesh=mesh)
-            out.write({**record_head(k, r), "sum_logprob": float(s["sum_logprob"][b]),
-                       "num_tokens": int(s["num_tokens"][b]), "mean_logprob": float(s["mean_logprob"][b]),
-                       "perplexity": float(s["perplexity"][b])} for b, (k, r) in enumerate(batch))
-            stats["written"] += len(batch)
+            write([(kr, {k: v[b] for k, v in s.items()}) for b, kr in enumerate(batch)])
+        if scorer is not None:
+            write(scorer.finish())
+    if stats is not None and scorer is not None:
+        stats.update(scorer.stats, row_len=scorer.row_len, rows=scorer.rows, max_images=scorer.shape.max_images)
     merged = merge_hosts(os.fspath(out_path), keys, i, n,
                          lambda p, ks: merge_shards([shard_path(p, j, n) for j in range(n)], p, ids=ks))
-    return {**stats, "out": path, "merged": merged}
+    return {**run, "out": path, "merged": merged}
+
+
+def auto_row_len(enc, pad_to: int) -> int:
+    """Packed row width from a first batch: 4x its mean request, at least its longest, a multiple of pad_to."""
+    lengths = [len(e.ids) for e in enc]
+    return -(-max(max(lengths), 4 * int(np.mean(lengths))) // pad_to) * pad_to
+
+
+def _packed_scorer(model, encoder, enc, rows, row_len, max_images, pad_to, mesh) -> PackedScorer:
+    row_len = row_len or auto_row_len(enc, pad_to)
+    cfg, spec = model.cfg, encoder.image_spec
+    return PackedScorer(
+        model, rows=rows, row_len=row_len, pad_to=pad_to, mesh=mesh,
+        max_images=max_images if max_images is not None else default_max_images(enc, rows, row_len),
+        image_size=spec.image_size if spec is not None else 1,
+        tokens_per_tile=cfg.tokens_per_image if getattr(cfg, "image_layout", "tiles") == "llava_next" else 0)
 
 
 class _Done:
