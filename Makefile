@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(PY) -m vlmjax.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --durations=15 -q
+	$(PY) -m pytest -n 2 --dist worksteal --durations=15 -q
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,6 +1,39 @@
-"""Shared fixtures."""
+"""Shared fixtures, and one XLA compilation cache per test run.
+
+Many tests compile the same programs (the tiny config's init ops and train step, the tiny models' decode steps),
+in both xdist workers and in the subprocesses that multi-device tests start; compiling dominates their time on
+2 CPU cores. JAX's persistent cache (a folder under this run's pytest base temp, shared by the workers and, through
+the environment, by subprocesses) compiles each program once per run. It changes no result: a hit loads the
+executable the same HLO and options compiled to. A JAX_COMPILATION_CACHE_DIR already set is kept (e.g. to reuse the
+cache across runs)."""
+
+import os
 
 import pytest
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's tmpdir plugin has set up the base temp folder
+def pytest_configure(config):
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    base = config._tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # xdist: <run>/popen-gwN
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(root / "jax-compilation-cache")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # small programs too: there are hundreds
+    # a size bound turns on the cache's file lock: two workers writing and reading the same entry stay consistent
+    os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)
+    if "jax" in __import__("sys").modules:  # imported already (a plugin): its config read the environment before
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_compilation_cache_max_size", 8 << 30)
+
+
+def pytest_collection_modifyitems(config, items):
+    """`slow` tests first (stable order otherwise): under `make test`'s `-n 2 --dist worksteal` a long test that
+    starts last leaves one core idle until it ends, while short tests fill in around long ones that start first."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session")
