@@ -31,7 +31,8 @@ def main(argv=None) -> int:
     from mini_base_probe import labelled_images
     from vlmjax.models.config import VisionConfig
     from vlmjax.models.vit import VisionTower
-    from vlmjax.recipes.mini_base import dihedral, model_dict
+    from vlmjax.recipes.mini_base import CONFIG, dihedral
+    from vlmjax.train.stages import stage_config
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--stem", nargs="+", default=["linear", "conv"], choices=["linear", "conv"])
@@ -47,7 +48,8 @@ def main(argv=None) -> int:
 
     xtr, ytr = load(labelled_images("train", range(3000, 4000)))
     xte, yte = load(labelled_images("test"))
-    vis = {k: tuple(v) if isinstance(v, list) else v for k, v in model_dict()["vision"].items()}
+    vis = {k: tuple(v) if isinstance(v, list) else v
+           for k, v in stage_config(CONFIG, "align").model.vlm.vision.to_dict().items()}
     for stem in a.stem:
         cfg = VisionConfig(**{**vis, "patch_stem": stem})
 

@@ -27,7 +27,7 @@ def test_quick_pipeline_runs_every_stage(tmp_path):
     assert r["pairs"]["pairs"] == len(pairs) and r["pairs"]["images"] == 12
     assert all(p["prompt"].startswith("<image>\n") and "rejected_kind" in p for p in pairs)
     kinds = r["pairs_by_kind"]
-    assert set(kinds) <= {"all", "hallucination_prompt", "corruption/lowres:8", "corruption/shuffle:4"}
+    assert set(kinds) <= {"all", "hallucination_prompt", "corruption/lowres:4", "corruption/blur:8"}
     by_kind = {k: v for k, v in kinds.items() if k != "all"}
     assert sum(k["n"] for k in by_kind.values()) == kinds["all"]["n"] <= len(pairs)
     assert all(0 <= k["identical"] <= 1 and 0 <= k["real_negative"] <= 1 for k in kinds.values())

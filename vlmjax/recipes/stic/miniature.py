@@ -8,7 +8,7 @@
    an "imagine" turn, all on easy-vqa train images 3000-3999), built once per seed and cached; its gate is printed.
    Evaluated on the easy-vqa test split, directly and with DaR.
 2. STIC stage 1: `make_preferences` on unlabeled train images 0-479 (pixels only) with the base model, corrupted
-   negatives `--corruptions` (default lowres:8 shuffle:4: the paper's 20 px downscale and colour jitter leave a
+   negatives `--corruptions` (default lowres:4 blur:8: the paper's 20 px downscale and colour jitter leave a
    64 px shape intact), DPO (:stage1, LoRA + projector, reference = adapter off). Stage 2: `make_infused_sft` with
    the stage-1 model on a subset of the base SFT data, SFT continuing the adapter (:stage2). Evaluated again.
 3. The pairs are judged against the unlabeled images' true attributes (never used in training): how often the
@@ -148,7 +148,7 @@ def hf_reload_check(model_dir: Path, image) -> float:
 # ----------------------------------------------------------------------------------------------------- pipeline
 
 
-MINI_CORRUPTIONS = ("lowres:8", "shuffle:4")  # the paper's lowres (20 px) and colour jitter keep a 64 px shape
+MINI_CORRUPTIONS = ("lowres:4", "blur:8")  # the paper's lowres (20 px) and colour jitter keep a 64 px shape (README)
 
 
 def shared_base(cache: Path, *, seed: int, quick: bool) -> dict:
@@ -350,7 +350,7 @@ def main(argv=None) -> int:
     ap.add_argument("--base-cache", type=Path, default=None,
                     help="the shared mini base's cache folder (default: WORKDIR/../mini_base)")
     ap.add_argument("--corruptions", nargs="+", default=list(MINI_CORRUPTIONS),
-                    help="corrupted-image negatives (default lowres:8 shuffle:4: the paper's 20 px downscale and colour "
+                    help="corrupted-image negatives (default lowres:4 blur:8: the paper's 20 px downscale and colour "
                          "jitter leave a 64 px shape intact; `lowres color_jitter` = the paper's)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                     help="STIC seeds (pair plans, sampling, STIC training) on the one base; the table gives mean +- sd")
