@@ -208,6 +208,22 @@ def test_greedy_cli_with_an_easy_vqa_val_file(smol_runs, tmp_path, monkeypatch):
         main(["soup", "greedy", str(d / "sft0"), "--out", str(tmp_path / "h")])
 
 
+def test_readme_soup_commands_parse():
+    """The README's soup commands name placeholder runs (a real run needs SFT ingredients): their flags parse."""
+    import shlex
+
+    from vlmjax.recipes.points.__main__ import parser
+
+    text = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    section = text.split("### POINTS: model soup")[1].split("\n## ")[0].replace("\\\n", " ")
+    cmds = [line.strip() for line in section.splitlines() if line.strip().startswith("python -m vlmjax.recipes.points")]
+    assert [c.split()[4] for c in cmds] == ["uniform", "greedy"]
+    for c in cmds:
+        args = [a for a in shlex.split(c)[3:] if a not in ("[", "]")]
+        a = parser().parse_args([x.strip("[]") for x in args])
+        assert a.ingredients == ["RUN_A", "RUN_B", "RUN_C"] and a.out.startswith("runs/points/soup_")
+
+
 def test_easy_vqa_file_reads_the_package_layout(tmp_path):
     from vlmjax.data.assets import easy_vqa_data_dir
     from vlmjax.eval import tasks
