@@ -150,6 +150,10 @@ def test_bad_ingredients_are_errors_naming_what(tmp_path):
     (tmp_path / "peft" / "adapter_config.json").write_text("{}")
     with pytest.raises(ValueError, match=r"peft is a LoRA adapter only"):
         S.greedy([tmp_path / "a", tmp_path / "peft"], tmp_path / "g", knob_val(), log=lambda m: None)
+    from vlmjax.convert.average import average_into, open_sources
+
+    with pytest.raises(Mismatch, match=r"tensor projector/linear_2/bias is in .*/a only \(0 model-only, 2 folder"):
+        average_into(VLM(tiny_cfg("linear"), rngs=nnx.Rngs(0)), open_sources([tmp_path / "a"]))
     with pytest.raises(ValueError, match="is given twice"):
         S.uniform([tmp_path / "a", str(tmp_path / "a") + "/"], tmp_path / "u")
     with pytest.raises(ValueError, match="at least 2 ingredient folders, got 1"):
