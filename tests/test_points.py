@@ -104,7 +104,7 @@ README_COMMANDS = [
 
 def _readme_commands():
     text = open(os.path.join(ROOT, "README.md")).read()
-    section = text.split("## POINTS (vlmjax/recipes/points)")[1].split("\n## ")[0]
+    section = text.split("## POINTS (vlmjax/recipes/points)")[1].split("\n## ")[0].split("\n### ")[0]
     joined = section.replace("\\\n", " ")
     return [" ".join(line.split()) for line in joined.splitlines()
             if line.strip().startswith("python -m vlmjax.recipes.points filter")]  # soup: test_points_soup.py

@@ -150,6 +150,10 @@ def test_bad_ingredients_are_errors_naming_what(tmp_path):
     (tmp_path / "peft" / "adapter_config.json").write_text("{}")
     with pytest.raises(ValueError, match=r"peft is a LoRA adapter only"):
         S.greedy([tmp_path / "a", tmp_path / "peft"], tmp_path / "g", knob_val(), log=lambda m: None)
+    from vlmjax.convert.average import average_into, open_sources
+
+    with pytest.raises(Mismatch, match=r"tensor projector/linear_2/bias is in .*/a only \(0 model-only, 2 folder"):
+        average_into(VLM(tiny_cfg("linear"), rngs=nnx.Rngs(0)), open_sources([tmp_path / "a"]))
     with pytest.raises(ValueError, match="is given twice"):
         S.uniform([tmp_path / "a", str(tmp_path / "a") + "/"], tmp_path / "u")
     with pytest.raises(ValueError, match="at least 2 ingredient folders, got 1"):
@@ -177,40 +181,51 @@ def smol_runs(tmp_path_factory):
     return d, os.path.join(root, "images")
 
 
-def test_greedy_cli_with_an_easy_vqa_val_file(smol_runs, tmp_path):
-    """The README's command shape: greedy by easy-vqa accuracy on a held-out question file, in memory."""
+def test_greedy_cli_with_an_easy_vqa_val_file(smol_runs, tmp_path, monkeypatch):
+    """The README's command shape: greedy by easy-vqa accuracy on a held-out question file, in memory. Each trial's
+    answers (weights streamed into one model) equal those of the same weights loaded fresh from disk: no stale
+    engine copy of an earlier candidate's weights."""
+    from vlmjax.convert.native import load_folder
+    from vlmjax.eval import runner, tasks
+
     d, images = smol_runs
+    seen, predict = [], runner.predict
+
+    def recording(*a, **kw):
+        seen.append(predict(*a, **kw))
+        return seen[-1]
+
+    monkeypatch.setattr(runner, "predict", recording)
     rec = main(["soup", "greedy", str(d / "sft0"), str(d / "sft1"), "--out", str(tmp_path / "g"),
                 "--val-file", str(d / "val.json"), "--val-images", images, "--batch-size", "4"])
     assert rec["val"].startswith("easy_vqa_val:accuracy:n=4:") and 0.0 <= rec["soup_val"] <= 1.0
     state = json.loads((tmp_path / "g" / "soup.json").read_text())
-    assert len(state["trials"]) == 2 + 2 and len(state["evaluated"]) == 3
-    load_native(tmp_path / "g" / "model")
+    assert len(state["trials"]) == 2 + 2 and len(state["evaluated"]) == 3 and len(seen) == 3
+    task = tasks.easy_vqa_file(d / "val.json", images)
+    final = [tmp_path / "g" / "model"] if state["trials"][-1]["accepted"] else []  # else the soup is one of them
+    fresh = []
+    for folder in [d / "sft0", d / "sft1"] + final:
+        model, _, tok = load_folder(folder)
+        fresh.append(predict(model, tok, task, batch_size=4, progress=False))
+    assert seen[: len(fresh)] == fresh and seen[0] != seen[1]
     with pytest.raises(SystemExit, match="--val-file is required"):
         main(["soup", "greedy", str(d / "sft0"), "--out", str(tmp_path / "h")])
 
 
-def test_in_memory_trials_answer_as_the_exported_weights(smol_runs, tmp_path):
-    """Each trial's generations (in memory, weights streamed into one model) equal those of the same weights
-    loaded fresh from disk: no stale engine copy of an earlier candidate's weights."""
-    from vlmjax.convert.native import load_folder
-    from vlmjax.eval import tasks
-    from vlmjax.eval.runner import predict
+def test_readme_soup_commands_parse():
+    """The README's soup commands name placeholder runs (a real run needs SFT ingredients): their flags parse."""
+    import shlex
 
-    d, images = smol_runs
-    task = tasks.easy_vqa_file(d / "val.json", images)
-    seen = []
+    from vlmjax.recipes.points.__main__ import parser
 
-    def fn(model, tok):
-        seen.append(predict(model, tok, task, batch_size=4, progress=False))
-        return 0.0  # a tie: the pair is accepted
-
-    S.greedy([d / "sft0", d / "sft1"], tmp_path / "g", S.Val("record", fn), log=lambda m: None)
-    fresh = []
-    for folder in (d / "sft0", d / "sft1", tmp_path / "g" / "model"):
-        model, _, tok = load_folder(folder)
-        fresh.append(predict(model, tok, task, batch_size=4, progress=False))
-    assert seen == fresh and seen[0] != seen[1]
+    text = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    section = text.split("### POINTS: model soup")[1].split("\n## ")[0].replace("\\\n", " ")
+    cmds = [line.strip() for line in section.splitlines() if line.strip().startswith("python -m vlmjax.recipes.points")]
+    assert [c.split()[4] for c in cmds] == ["uniform", "greedy"]
+    for c in cmds:
+        args = [a for a in shlex.split(c)[3:] if a not in ("[", "]")]
+        a = parser().parse_args([x.strip("[]") for x in args])
+        assert a.ingredients == ["RUN_A", "RUN_B", "RUN_C"] and a.out.startswith("runs/points/soup_")
 
 
 def test_easy_vqa_file_reads_the_package_layout(tmp_path):

@@ -5,7 +5,9 @@
 The folders must hold the same model: the same parameter paths, shapes and dtypes, the same model config
 (architecture and image preprocessing; execution knobs aside) and the same tokenizer; any difference is an error
 naming the tensor, the field or the folder. Reading streams one parameter at a time from every folder into one fp32
-accumulator, so host memory peaks at about one parameter per folder plus the shard being written, never N models.
+accumulator, so host memory peaks at about one parameter per folder plus the shard being written, never N models
+(safetensors' save_file serialises a shard to bytes, so a shard is briefly held twice: bench/points.py measured
+~1.9 models of anonymous memory for a one-shard SmolLM2-size soup; smaller max_shard_bytes lowers it).
 The soup is written as a native folder (the first folder's config and tokenizer). Weights are normalised to sum 1.
 `average_into` streams the same average into a model already in memory (candidate soups evaluated without an
 export). Greedy soup selection (which folders to average) is the recipe's business (POINTS), not this module's.
