@@ -169,24 +169,22 @@ def prepare_data(data: Path, *, seed: int = 0, augment: int = AUGMENT, pool: tup
 # ----------------------------------------------------------------------------------------------------- tower
 
 
-def pretrain_tower(data: Path, out: Path, *, config_file: Path = CONFIG, over: dict | None = None, steps: int = 300,
-                   batch: int = 64, lr: float = 2e-3, seed: int = 0, quiet: bool = False) -> dict:
+def pretrain_tower(data: Path, out: Path, *, config_file: Path = CONFIG, over: dict | None = None,
+                   steps: int = TOWER_STEPS, batch: int = 64, lr: float = 2e-3, seed: int = 0, quiet: bool = False) -> dict:
     """The miniature's stand-in for a pretrained CLIP/SigLIP tower (real VLMs never align a tower from scratch, and a
     from-scratch tower aligned through the decoder's caption loss learns no shape in our budget: README "A mini base
     that sees"): the align stage's tower + a linear head classify each base-pool view's shape and colour (the
     attributes its caption states), mean-pooled features, AdamW. Writes OUT/tower.safetensors keyed by the VLM's
     parameter paths (the align stage loads it: `model.load_params`) and OUT/tower.json. Skipped when done."""
-    import jax
     import jax.numpy as jnp
     import optax
     from flax import nnx
-    from safetensors.numpy import save_file
 
-    from vlmjax.convert.native import path_str
     from vlmjax.data.easy_vqa import COLORS, SHAPES
     from vlmjax.data.image import model_image_spec, process_image
     from vlmjax.generate.jsonl import read_jsonl
     from vlmjax.train.config_io import apply_overrides
+    from vlmjax.train.params_io import save_params
     from vlmjax.train.setup import build_model
     from vlmjax.train.stages import stage_config
 
@@ -238,10 +236,8 @@ def pretrain_tower(data: Path, out: Path, *, config_file: Path = CONFIG, over: d
         if not quiet and (i + 1) % 50 == 0:
             print(f"  tower {i + 1}/{steps}: loss {hist[-1][0]:.3f} shape {acc_s:.2f} colour {acc_c:.2f}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {f"vision/{path_str(p)}": np.asarray(jax.device_get(v[...]))
-               for p, v in nnx.to_flat_state(nnx.state(tower, nnx.Param))}
-    save_file(tensors, str(out / "tower.safetensors.tmp"))
-    os.replace(out / "tower.safetensors.tmp", out / "tower.safetensors")
+    save_params(nnx.state(model, nnx.All(nnx.Param, lambda path, _: path[0] == "vision")),
+                str(out / "tower.safetensors"))
     tail = np.array(hist[-50:])
     info = {"stage": "tower", "steps": steps, "batch": batch, "lr": lr, "images": len(rows),
             "seconds": round(time.time() - t0, 1), "cpu_seconds": round(time.process_time() - cpu0, 1),

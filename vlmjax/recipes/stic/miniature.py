@@ -178,7 +178,7 @@ def run(root: Path, *, negatives: str = "generated", quick: bool = False, n_eval
     stic_seed gets its own folder, so several STIC runs share one base). llm: "scratch" (the shared mini base,
     cached in `base_cache`, default ROOT/../mini_base) or "smollm2" (configs/stic/mini_smollm2.py, trained here).
     Unlabeled images: easy-vqa train images 0-479 (the recipes' pool; the shared base never saw them)."""
-    from vlmjax.convert.native import hf_unsupported_reason
+    from vlmjax.convert.native import folder_kind, hf_unsupported_reason, read_native_config
     from vlmjax.generate.loading import load_model
     from vlmjax.recipes.mini_base import RECIPE_POOL
     from vlmjax.recipes.stic.make_infused_sft import make_infused_sft
@@ -238,8 +238,8 @@ def run(root: Path, *, negatives: str = "generated", quick: bool = False, n_eval
     results["stic"] = evaluate(s2, stic / "results" / "stic.json", n=n_eval, dar=False)
     results["stic_dar"] = evaluate(s2, stic / "results" / "stic_dar.json", n=n_eval, dar=True)
 
-    _m, cfg, _t = load_model(s2)
-    why = hf_unsupported_reason(cfg)
+    # the export is an HF folder exactly when HF can express the model (train.export_format="auto")
+    why = None if folder_kind(s2) == "hf" else hf_unsupported_reason(read_native_config(s2)[0])
     if why is None:
         err = hf_reload_check(s2, str(Path(images) / "train" / "0.png"))
         results["hf_reload_max_abs_logit_diff"] = err
