@@ -178,7 +178,8 @@ def test_kmeans_rows_sharded_over_8_devices_equal_numpy(tmp_path):
     code = ("import numpy as np, jax; from vlmjax.recipes.coincide import kmeans as K; "
             "assert len(jax.devices()) == 8; x = np.load('x.npy'); r = K.spherical_kmeans(x, 7, iters=8, seed=5, "
             "block=8); np.save('a.npy', r['assign']); np.save('c.npy', r['centroids'])")
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+    xla_flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"  # keeps conftest's flags
+    env = {**os.environ, "XLA_FLAGS": xla_flags, "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": ROOT}
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True, timeout=300)
     c_ref, a_ref, _ = numpy_kmeans(x, 7, 8, seed=5)

@@ -330,7 +330,8 @@ def test_option_scores_on_two_devices_equal_one(tmp_path):
     same scores as one device."""
     png(tmp_path / "a.png", 30)
     png(tmp_path / "c.png", 220)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+    xla_flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"  # keeps conftest's flags
+    env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu",
                PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT, str(ROOT / "tests"), str(tmp_path / "a.png"),
                            str(tmp_path / "c.png")], env=env, capture_output=True, text=True, timeout=600)

@@ -7,6 +7,7 @@ LlavaNextImageProcessorPil (tiles). Tolerances: fp32 logits max |diff| <= 1e-4 (
 
 import numpy as np
 import pytest
+from flax import nnx
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -20,6 +21,10 @@ from vlmjax.data.image import ImageSpec, load_image, normalize  # noqa: E402
 
 TOL = 1e-4
 VOCAB, IMG = 320, 310  # tiny text models for the tokenizer below (<= 300 ids): the image token lies past them
+
+
+# jitted: eager (op-by-op) calls compile every op of the model on its own, several times slower on CPU
+jit_call = nnx.jit(lambda m, *args, **kw: m(*args, **kw))
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +102,7 @@ def test_logits_match_transformers(tmp_path):
         ref = ref_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos),
                         pixel_values=torch.tensor(_hf_pixels(tiles)),
                         image_sizes=torch.tensor([(im.height, im.width) for im in imgs])).logits.numpy()
-    ours = np.asarray(model(ids.astype(np.int32), np.concatenate(tiles), image_rows, pos.astype(np.int32),
+    ours = np.asarray(jit_call(model, ids.astype(np.int32), np.concatenate(tiles), image_rows, pos.astype(np.int32),
                             mask.astype(np.int32), image_pos=image_pos))
     real = mask.astype(bool)
     err = np.abs(ref[real] - ours[real]).max()
@@ -106,7 +111,7 @@ def test_logits_match_transformers(tmp_path):
     # a layout that drops the newline or the unpadding is caught: shuffle one row's positions
     bad = image_pos.copy()
     bad[0, 16:40] = bad[0, 16:40][::-1]
-    shuffled = np.asarray(model(ids.astype(np.int32), np.concatenate(tiles), image_rows, pos.astype(np.int32),
+    shuffled = np.asarray(jit_call(model, ids.astype(np.int32), np.concatenate(tiles), image_rows, pos.astype(np.int32),
                                 mask.astype(np.int32), image_pos=bad))
     assert np.abs(ref[0][real[0]] - shuffled[0][real[0]]).max() > 100 * TOL
     with pytest.raises(ValueError, match="needs image_pos"):
@@ -201,8 +206,8 @@ def test_packed_pipeline_batch_matches_per_sample(tmp_path, tiny_tok):
         batch, ids = next(it), list(it.last_ids)
     assert batch["image_pos"].shape == batch["input_ids"].shape and len(ids) == len(SIZES)
     assert (batch["segment_ids"].max(1) > 1).any(), "expected packed rows"
-    logits = np.asarray(model(batch["input_ids"], batch["pixel_values"], batch["image_rows"], batch["positions"],
-                              batch["segment_ids"], image_pos=batch["image_pos"]))
+    logits = np.asarray(jit_call(model, batch["input_ids"], batch["pixel_values"], batch["image_rows"],
+                             batch["positions"], batch["segment_ids"], image_pos=batch["image_pos"]))
     enc = Encoder(tok, cfg)
     by_id = {r["id"]: r for r in recs}
     seen = 0
@@ -216,8 +221,8 @@ def test_packed_pipeline_batch_matches_per_sample(tmp_path, tiny_tok):
                           [str(tmp_path / "img" / rec["image"])])
             e = enc.full(req)
             assert e.ids == batch["input_ids"][r][sel].tolist()
-            alone = np.asarray(model(np.array([e.ids], np.int32), e.pixels, np.zeros(len(e.pixels), np.int32),
-                                     image_pos=e.image_pos[None]))
+            alone = np.asarray(jit_call(model, np.array([e.ids], np.int32), e.pixels, np.zeros(len(e.pixels), np.int32),
+                                    image_pos=e.image_pos[None]))
             err = np.abs(alone[0] - logits[r][sel]).max()
             assert err <= TOL, f"{rec['id']}: max |dlogit| {err:.2e}"
     assert seen == len(SIZES)

@@ -20,7 +20,8 @@ KEY_BYTES = 8  # the step's RNG key argument (threefry: 2 x uint32), not in the 
 
 @pytest.fixture(scope="module")
 def results():
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    xla_flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"  # keeps conftest's flags
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags)
     cmd = [sys.executable, str(REPO / "bench" / "memory.py"), "--model", "tiny", "--seq", "32", "--json", "--runs", *RUNS]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -60,7 +60,7 @@ def test_projectors_token_counts_and_forward(projector, tokens):
     assert cfg.tokens_per_image == tokens
     model = VLM(cfg, rngs=nnx.Rngs(0))
     ids = np.array([[1, 2] + [63] * tokens + [3]], np.int32)
-    out = model(ids, np.zeros((1, 28, 28, 3), np.float32), np.array([0], np.int32))
+    out = nnx.jit(lambda m: m(ids, np.zeros((1, 28, 28, 3), np.float32), np.array([0], np.int32)))(model)
     assert out.shape == (1, tokens + 3, 64) and np.isfinite(np.asarray(out)).all()
 
 
@@ -84,18 +84,19 @@ def test_remat_and_bf16_are_execution_choices_only():
     px = np.random.default_rng(0).normal(size=(1, 28, 28, 3)).astype(np.float32)
     rows = np.array([0], np.int32)
     base = VLM(cfg, rngs=nnx.Rngs(0))
-    ref = np.asarray(base(ids, px, rows))
+    fwd = nnx.jit(lambda m: m(ids, px, rows))  # jitted: op-by-op dispatch compiles every op of the model
+    ref = np.asarray(fwd(base))
     llm = dataclasses.replace(cfg.llm, remat="full")
     remat = VLM(dataclasses.replace(cfg, llm=llm), rngs=nnx.Rngs(0))
-    loss = lambda m: m(ids, px, rows).sum()  # noqa: E731
-    g_ref = nnx.grad(loss)(base)
-    g_remat = nnx.grad(loss)(remat)
+    grad = nnx.jit(nnx.grad(lambda m: m(ids, px, rows).sum()))
+    g_ref = grad(base)
+    g_remat = grad(remat)
     # remat recomputes the forward inside the backward: fp32 summation order changes, so single elements of
     # gradients ~0.06 differ by up to ~2e-5 on some CPUs (seen: 1 of 512 at 1.97e-5); a real remat bug is >> 1e-4
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5), nnx.state(g_ref), nnx.state(g_remat))
     bf16 = VLM(with_dtypes(cfg, "bfloat16", "float32"), rngs=nnx.Rngs(0))
     assert bf16.llm.embed_tokens[...].dtype == jnp.float32  # fp32 master weights
-    out = np.asarray(bf16(ids, px, rows)).astype(np.float32)
+    out = np.asarray(fwd(bf16)).astype(np.float32)
     assert np.abs(out - ref).max() < 0.05 * np.abs(ref).max() + 0.02
 
 
@@ -115,6 +116,7 @@ def test_padding_slots_anywhere_splice_the_same():
     model = VLM(cfg, rngs=nnx.Rngs(0))
     ids = np.array([[1] + [63] * 16 + [2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12] * 2 + [13], [2] + [63] * 16 + [5, 6]], np.int32)
     px = np.random.default_rng(0).normal(size=(3, 28, 28, 3)).astype(np.float32)
-    a = model(ids, px, np.array([0, 2, -1], np.int32))
-    b = model(ids, np.stack([px[0], px[2], px[1]]), np.array([0, -1, 2], np.int32))
+    call = nnx.jit(lambda m, px, rows: m(ids, px, rows))
+    a = call(model, px, np.array([0, 2, -1], np.int32))
+    b = call(model, np.stack([px[0], px[2], px[1]]), np.array([0, -1, 2], np.int32))
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)

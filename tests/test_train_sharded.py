@@ -26,7 +26,8 @@ def test_sharded_training_equals_single_device(tmp_path):
     data = write_dataset(tmp_path / "data")
     extra = "    c.data.batch_size = 4\n    c.train.steps = 3\n    c.train.save_every = 100\n"
     cfg = write_config_file(tmp_path / "cfg.py", data, extra)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    xla_flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"  # keeps conftest's flags
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), XLA_FLAGS=xla_flags)
     cmd = [sys.executable, "-m", "vlmjax.train", f"--config={cfg}", f"--workdir={tmp_path / 'sharded'}",
            "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
     one = [h["loss"] for h in train(load_config(str(cfg), ["mesh.data=1"]), str(tmp_path / "single"))["history"]]
