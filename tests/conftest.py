@@ -25,8 +25,7 @@ os.environ["XLA_FLAGS"] = " ".join([_flags, *(f for f in TEST_XLA_FLAGS if f.spl
 def pytest_configure(config):
     if "JAX_COMPILATION_CACHE_DIR" in os.environ:
         return
-    base = config._tmp_path_factory.getbasetemp()
-    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # xdist: <run>/popen-gwN
+    root = _run_root(config)  # xdist: <run>/popen-gwN are the workers' base temps
     os.environ["JAX_COMPILATION_CACHE_DIR"] = str(root / "jax-compilation-cache")
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # small programs too: there are hundreds
     # a size bound turns on the cache's file lock: two workers writing and reading the same entry stay consistent
@@ -43,6 +42,27 @@ def pytest_collection_modifyitems(config, items):
     """`slow` tests first (stable order otherwise): under `make test`'s `-n 2 --dist worksteal` a long test that
     starts last leaves one core idle until it ends, while short tests fill in around long ones that start first."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def _run_root(config):
+    """The folder every xdist worker of this run shares (the per-worker base temps' parent)."""
+    base = config._tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session")
+def tiny_mini_base(pytestconfig):
+    """The recipes' mini base at test size (train_utils.TINY_BASE_KW: data, tokenizer, tower, align, SFT), built once
+    per run under a file lock and shared by every xdist worker; build_base skips what exists."""
+    pytest.importorskip("easy_vqa")
+    from filelock import FileLock
+    from train_utils import TINY_BASE_KW
+
+    from vlmjax.recipes import mini_base
+
+    root = _run_root(pytestconfig)
+    with FileLock(str(root / "tiny_mini_base.lock")):
+        return mini_base.build_base(root / "tiny_mini_base", **TINY_BASE_KW)
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 answer kind / describe colour + shape, and the gate every miniature prints."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -57,13 +58,14 @@ def test_base_gate_names_each_failing_skill():
 
 
 @pytest.mark.slow
-def test_tiny_base_is_built_on_its_own_pool_and_reused(tmp_path, monkeypatch):
-    pytest.importorskip("easy_vqa")
-    from test_stages import TINY
+def test_tiny_base_is_built_on_its_own_pool_and_reused(tiny_mini_base, monkeypatch):
+    """On the suite's shared tiny base (conftest: train_utils.TINY_BASE_KW, 2 views per image, 2 steps a stage)."""
+    from train_utils import TINY_BASE_KW
 
-    over = {"align": TINY, "sft": {"data.batch_size": 2}}
-    base = mini_base.build_base(tmp_path, seed=0, augment=2, over=over, steps_scale=1e-3, quiet=True)
-    data = mini_base.data_dir(tmp_path, 0, 2)
+    base = tiny_mini_base
+    cache = Path(base["root"]).parent
+    data = mini_base.data_dir(cache, 0, 2)
+    assert Path(base["data"]) == data
     sft = json.loads((data / "base_sft.json").read_text())
     caps = [json.loads(line) for line in (data / "base_captions.jsonl").read_text().splitlines()]
     # images 3000-3999 only (the recipes' pools 0-2999 never seen), each in 2 views; the view is the turned image
@@ -93,5 +95,5 @@ def test_tiny_base_is_built_on_its_own_pool_and_reused(tmp_path, monkeypatch):
     import vlmjax.train.loop as loop
 
     monkeypatch.setattr(loop, "train", lambda *a, **k: pytest.fail("the cached base was trained again"))
-    again = mini_base.build_base(tmp_path, seed=0, augment=2, over=over, steps_scale=1e-3, quiet=True)
+    again = mini_base.build_base(cache, **TINY_BASE_KW)
     assert again["model"] == base["model"] and mini_base.evaluate_base(again, n=6) == res

@@ -8,16 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from train_utils import TINY_MINI
 from vlmjax.train import stages
 
 REPO = Path(__file__).resolve().parents[1]
 MINI = REPO / "configs" / "mini" / "base.py"
 V = "model.vlm.vision."
-L = "model.vlm.llm."
-# configs/mini/base.py shrunk to seconds per step
-TINY = {L + "hidden_size": 32, L + "intermediate_size": 64, L + "num_layers": 1, L + "num_heads": 2,
-        L + "num_kv_heads": 1, V + "image_size": 32, V + "hidden_size": 16, V + "intermediate_size": 32,
-        V + "num_layers": 1, V + "num_heads": 2, "data.batch_size": 2, "data.max_images": 8}
+TINY = TINY_MINI
 
 
 def test_load_config_names_a_missing_file_and_a_missing_get_config(tmp_path):

@@ -1,5 +1,6 @@
 """The whole STIC miniature (make demo's pipeline) end to end in a few steps per stage: data, tokenizer, base
-training (the shared mini base, cached), evaluations, pairs, DPO, infused SFT continuing the adapter, export."""
+training (the suite's shared tiny mini base, conftest), evaluations, pairs, DPO, infused SFT continuing the adapter,
+export."""
 
 import json
 
@@ -8,15 +9,14 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_quick_pipeline_runs_every_stage(tmp_path):
+def test_quick_pipeline_runs_every_stage(tmp_path, tiny_mini_base):
     pytest.importorskip("torch")
-    pytest.importorskip("easy_vqa")
     from vlmjax.recipes.stic.miniature import run
 
-    r = run(tmp_path / "stic", quick=True, base_cache=tmp_path / "mini_base")
+    r = run(tmp_path / "stic", quick=True, base=tiny_mini_base)
     # the shared base's conv stem has no HF form: the final model is a native folder, no transformers reload
     assert r["hf_reload_max_abs_logit_diff"] is None
-    assert (tmp_path / "mini_base").is_dir() and r["base_model"].startswith(str(tmp_path / "mini_base"))
+    assert r["base_model"] == tiny_mini_base["model"]
     for key in ("base", "base_dar", "stage1", "stic", "stic_dar"):
         assert 0.0 <= r[key]["accuracy"] <= 1.0 and r[key]["n"] == 16
     assert "describe_both" in r["base"] and "describe_both" not in r["base_dar"]
@@ -37,14 +37,14 @@ def test_quick_pipeline_runs_every_stage(tmp_path):
     infused = json.loads((stic / "infused.json").read_text())
     assert all("Image description:\n" in rec["conversations"][0]["value"] for rec in infused)
     # a rerun finds every step done and changes nothing
-    again = run(tmp_path / "stic", quick=True, base_cache=tmp_path / "mini_base")
+    again = run(tmp_path / "stic", quick=True, base=tiny_mini_base)
     assert {k: again[k] for k in ("base", "stic")} == {k: r[k] for k in ("base", "stic")}
     # the seeded report over the finished run (nothing retrained): table, real negatives, figures, results JSON
     from PIL import Image
 
     from vlmjax.recipes.stic.miniature import run_seeds
 
-    rep = run_seeds(tmp_path / "stic", seeds=(0,), ablation=False, quick=True, base_cache=tmp_path / "mini_base")
+    rep = run_seeds(tmp_path / "stic", seeds=(0,), ablation=False, quick=True, base=tiny_mini_base)
     assert rep["rows"]["STIC (stage 1 + 2)"]["accuracy"]["mean"] == r["stic"]["accuracy"]
     assert rep["real_negative_fraction"]["generated"]["mean"] == kinds["all"]["real_negative"]
     assert "| STIC (stage 1 + 2) | 1 |" in rep["table"] and rep["gate"] == r["base_gate"]

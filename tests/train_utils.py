@@ -8,6 +8,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+_V, _L = "model.vlm.vision.", "model.vlm.llm."
+# configs/mini/base.py shrunk to seconds per step (dotted overrides of a stage)
+TINY_MINI = {_L + "hidden_size": 32, _L + "intermediate_size": 64, _L + "num_layers": 1, _L + "num_heads": 2,
+             _L + "num_kv_heads": 1, _V + "image_size": 32, _V + "hidden_size": 16, _V + "intermediate_size": 32,
+             _V + "num_layers": 1, _V + "num_heads": 2, "data.batch_size": 2, "data.max_images": 8}
+# The suite's one tiny mini base (conftest's `tiny_mini_base` builds it once per run): 2 views per image, 2 steps
+# per stage. Recipe miniatures' end-to-end tests run on it instead of each building its own.
+TINY_BASE_KW = dict(seed=0, augment=2, over={"align": TINY_MINI, "sft": {"data.batch_size": 2}}, steps_scale=1e-3,
+                    quiet=True)
+
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
 
 

@@ -169,7 +169,9 @@ def grid_figure(items: Sequence[tuple], *, cols: int = 4, wrap: int = 38, title:
         if isinstance(lines, str):
             lines = [lines]
         imgs.append(_image(img, i))
-        texts.append("\n".join(w for line in lines for w in (textwrap.wrap(str(line), wrap) or [""])))
+        # model output may hold control characters (no glyph in any font): shown as U+FFFD
+        lines = ["".join(ch if ch.isprintable() else "\ufffd" for ch in str(line)) for line in lines]
+        texts.append("\n".join(w for line in lines for w in (textwrap.wrap(line, wrap) or [""])))
     cols = max(1, min(cols, len(items)))
     rows = -(-len(items) // cols)
     line_in = fontsize * 1.3 / 72  # one text line in inches

@@ -172,11 +172,12 @@ def own_base(root: Path, *, seed: int, quick: bool, llm: str) -> dict:
 
 
 def run(root: Path, *, negatives: str = "generated", quick: bool = False, n_eval: int = 300, seed: int = 0,
-        stic_seed: int = 0, llm: str = "scratch", base_cache: Path | None = None,
+        stic_seed: int = 0, llm: str = "scratch", base_cache: Path | None = None, base: dict | None = None,
         corruptions: tuple[str, ...] = MINI_CORRUPTIONS) -> dict:
     """seed: the base (the shared mini base's seed); stic_seed: pair plans, sampling and STIC training (a nonzero
     stic_seed gets its own folder, so several STIC runs share one base). llm: "scratch" (the shared mini base,
     cached in `base_cache`, default ROOT/../mini_base) or "smollm2" (configs/stic/mini_smollm2.py, trained here).
+    base: a mini base built already (`mini_base.build_base`'s dict, e.g. the test suite's shared tiny one), used as is.
     Unlabeled images: easy-vqa train images 0-479 (the recipes' pool; the shared base never saw them)."""
     from vlmjax.convert.native import folder_kind, hf_unsupported_reason, read_native_config
     from vlmjax.generate.loading import load_model
@@ -195,7 +196,9 @@ def run(root: Path, *, negatives: str = "generated", quick: bool = False, n_eval
     root.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     print("[1/6] base model", flush=True)
-    if llm == "scratch":
+    if base is not None:
+        base_info = base
+    elif llm == "scratch":
         base_info = shared_base(Path(base_cache or root.parent / "mini_base"), seed=seed, quick=quick)
     else:
         base_info = own_base(root, seed=seed, quick=quick, llm=llm)
@@ -229,8 +232,10 @@ def run(root: Path, *, negatives: str = "generated", quick: bool = False, n_eval
     if not (stic / "infused.json").exists():
         model, _cfg, tok = load_model(s1)
         subset = json.loads((data / "base_sft.json").read_text())[:n_subset]
+        # quick: a model of a few steps describes greedily in whitespace (all dropped as empty); it samples instead
         (stic / "infused_stats.json").write_text(json.dumps(
-            make_infused_sft(model, tok, subset, images, stic / "infused.json", seed=stic_seed, **gen)))
+            make_infused_sft(model, tok, subset, images, stic / "infused.json", seed=stic_seed,
+                             temperature=1.0 if quick else 0.0, **gen)))
     print(f"[4/6] STIC stage 2: {json.loads((stic / 'infused_stats.json').read_text())}", flush=True)
     s2 = train_stage_("stage2", stic / "stage2", model_path=str(base), image_root=images, source=str(stic / "infused.json"),
                      load_params=str(stic / "stage1" / "trainable.safetensors"), steps_scale=scale,
