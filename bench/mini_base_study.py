@@ -35,6 +35,7 @@ ARMS = {
     "sft_tower": (4, {"sft": {"train.trainable": (".*",)}}, "tower trained in SFT too"),
     "sft400": (4, {"sft": {"train.steps": 400}}, "400 SFT steps"),
     "balanced": (4, {"data": {"keep_absent": 0.25}}, "'absent' yes/no questions kept with p 0.25 (balanced answers)"),
+    "no_imagine": (4, {"data": {"imagine_every": 0}}, "no 'imagine' turns (wrong colour + shape answers) in SFT"),
 }
 
 
@@ -63,9 +64,9 @@ def probe_arm(name: str, cache: Path, out: Path) -> dict:
     from vlmjax.train.stages import train_stage
 
     augment, over, _what = ARMS[name]
-    keep = over.get("data", {}).get("keep_absent", 1.0)
-    data = data_dir(cache, 0, augment, keep)
-    prepare_data(data, seed=0, augment=augment, keep_absent=keep)
+    data_kw = {k: over.get("data", {})[k] for k in ("keep_absent", "imagine_every") if k in over.get("data", {})}
+    data = data_dir(cache, 0, augment, **data_kw)
+    prepare_data(data, seed=0, augment=augment, **data_kw)
     steps = over.get("tower", {}).get("steps", TOWER_STEPS)
     if steps:
         pretrain_tower(data, cache / name / "tower", over=over.get("align"), steps=steps, quiet=True)

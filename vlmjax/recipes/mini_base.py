@@ -107,7 +107,7 @@ def _write_json(path: Path, obj) -> None:
 
 
 def prepare_data(data: Path, *, seed: int = 0, augment: int = AUGMENT, pool: tuple[int, int] = POOL,
-                 keep_absent: float = KEEP_ABSENT) -> dict:
+                 keep_absent: float = KEEP_ABSENT, imagine_every: int = IMAGINE_EVERY) -> dict:
     """easy-vqa train split -> data/images (all 4000 train images, for the recipes too), the base's captions and SFT
     conversations on `pool` (+ augmented views) and data/tokenizer fitted to the corpus. Skipped when done."""
     from PIL import Image
@@ -145,7 +145,7 @@ def prepare_data(data: Path, *, seed: int = 0, augment: int = AUGMENT, pool: tup
             rng = np.random.default_rng(zlib.crc32(f"{seed}:{vid}".encode()))
             cap = captions.get(sample_id)
             imagine = None
-            if cap and cap.get("shape") and cap.get("color") and rng.random() < 1 / IMAGINE_EVERY:
+            if imagine_every and cap and cap.get("shape") and cap.get("color") and rng.random() < 1 / imagine_every:
                 imagine = (P.HALLUCINATION[int(rng.integers(len(P.HALLUCINATION)))], imagined(cap, rng))
                 n_imagine += 1
             sft.append({"id": vid, "image": image, "conversations": sft_turns(rec["conversations"], rng,
@@ -161,7 +161,7 @@ def prepare_data(data: Path, *, seed: int = 0, augment: int = AUGMENT, pool: tup
     train_tokenizer(sorted(set(texts)), data / "tokenizer", vocab_size=1024)  # sorted: BPE ties follow text order
     info = {"pool": list(pool), "images": len(ids), "augment": augment, "sft": len(sft), "captions": len(caps),
             "imagine_turns": n_imagine,
-            "seed": seed, "version": DATA_VERSION, "keep_absent": keep_absent}
+            "seed": seed, "version": DATA_VERSION, "keep_absent": keep_absent, "imagine_every": imagine_every}
     _write_json(done, info)
     return info
 
@@ -251,9 +251,11 @@ def pretrain_tower(data: Path, out: Path, *, config_file: Path = CONFIG, over: d
 # ----------------------------------------------------------------------------------------------------- build
 
 
-def data_dir(cache, seed: int = 0, augment: int = AUGMENT, keep_absent: float = KEEP_ABSENT) -> Path:
+def data_dir(cache, seed: int = 0, augment: int = AUGMENT, keep_absent: float = KEEP_ABSENT,
+             imagine_every: int = IMAGINE_EVERY) -> Path:
     return Path(cache) / (f"data_v{DATA_VERSION}_seed{seed}_aug{augment}"
-                          + (f"_absent{keep_absent:g}" if keep_absent != 1.0 else ""))
+                          + (f"_absent{keep_absent:g}" if keep_absent != 1.0 else "")
+                          + (f"_imagine{imagine_every}" if imagine_every != IMAGINE_EVERY else ""))
 
 
 def fingerprint(config_file: Path, over: dict | None) -> str:
@@ -272,15 +274,18 @@ def build_base(cache: str | Path = "runs/mini_base", *, seed: int = 0, augment: 
     """Build (or reuse) the base for `seed`: -> {"model" (the SFT'd export), "align", "tokenizer", "images" (all
     easy-vqa train images: the recipes' pools are RECIPE_POOL), "data", "root", "stages" (each stage's
     stage.json), "seconds", "cpu_seconds" (what building took, summed over stages and data)}.
-    over = {"tower": {"steps": N}, "data": {"keep_absent": p}, "align": {dotted: value}, "sft": {...}} changes the design (a fresh fingerprint
+    over = {"tower": {"steps": N}, "data": {"keep_absent": p, "imagine_every": k (0: none)}, "align": {dotted: value},
+    "sft": {...}} changes the design (a fresh fingerprint
     folder, unless `root` names the model folder); steps_scale shrinks every stage (tests)."""
     from vlmjax.train.stages import train_stage
 
     cache, config_file = Path(cache), Path(config_file)
     t0, cpu0 = time.time(), time.process_time()
-    keep_absent = float((over or {}).get("data", {}).get("keep_absent", KEEP_ABSENT))
-    data = data_dir(cache, seed, augment, keep_absent)
-    info = prepare_data(data, seed=seed, augment=augment, keep_absent=keep_absent)
+    data_over = (over or {}).get("data", {})
+    keep_absent = float(data_over.get("keep_absent", KEEP_ABSENT))
+    imagine_every = int(data_over.get("imagine_every", IMAGINE_EVERY))
+    data = data_dir(cache, seed, augment, keep_absent, imagine_every)
+    info = prepare_data(data, seed=seed, augment=augment, keep_absent=keep_absent, imagine_every=imagine_every)
     prep = {"seconds": round(time.time() - t0, 1), "cpu_seconds": round(time.process_time() - cpu0, 1)}
     if not (data / "prep_time.json").exists():
         _write_json(data / "prep_time.json", prep)
