@@ -212,7 +212,8 @@ def run_config(spec: str, mesh_name: str, overrides=(), seq_len: int | None = No
     arch, source = model_arch(spec.partition(":")[0], c, tiny=tiny)
     vcfg = model_config(c, arch)
     r = aot_memory(c, vcfg, mesh)
-    return {**r, "case": config_label(spec), "config": spec, "mesh": mesh_name, "model": source,
+    label = config_label(spec) + (f"[{' '.join(overrides)}]" if overrides else "")
+    return {**r, "case": label, "config": spec, "overrides": list(overrides), "mesh": mesh_name, "model": source,
             "rows_per_device": r["rows_per_micro"] // groups, "seq_len": int(c.data.seq_len),
             "max_images": int(c.data.max_images), "tokens_per_image": int(vcfg.tokens_per_image),
             "vocab_size": int(vcfg.llm.vocab_size), "lora_rank": int(c.lora.rank),
