@@ -27,6 +27,17 @@ attention where a GPU picks pallas_gpu / cuDNN); see the printed caveats.
     python bench/memory.py --cases dpo_lora --meshes fsdp4
     python bench/memory.py --no-licm                     # the same without XLA's loop-invariant code motion
     python bench/memory.py --model tiny                  # a scaled-down model: seconds (tests/test_memory_aot.py)
+    python bench/memory.py --config configs/points/yi9b.py:sft --config configs/vila/llama2_7b.py:align \
+        --meshes fsdp8 fsdp4                             # recipe configs' own steps (x meshes; default fsdp8)
+
+--config FILE[:STAGE] (repeatable) compiles the step that training config runs, loaded by config_io (with --set
+KEY=VALUE overrides): its projector (downsample / pixel shuffle), tiling and max_images, LoRA or full, trainable
+regexes, dtypes, data.batch_size rows per micro-batch over the mesh's batch devices (the configs' batch is per
+8-GPU host), grad_accum and seq_len as written. The model comes from the embedded config.json dicts in
+bench/hf_configs.py: model.init=assemble builds model.llm + model.vision + the fresh projector as
+vlmjax.convert.assemble does (<image> appended to the tokenizer, vocabulary padded to a multiple of 64); a stage
+that starts from an earlier stage's export_dir takes that stage's model; --model tiny shrinks every such model to
+toy sizes (same structure).
 
 Ends with one RESULT line per case: value = peak GiB/device, baseline = 48 (A6000 GiB), ratio = value / baseline.
 """
@@ -57,33 +68,20 @@ from pathlib import Path  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 import jax  # noqa: E402
+from hf_configs import LLAVA15_7B, tiny_text, tiny_vision  # noqa: E402  (bench/, this script's folder)
 
 GIB = 2**30
 BUDGET_GIB = 48.0  # RTX A6000
 GLOBAL_BATCH = 8  # STIC: pairs (stage 1) / samples (stage 2) per optimizer step
-# llava-hf/llava-1.5-7b-hf config.json (fields the HF file leaves at their Llama/CLIP defaults written out)
-LLAVA15_7B = {
-    "model_type": "llava", "image_token_index": 32000, "projector_hidden_act": "gelu",
-    "vision_feature_layer": -2, "vision_feature_select_strategy": "default",
-    "text_config": {"model_type": "llama", "vocab_size": 32064, "hidden_size": 4096, "intermediate_size": 11008,
-                    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
-                    "rms_norm_eps": 1e-5, "max_position_embeddings": 4096, "hidden_act": "silu"},
-    "vision_config": {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
-                      "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 336, "patch_size": 14,
-                      "hidden_act": "quick_gelu", "projection_dim": 768},
-}
-# same structure, toy sizes (every sharded dim divisible by 8; LoRA rank TINY_LORA_RANK): the test's model
-TINY = {
-    **LLAVA15_7B, "image_token_index": 255,
-    "text_config": {**LLAVA15_7B["text_config"], "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
-                    "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 8},
-    "vision_config": {**LLAVA15_7B["vision_config"], "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                      "num_attention_heads": 4, "image_size": 28, "patch_size": 7},
-}
+# the model: llava-hf/llava-1.5-7b-hf's config.json (bench/hf_configs.py, beside this script); the test's model is
+# the same structure at toy sizes (every sharded dim divisible by 8; LoRA rank TINY_LORA_RANK)
+TINY = {**LLAVA15_7B, "image_token_index": 255, "text_config": tiny_text(LLAVA15_7B["text_config"]),
+        "vision_config": tiny_vision(LLAVA15_7B["vision_config"])}
 TINY_LORA_RANK = 8
 MESHES = {"fsdp1": (1, 1, 1), "fsdp4": (1, 4, 1), "fsdp8": (1, 8, 1), "fsdp4_tp2": (1, 4, 2)}
 CASES = ("dpo_lora", "dpo_lora_bf16", "dpo_lora_frozen_bf16", "sft_lora", "sft_full")
 DEFAULT_MESHES = ("fsdp1", "fsdp4", "fsdp8", "fsdp4_tp2")
+CONFIG_MESHES = ("fsdp8",)  # --config: the configs' batch is per 8-GPU host
 
 
 CAVEATS = """caveats: XLA:CPU's buffer assignment stands in for XLA:GPU's. Arguments/outputs/aliases are exact (the analytic
@@ -119,81 +117,181 @@ def train_config(case: str, mesh_axes: tuple[int, int, int], *, seq_len: int = 2
     return c
 
 
-def model_config(c, hf: dict):
+def model_config(c, arch):
+    """`arch` (a VLMConfig, or an HF LLaVA config.json dict) with the execution knobs config `c` runs it with."""
     from vlmjax.convert.hf_config import vlm_config_from_hf
     from vlmjax.train.aot import with_execution
     from vlmjax.train.setup import build_param_dtype
 
-    return with_execution(vlm_config_from_hf(hf), dtype=c.model.dtype, param_dtype=build_param_dtype(c.model),
-                          remat=c.model.remat)
+    arch = vlm_config_from_hf(arch) if isinstance(arch, dict) else arch
+    return with_execution(arch, dtype=c.model.dtype, param_dtype=build_param_dtype(c.model), remat=c.model.remat)
+
+
+def make_mesh(mesh_name: str):
+    from vlmjax import sharding as shd
+
+    axes = MESHES[mesh_name]
+    return shd.make_mesh(*axes, devices=jax.devices()[:axes[0] * axes[1] * axes[2]]), axes[0] * axes[1]
 
 
 def run_case(case: str, mesh_name: str, hf: dict, seq_len: int, lora_rank: int | None = None) -> dict:
-    from vlmjax import sharding as shd
     from vlmjax.train.aot import aot_memory
 
-    axes = MESHES[mesh_name]
-    n = axes[0] * axes[1] * axes[2]
-    mesh = shd.make_mesh(*axes, devices=jax.devices()[:n])
-    c = train_config(case, axes, seq_len=seq_len, lora_rank=lora_rank)
+    mesh, groups = make_mesh(mesh_name)
+    c = train_config(case, MESHES[mesh_name], seq_len=seq_len, lora_rank=lora_rank)
     r = aot_memory(c, model_config(c, hf), mesh)
-    return {**r, "case": case, "mesh": mesh_name, "rows_per_device": r["rows_per_micro"] // (axes[0] * axes[1])}
+    return {**r, "case": case, "mesh": mesh_name, "rows_per_device": r["rows_per_micro"] // groups}
 
 
-def attention_impls(hf: dict, seq_len: int) -> str:
+# ---- --config: a recipe config's own train step
+
+
+def model_arch(file: str, c, tiny: bool = False, seen: tuple = ()):
+    """-> (VLMConfig without execution knobs, source label): the model stage config `c` of `file` trains, from
+    bench/hf_configs.py. init=assemble: model.llm + model.vision + a fresh model.projector, through
+    `assemble.assembled_config`, with the stage's data.image recorded as build_model records it; hf / checkpoint /
+    native: the model of the stage (in the file's STAGES) whose export_dir is model.path, else the LLaVA repo
+    that model.path names. tiny: the same architecture at toy sizes (hf_configs.tiny_text / tiny_vision)."""
+    import hf_configs as H
+    from vlmjax.convert.assemble import assembled_config
+    from vlmjax.convert.hf_config import llm_config_from_hf, vision_config_from_hf, vlm_config_from_hf
+    from vlmjax.train.config_io import load_config, load_module
+    from vlmjax.train.setup import recorded_config
+
+    mc = c.model
+    if mc.init == "assemble":
+        if not isinstance(mc.vision, str):
+            raise ValueError(f"{file}: model.vision is a fresh tower's config; --config takes repos (bench/hf_configs.py)")
+        lrepo = H.repo_for(mc.llm, H.LLMS, f"{file}: model.llm")
+        vrepo = H.repo_for(mc.vision, H.VISION, f"{file}: model.vision")
+        t, v, image_id = H.LLMS[lrepo], H.VISION[vrepo], H.TOKENIZER_LEN[lrepo]
+        if tiny:
+            t, v, image_id = H.tiny_text(t), H.tiny_vision(v), 256
+        cfg = assembled_config(llm_config_from_hf(t), vision_config_from_hf(v), image_id,
+                               projector=mc.get("projector", "mlp2x_gelu"),
+                               vision_feature_layer=mc.get("vision_feature_layer", -2))
+        image = c.data.image.to_dict() if hasattr(c.data.image, "to_dict") else dict(c.data.image or {})
+        via = f" (built by :{seen[-1]})" if seen else ""
+        return recorded_config(cfg, image), f"{lrepo} + {vrepo} + {cfg.projector}{via}"
+    if mc.init not in ("hf", "checkpoint", "native"):
+        raise ValueError(f"{file}: model.init={mc.init!r}; --config builds assemble / hf / checkpoint / native models")
+    for stage in getattr(load_module(file), "STAGES", ()):
+        prev = load_config(f"{file}:{stage}")
+        if prev.get("export_dir") == mc.path and stage not in seen:
+            return model_arch(file, prev, tiny, seen + (stage,))
+    repo = H.repo_for(mc.path, H.LLAVA, f"{file}: model.path")
+    d = H.LLAVA[repo]
+    if tiny:
+        d = {**d, "image_token_index": 255, "text_config": H.tiny_text(d["text_config"]),
+             "vision_config": H.tiny_vision(d["vision_config"])}
+    return vlm_config_from_hf(d), repo + (f" (built by :{seen[-1]})" if seen else "")
+
+
+def config_label(spec: str) -> str:
+    file, _, stage = spec.partition(":")
+    p = Path(file).resolve()
+    name = str(p.relative_to(REPO / "configs")) if p.is_relative_to(REPO / "configs") else p.name
+    return name.removesuffix(".py") + (f":{stage}" if stage else "")
+
+
+def run_config(spec: str, mesh_name: str, overrides=(), seq_len: int | None = None, tiny: bool = False) -> dict:
+    """The train step config `spec` (FILE:STAGE, loaded by config_io with `overrides`) runs, on `mesh_name`:
+    its batch_size rows per micro-batch over the mesh's batch devices, its grad_accum, seq_len, max_images."""
+    from vlmjax.train.aot import aot_memory
+    from vlmjax.train.config_io import load_config
+
+    c = load_config(spec, overrides)
+    if seq_len:
+        c.data.seq_len = seq_len
+    if tiny and c.lora.rank:
+        c.lora.update(rank=TINY_LORA_RANK, alpha=c.lora.alpha * TINY_LORA_RANK / c.lora.rank)
+    mesh, groups = make_mesh(mesh_name)
+    if c.data.batch_size % groups:
+        raise ValueError(f"{spec}: data.batch_size={c.data.batch_size} rows do not split over the {groups} batch "
+                         f"devices of {mesh_name}")
+    arch, source = model_arch(spec.partition(":")[0], c, tiny=tiny)
+    vcfg = model_config(c, arch)
+    r = aot_memory(c, vcfg, mesh)
+    label = config_label(spec) + (f"[{' '.join(overrides)}]" if overrides else "")
+    return {**r, "case": label, "config": spec, "overrides": list(overrides), "mesh": mesh_name, "model": source,
+            "rows_per_device": r["rows_per_micro"] // groups, "seq_len": int(c.data.seq_len),
+            "max_images": int(c.data.max_images), "tokens_per_image": int(vcfg.tokens_per_image),
+            "vocab_size": int(vcfg.llm.vocab_size), "lora_rank": int(c.lora.rank),
+            "trainable": list(c.train.trainable), "attention": attention_impls(vcfg, int(c.data.seq_len))}
+
+
+def attention_impls(vcfg, seq_len: int) -> str:
     """What attention_impl='auto' compiles to here (CPU) for the LLM and the tower's shapes."""
     import jax.numpy as jnp
 
     from vlmjax.ops.attention import select_impl
 
-    t, v = hf["text_config"], hf["vision_config"]
-    n = (v["image_size"] // v["patch_size"]) ** 2 + 1
-    hd = t["hidden_size"] // t["num_attention_heads"]
-    q = jax.ShapeDtypeStruct((2, seq_len, t["num_attention_heads"], hd), jnp.bfloat16)
-    qv = jax.ShapeDtypeStruct((2, n, v["num_attention_heads"], v["hidden_size"] // v["num_attention_heads"]), jnp.bfloat16)
-    return (f"LLM (S={seq_len}, segment ids): {select_impl(q, q, segment_ids=True)}; "
+    t, v = vcfg.llm, vcfg.vision
+    n = (v.image_size // v.patch_size) ** 2 + int(v.has_cls)
+    q = jax.ShapeDtypeStruct((2, seq_len, t.num_heads, t.dim_per_head), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, seq_len, t.num_kv_heads, t.dim_per_head), jnp.bfloat16)
+    qv = jax.ShapeDtypeStruct((2, n, v.num_heads, v.hidden_size // v.num_heads), jnp.bfloat16)
+    return (f"LLM (S={seq_len}, segment ids): {select_impl(q, kv, segment_ids=True)}; "
             f"tower (S={n}): {select_impl(qv, qv)}")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", choices=("7b", "tiny"), default="7b")
-    ap.add_argument("--cases", nargs="*", choices=CASES, help="default: all; runs = cases x meshes")
-    ap.add_argument("--meshes", nargs="*", choices=tuple(MESHES), help="default: DEFAULT_MESHES")
+    ap.add_argument("--model", choices=("7b", "tiny"), default="7b", help="tiny: every model at toy sizes")
+    ap.add_argument("--cases", nargs="*", choices=CASES, help="default: all (none with --config); runs = cases x meshes")
+    ap.add_argument("--meshes", nargs="*", choices=tuple(MESHES),
+                    help=f"default: {DEFAULT_MESHES} for cases, {CONFIG_MESHES} for --config")
     ap.add_argument("--runs", nargs="*", metavar="CASE@MESH", help="explicit runs instead of cases x meshes")
-    ap.add_argument("--seq", type=int, default=None, help="seq_len (default 2048; 64 for --model tiny)")
+    ap.add_argument("--config", action="append", default=[], metavar="FILE:STAGE",
+                    help="a recipe training config's own step (repeatable; x --meshes)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every --config")
+    ap.add_argument("--seq", type=int, default=None,
+                    help="seq_len (cases: default 2048, 64 for --model tiny; --config: default the config's)")
     ap.add_argument("--no-licm", action="store_true", help=f"add {NO_LICM}: XLA:CPU upcasts bf16 weights to f32 "
                     "and hoists those copies of whole stacked params out of the layer loop (a CPU-only artifact)")
     ap.add_argument("--json", action="store_true", help="also print each case's full dict as a CASE {json} line")
     a = ap.parse_args()
+    from vlmjax.convert.hf_config import vlm_config_from_hf
+
     hf = LLAVA15_7B if a.model == "7b" else TINY
     seq = a.seq or (2048 if a.model == "7b" else 64)
-    runs = [(c, m) for c in (a.cases or CASES) for m in (a.meshes or DEFAULT_MESHES)]
+    runs = []
+    if a.cases or a.runs or not a.config:
+        runs = [(c, m) for c in (a.cases or CASES) for m in (a.meshes or DEFAULT_MESHES)]
     if a.runs:
         runs = [tuple(r.split("@")) for r in a.runs]
         bad = [r for r in runs if len(r) != 2 or r[0] not in CASES or r[1] not in MESHES]
         if bad:
             ap.error(f"--runs {bad}: use CASE@MESH with CASE in {CASES}, MESH in {tuple(MESHES)}")
-    print(f"{jax.device_count()} {jax.default_backend()} devices (forced); model {a.model}, seq {seq}; "
-          f"{'LICM off; ' if a.no_licm else ''}"
-          f"attention_impl auto -> {attention_impls(hf, seq)}", flush=True)
+    runs += [(spec, m, "config") for spec in a.config for m in (a.meshes or CONFIG_MESHES)]
+    print(f"{jax.device_count()} {jax.default_backend()} devices (forced); model {a.model}"
+          f"{'; LICM off' if a.no_licm else ''}", flush=True)
+    if any(len(r) == 2 for r in runs):
+        print(f"STIC cases: seq {seq}; attention_impl auto -> {attention_impls(vlm_config_from_hf(hf), seq)}", flush=True)
     results = []
-    for case, mesh_name in runs:
+    for run in runs:
         t0 = time.perf_counter()
-        r = run_case(case, mesh_name, hf, seq, lora_rank=None if a.model == "7b" else TINY_LORA_RANK)
+        if len(run) == 2:
+            r = run_case(run[0], run[1], hf, seq, lora_rank=None if a.model == "7b" else TINY_LORA_RANK)
+        else:
+            r = run_config(run[0], run[1], a.set, seq_len=a.seq, tiny=a.model == "tiny")
+            print(f"  {r['case']}: {r['model']}; seq {r['seq_len']}, max_images {r['max_images']} x "
+                  f"{r['tokens_per_image']} tokens, vocab {r['vocab_size']}, lora rank {r['lora_rank']}, trainable "
+                  f"{r['trainable']}; attention_impl auto -> {r['attention']}", flush=True)
         results.append(r)
-        print(f"  {case:14s} {mesh_name:10s} compiled in {r['compile_s']:.0f} s (lower {r['lower_s']:.0f} s, "
+        print(f"  {r['case']:14s} {r['mesh']:10s} compiled in {r['compile_s']:.0f} s (lower {r['lower_s']:.0f} s, "
               f"total {time.perf_counter() - t0:.0f} s); peak {r['peak'] / GIB:.2f} GiB/device", flush=True)
         if a.json:
             print("CASE " + json.dumps(r), flush=True)
-    hdr = (f"{'case':14s} {'mesh':10s} {'trainable':>10s} {'rows/dev x k':>12s} {'args':>7s} {'(params':>8s} {'opt':>6s} "
+    w = max([14] + [len(r["case"]) for r in results])
+    hdr = (f"{'case':{w}s} {'mesh':10s} {'trainable':>10s} {'rows/dev x k':>12s} {'args':>7s} {'(params':>8s} {'opt':>6s} "
            f"{'batch)':>7s} {'output':>7s} {'temp':>7s} {'alias':>7s} {'peak':>7s}  fits 48G  fits 36G  compile")
     print("\nper-device GiB (params = trainable + frozen shards; opt = AdamW moments; 36G = JAX's default 75% "
           "preallocation of 48G)")
     print(hdr)
     g = lambda b: b / GIB  # noqa: E731
     for r in results:
-        print(f"{r['case']:14s} {r['mesh']:10s} {r['trainable_params'] / 1e6:9.0f}M {r['rows_per_device']:>8d} x {r['grad_accum']:<2d}"
+        print(f"{r['case']:{w}s} {r['mesh']:10s} {r['trainable_params'] / 1e6:9.0f}M {r['rows_per_device']:>8d} x {r['grad_accum']:<2d}"
               f"{g(r['argument']):7.2f} {g(r['trainable_bytes'] + r['frozen_bytes']):8.2f} {g(r['opt_bytes']):6.2f} "
               f"{g(r['batch_bytes']):7.3f} {g(r['output']):7.2f} {g(r['temp']):7.2f} {g(r['alias']):7.2f} "
               f"{g(r['peak']):7.2f}  {'yes' if g(r['peak']) <= BUDGET_GIB else 'NO':8s}  "

@@ -15,6 +15,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = ("dpo_lora@fsdp8", "sft_lora@fsdp1", "sft_full@fsdp1", "sft_full@fsdp8", "dpo_lora_frozen_bf16@fsdp1")
+# --config: a recipe config's own step (VILA-1.5-8B SFT: its model is the one its align stage assembles)
+CONFIG = "configs/vila/llama3_8b_siglip.py:sft"
+CONFIG_RUN = "vila/llama3_8b_siglip:sft@fsdp8"
 KEY_BYTES = 8  # the step's RNG key argument (threefry: 2 x uint32), not in the analytic sums
 
 
@@ -22,18 +25,19 @@ KEY_BYTES = 8  # the step's RNG key argument (threefry: 2 x uint32), not in the 
 def results():
     xla_flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"  # keeps conftest's flags
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags)
-    cmd = [sys.executable, str(REPO / "bench" / "memory.py"), "--model", "tiny", "--seq", "32", "--json", "--runs", *RUNS]
+    cmd = [sys.executable, str(REPO / "bench" / "memory.py"), "--model", "tiny", "--seq", "32", "--json", "--runs", *RUNS,
+           "--config", CONFIG]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     cases = [json.loads(line[5:]) for line in proc.stdout.splitlines() if line.startswith("CASE ")]
-    assert len([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]) == len(RUNS), proc.stdout
+    assert len([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]) == len(RUNS) + 1, proc.stdout
     return {f"{r['case']}@{r['mesh']}": r for r in cases}
 
 
 def test_compiles_with_sane_memory_numbers(results):
     """Every objective compiles; the compiler's per-device argument bytes are the analytic shard sizes; donated
     trainable params + optimizer state are exactly the aliased bytes; peak = args + outputs - alias + temps."""
-    assert sorted(results) == sorted(RUNS)
+    assert sorted(results) == sorted(RUNS + (CONFIG_RUN,))
     for name, r in results.items():
         for k in ("argument", "output", "temp", "alias", "peak"):
             assert r[k] > 0, (name, k, r)
@@ -86,3 +90,20 @@ def test_frozen_base_bf16_with_fp32_trainable_and_moments(results):
     r = results["dpo_lora_frozen_bf16@fsdp1"]
     assert r["frozen_bytes"] == 2 * r["frozen_params"] and r["trainable_bytes"] == 4 * r["trainable_params"]
     assert 8 * r["trainable_params"] <= r["opt_bytes"] <= 8 * r["trainable_params"] + 64, r
+
+
+def test_config_path_compiles_the_configs_own_step(results):
+    """--config takes the model, batch and trainable set from the recipe config, through config_io: VILA-1.5's SFT
+    stage trains the LLM + projector (SigLIP frozen) of the model its align stage assembled (Llama-3 + SigLIP +
+    downsample2x2_mlp, here at toy sizes): 16 rows x grad_accum 8 over 8 devices, `<image>` appended after the
+    tokenizer's 256 ids (vocabulary grown to 320), a 5x5 SigLIP grid pooled 2x2 with padding to 3x3 tokens."""
+    r = results[CONFIG_RUN]
+    assert "Meta-Llama-3-8B-Instruct" in r["model"] and "downsample2x2_mlp (built by :align)" in r["model"], r["model"]
+    assert (r["rows_per_micro"], r["rows_per_device"], r["grad_accum"]) == (16, 2, 8)
+    assert (r["seq_len"], r["max_images"], r["tokens_per_image"], r["vocab_size"]) == (32, 32, 9, 320)
+    assert r["trainable"] == ["^projector/", "^llm/"] and r["lora_rank"] == 0
+    assert r["trainable_params"] > r["frozen_params"] > 0  # the tower is the frozen part
+    # full fine-tune, fp32, FSDP 8: params and both AdamW moments ~1/8 per device (norm scales, biases replicated)
+    full = 4 * r["trainable_params"]
+    assert full / 8 <= r["trainable_bytes"] <= 1.25 * full / 8, (r["trainable_bytes"], full)
+    assert 2 * r["trainable_bytes"] <= r["opt_bytes"] <= 2 * r["trainable_bytes"] + 64, r

@@ -51,6 +51,19 @@ def _grow_vocab(llm, cfg: LLMConfig, new_vocab: int) -> LLMConfig:
     return dataclasses.replace(cfg, vocab_size=new_vocab)
 
 
+def assembled_config(llm_cfg: LLMConfig, vis_cfg: VisionConfig, image_token_id: int, *, projector: str = "mlp2x_gelu",
+                     vision_feature_layer: int = -2, vision_feature_select: str | None = None,
+                     dtype: str = "float32", param_dtype: str = "float32") -> VLMConfig:
+    """The VLMConfig `assemble_vlm` builds from its parts' configs (no weights): the vocabulary grown to hold
+    `image_token_id` (next multiple of 64), feature select 'default' for a tower with a class token, else 'full'."""
+    llm_cfg = dataclasses.replace(llm_cfg, vocab_size=max(llm_cfg.vocab_size, -(-(image_token_id + 1) // 64) * 64))
+    select = vision_feature_select or ("default" if vis_cfg.has_cls else "full")
+    cfg = VLMConfig(llm=llm_cfg, vision=vis_cfg, projector=projector, vision_feature_layer=vision_feature_layer,
+                    vision_feature_select=select, image_token_id=image_token_id, dtype=dtype, param_dtype=param_dtype)
+    cfg.tokens_per_image  # validates the projector / feature-select combination early
+    return cfg
+
+
 def assemble_vlm(
     llm_path,
     vision: str | Path | VisionConfig,
@@ -74,11 +87,10 @@ def assemble_vlm(
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    llm_cfg = _grow_vocab(llm, llm_cfg, -(-(image_token_id + 1) // 64) * 64)
-    select = vision_feature_select or ("default" if vis_cfg.has_cls else "full")
-    cfg = VLMConfig(llm=llm_cfg, vision=vis_cfg, projector=projector, vision_feature_layer=vision_feature_layer,
-                    vision_feature_select=select, image_token_id=image_token_id, dtype=dtype, param_dtype=param_dtype)
-    cfg.tokens_per_image  # validates the projector / feature-select combination early
+    cfg = assembled_config(llm_cfg, vis_cfg, image_token_id, projector=projector,
+                           vision_feature_layer=vision_feature_layer, vision_feature_select=vision_feature_select,
+                           dtype=dtype, param_dtype=param_dtype)
+    _grow_vocab(llm, llm_cfg, cfg.llm.vocab_size)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: VLM(cfg, rngs=nnx.Rngs(seed))))
     state["llm"] = nnx.state(llm)
     state["vision"] = nnx.state(tower)

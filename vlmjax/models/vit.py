@@ -96,8 +96,11 @@ class VisionTower(nnx.Module):
         if cfg.patch_stem == "conv":
             x_bnd = self.conv_stem(pixels_bhwc)
         else:
-            patches = rearrange(pixels_bhwc, "b (gh p) (gw q) c -> b (gh gw) (p q c)", p=cfg.patch_size,
-                                q=cfg.patch_size)
+            # HF's stride-p patch convolution drops the pixels past the last whole patch (SigLIP-so400m-patch14-384:
+            # 27 x 14 = 378 of 384 px)
+            px = cfg.grid * cfg.patch_size
+            patches = rearrange(pixels_bhwc[:, :px, :px], "b (gh p) (gw q) c -> b (gh gw) (p q c)",
+                                p=cfg.patch_size, q=cfg.patch_size)
             x_bnd = self.patch_embed(patches)
         if self.class_embedding is not None:
             cls = jnp.broadcast_to(self.class_embedding[...].astype(x_bnd.dtype), (x_bnd.shape[0], 1, x_bnd.shape[-1]))

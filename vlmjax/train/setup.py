@@ -84,12 +84,17 @@ def build_model(mc, image=None) -> tuple[nnx.Module, VLMConfig, object]:
 _RECORDED = {k: field for k, field in MODEL_FIELDS.items() if not field.startswith("vision.")}
 
 
-def _record_image(model, cfg: VLMConfig, image: dict) -> VLMConfig:
+def recorded_config(cfg: VLMConfig, image: dict) -> VLMConfig:
+    """`cfg` with a fresh model's recorded preprocessing: the run's data.image settings (see build_model)."""
     image = {k: v for k, v in image.items() if v is not None}  # None: what the model's layout implies
     top = {_RECORDED[k]: (tuple(tuple(p) for p in v) if k == "grid_pinpoints" else v)
            for k, v in image.items() if k in _RECORDED}
     vision = {f"image_{k}": tuple(v) for k, v in image.items() if k in ("mean", "std")}
-    new = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, **vision), **top)
+    return dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, **vision), **top)
+
+
+def _record_image(model, cfg: VLMConfig, image: dict) -> VLMConfig:
+    new = recorded_config(cfg, image)
     model.cfg = new
     return new
 
