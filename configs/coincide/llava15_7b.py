@@ -42,8 +42,8 @@ def get_config():
     c.optim.schedule = "cosine"
     c.data.text = dict(template="vicuna_v1")
     c.data.seq_len = 2048
-    c.data.max_images = 1
     c.data.pack = False  # one sample per row, as LLaVA trains, so an epoch is a known number of steps
+    c.data.max_images = 16  # image tiles per batch (not per row): one per row, as every LLaVA-665k sample has <= 1
     # Global batch = hosts x data.batch_size x train.grad_accum = 128 (one host: 16 x 8; 8 hosts: 16 x 1).
     c.data.batch_size = 16
     c.train.grad_accum = 8

@@ -36,7 +36,9 @@ def get_config(stage: str = "pretrain"):
     c.model.remat = "full"
     c.data.image = dict(IMAGE)
     c.data.seq_len = 4096
-    c.data.max_images = 9 * 8  # 9 tiles per image, up to 8 images per packed row
+    # data.max_images counts image tiles per batch (rows x images per row x tiles): a caption pair is ~1,300 tokens
+    # (8 CATTY tiles + thumbnail, 144 tokens each after pixel shuffle), so ~3 per 4,096-token packed row
+    c.data.max_images = 16 * 3 * 9
     c.optim.warmup_frac = 0.03
     c.optim.schedule = "cosine"
     if stage == "pretrain":
@@ -48,8 +50,12 @@ def get_config(stage: str = "pretrain"):
         # Paper Fig. 1: pre-training trains the projector and the general ViT, LLM frozen (verify)
         c.train.trainable = ("^projector/", "^vision/")
         c.optim.lr = 2e-4  # (verify) paper hyper-parameter table, pre-training
-        c.data.batch_size = 64  # (verify) global batch per the paper's table; per host here
-        c.train.steps = 15625  # 1M filtered pairs / 64, one epoch (paper: 1M pairs, Sec. 3.1)
+        # (verify) global batch 64 per the paper's table; per host here as 16 rows x grad_accum 4: 64 rows in one
+        # micro-batch need 61 GiB/device on 8 x 48G (bench/memory.py --config configs/points/yi9b.py:pretrain)
+        c.data.batch_size, c.train.grad_accum = 16, 4
+        # one epoch of 1M filtered pairs (paper Sec. 3.1): packed ~3 pairs per row, 64 rows a step -> ~5,210 steps
+        # (the cosine schedule's length); train.epochs = 1 ends the run at the data's end if that comes first
+        c.train.steps, c.train.epochs = 5210, 1
         c.data.sources = (dict(format="caption", path=f"{ROOT}/filter/kept.jsonl", image_root="/path/to/laion"),)
         c.data.text = dict(template="plain")
         c.export_dir = f"{ROOT}/pretrain/export"
@@ -59,7 +65,7 @@ def get_config(stage: str = "pretrain"):
         # Paper Fig. 1: instruction tuning trains the projector and the LLM, ViT frozen (verify)
         c.train.trainable = ("^projector/", "^llm/")
         c.optim.lr = 2e-5  # (verify) paper hyper-parameter table, instruction tuning
-        c.data.batch_size = 64  # (verify)
+        c.data.batch_size, c.train.grad_accum = 16, 4  # (verify) 64 per step, as pre-training
         c.train.steps = 20000  # (verify) one epoch of the paper's SFT mix at batch 64
         c.data.sources = (dict(format="llava", path="/path/to/sft.json", image_root="/path/to/sft_images"),)
         c.data.text = dict(template="auto")
