@@ -36,9 +36,9 @@ def get_config(stage: str = "pretrain"):
     c.model.remat = "full"
     c.data.image = dict(IMAGE)
     c.data.seq_len = 4096
-    # data.max_images counts image tiles per batch (rows x images per row x tiles): a caption pair is ~1,300 tokens
-    # (8 CATTY tiles + thumbnail, 144 tokens each after pixel shuffle), so ~3 per 4,096-token packed row
-    c.data.max_images = 16 * 3 * 9
+    # data.max_images counts image tiles per batch (rows x images x 9 tiles: 8 CATTY tiles + thumbnail, 144 tokens
+    # each after pixel shuffle, ~1,300 tokens an image): ~2 instruction samples per 4,096-token packed row
+    c.data.max_images = 16 * 2 * 9
     c.optim.warmup_frac = 0.03
     c.optim.schedule = "cosine"
     if stage == "pretrain":
@@ -53,9 +53,12 @@ def get_config(stage: str = "pretrain"):
         # (verify) global batch 64 per the paper's table; per host here as 16 rows x grad_accum 4: 64 rows in one
         # micro-batch need 61 GiB/device on 8 x 48G (bench/memory.py --config configs/points/yi9b.py:pretrain)
         c.data.batch_size, c.train.grad_accum = 16, 4
-        # one epoch of 1M filtered pairs (paper Sec. 3.1): packed ~3 pairs per row, 64 rows a step -> ~5,210 steps
-        # (the cosine schedule's length); train.epochs = 1 ends the run at the data's end if that comes first
-        c.train.steps, c.train.epochs = 5210, 1
+        # 16 caption pairs per micro-batch (one per row on average): the ViT trains and keeps its activations, so
+        # 3 pairs per row (432 tiles) would need 104 GiB/device on fsdp8 (bench/memory.py --config ...:pretrain
+        # --set data.max_images=432); 144 tiles need 46.0
+        c.data.max_images = 16 * 9
+        # one epoch of 1M filtered pairs (paper Sec. 3.1) at 64 pairs a step (16 x grad_accum 4) = 15,625 steps
+        c.train.steps = 15625
         c.data.sources = (dict(format="caption", path=f"{ROOT}/filter/kept.jsonl", image_root="/path/to/laion"),)
         c.data.text = dict(template="plain")
         c.export_dir = f"{ROOT}/pretrain/export"
