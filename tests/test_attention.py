@@ -212,7 +212,7 @@ def test_decode_equals_last_rows_of_causal_attention(impl, kv_layout):
     lengths = np.array([48, 20, 2])  # full cache, partial cache, fewer keys than queries
     # Ground truth: causal reference over each row's first `length` tokens (the rest is padding).
     seg = jnp.asarray((np.arange(s)[None] < lengths[:, None]).astype(np.int32))
-    full = np.asarray(reference_attention(q_full, k_full, v_full, segment_ids=seg))
+    full = np.asarray(jax.jit(reference_attention)(q_full, k_full, v_full, segment_ids=seg))  # jit: one compile
     want = np.zeros((b, t, h, d), np.float32)
     q_new = np.zeros((b, t, h, d), np.float32)
     for r, n in enumerate(lengths):
@@ -226,8 +226,8 @@ def test_decode_equals_last_rows_of_causal_attention(impl, kv_layout):
     k_cache, v_cache = k_full + garbage, v_full + garbage
     if kv_layout == "bksd":  # the model's cache layout: heads before slots
         k_cache, v_cache = k_cache.transpose(0, 2, 1, 3), v_cache.transpose(0, 2, 1, 3)
-    got = decode_attention(jnp.asarray(q_new), k_cache, v_cache, kv_lengths=jnp.asarray(lengths), impl=impl,
-                           kv_layout=kv_layout, **opts)
+    decode = jax.jit(lambda q, k, v, n: decode_attention(q, k, v, kv_lengths=n, impl=impl, kv_layout=kv_layout, **opts))
+    got = decode(jnp.asarray(q_new), k_cache, v_cache, jnp.asarray(lengths))
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=2e-5)
 
 
