@@ -100,6 +100,20 @@ def test_score_dataset_packed_equals_unpacked_and_resumes(tmp_path, small_tok, m
             np.testing.assert_allclose(final[k]["mean_logprob"], recs[k]["mean_logprob"], atol=1e-6)
 
 
+def test_text_only_first_batch_does_not_leave_images_unpacked(tmp_path, small_tok, model):
+    """Auto image slots come from the first batch; when that batch is text only, the first batch with images sizes
+    them (else every image request would be scored alone, correctly but one per forward)."""
+    reqs = [r for r in _caption_requests(tmp_path, reps=(1, 2, 1, 1, 2, 1)) if r.id != "broken"]
+    reqs = sorted(reqs, key=lambda r: not r.id.startswith("t"))  # t2, t5 first: a text-only first batch of 2
+    ref_path, path, st = tmp_path / "padded.jsonl", tmp_path / "packed.jsonl", {}
+    score_dataset(model, small_tok, reqs, ref_path, batch_size=8, pack=False, progress=False)
+    got = score_dataset(model, small_tok, reqs, path, batch_size=2, pack=True, row_len=64, progress=False, stats=st)
+    assert got["written"] == len(reqs) and st["long"] == 0 and st["max_images"] > 0, st
+    ref = {r["id"]: r for r in map(json.loads, ref_path.read_text().splitlines())}
+    for r in map(json.loads, path.read_text().splitlines()):
+        np.testing.assert_allclose(r["mean_logprob"], ref[r["id"]]["mean_logprob"], atol=1e-5, err_msg=r["id"])
+
+
 def test_packed_llava_next_rows_with_several_images(small_tok):
     """LLaVA-1.6 layout: image tokens carry `image_pos` into their own tiles, which packing offsets by the tiles of
     the row's earlier requests; each request still gets its padded-path score."""

@@ -41,14 +41,15 @@ def score_dataset(model, tokenizer, requests: Sequence[Request], out_path, *, ba
 
     batch_size: rows per forward. pack=False: one request per row, padded to the batch's longest (a multiple of
     `pad_to`); pack=True: requests packed first-fit into rows of `row_len` tokens and `max_images` image slots
-    (`scoring.packed`; same scores; None: `auto_row_len` / `default_max_images` of the first batch), and one
-    longer than a row is scored alone. stats: filled with the packer's counts (batches, tokens, long)."""
+    (`scoring.packed`; same scores; None: `auto_row_len` / `default_max_images` of the first batch, or of the
+    first batch with images when the first ones are text-only), and one longer than a row is scored alone.
+    stats: filled with the packer's counts (batches, tokens, long)."""
     encoder = encoder or Encoder(tokenizer, model.cfg)
     i, n = host_shard(shard_index, shard_count)
     check_local_mesh(mesh, n)
     rows_per_batch = -(-batch_size // data_parallel(mesh)) * data_parallel(mesh)
     path = shard_path(out_path, i, n)
-    scorer = None
+    scorer, packed_stats = None, {}
     with ResumableJsonl(path, retry_errors=retry_errors) as out:
         keys, todo, run = shard_work(requests, out, i, n)
 
@@ -65,7 +66,12 @@ def score_dataset(model, tokenizer, requests: Sequence[Request], out_path, *, ba
             if not batch:
                 continue
             if pack:
-                if scorer is None:
+                resize = (scorer is not None and max_images is None and scorer.shape.max_images == 0
+                          and any(e.pixels is not None for e in enc))
+                if resize:  # text only so far: with 0 image slots every image request would be scored alone
+                    write(scorer.finish())
+                    packed_stats = _add_counts(packed_stats, scorer.stats)
+                if scorer is None or resize:
                     scorer = _packed_scorer(model, encoder, enc, rows_per_batch, row_len, max_images, pad_to, mesh)
                 for item, e in zip(batch, enc):
                     write(scorer.add(item, e))
@@ -78,10 +84,15 @@ def score_dataset(model, tokenizer, requests: Sequence[Request], out_path, *, ba
         if scorer is not None:
             write(scorer.finish())
     if stats is not None and scorer is not None:
-        stats.update(scorer.stats, row_len=scorer.row_len, rows=scorer.rows, max_images=scorer.shape.max_images)
+        stats.update(_add_counts(packed_stats, scorer.stats), row_len=scorer.row_len, rows=scorer.rows,
+                     max_images=scorer.shape.max_images)
     merged = merge_hosts(os.fspath(out_path), keys, i, n,
                          lambda p, ks: merge_shards([shard_path(p, j, n) for j in range(n)], p, ids=ks))
     return {**run, "out": path, "merged": merged}
+
+
+def _add_counts(a: dict, b: dict) -> dict:
+    return {k: a.get(k, 0) + b.get(k, 0) for k in {*a, *b}}
 
 
 def auto_row_len(enc, pad_to: int) -> int:
