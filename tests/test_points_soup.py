@@ -94,6 +94,20 @@ def test_greedy_accepts_and_rejects_as_worked_by_hand(tmp_path):
     assert on_disk["trials"] == rec["trials"] and len(on_disk["evaluated"]) == 11
 
 
+def test_only_process_zero_writes_under_jax_distributed(tmp_path, monkeypatch):
+    """Every process evaluates the same soups; a process other than 0 returns the record and writes nothing."""
+    import jax
+
+    folders = [str(tmp_path / f"k{i}") for i in range(3)]
+    for i, f in enumerate(folders):
+        ingredient(f, seed=i, knob=KNOBS[i])
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    rec = S.greedy(folders, tmp_path / "g", knob_val(), log=lambda m: None)
+    assert rec["members"] == [folders[0], folders[1]] and not (tmp_path / "g").exists()
+    S.uniform(folders, tmp_path / "u")
+    assert not (tmp_path / "u").exists()
+
+
 def test_greedy_resumes_from_soup_json(tmp_path):
     folders = [str(tmp_path / f"k{i}") for i in range(4)]
     for i, f in enumerate(folders):

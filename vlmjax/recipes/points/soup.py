@@ -96,7 +96,16 @@ def fingerprint(folder) -> str:
     return h.hexdigest()[:16]
 
 
+def _writer() -> bool:
+    """Under jax.distributed every process evaluates the same soups (SPMD); process 0 alone writes files."""
+    import jax
+
+    return jax.process_index() == 0
+
+
 def _atomic_json(path: Path, obj: dict) -> None:
+    if not _writer():
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=1))
@@ -109,7 +118,8 @@ def uniform(folders: Sequence, out_dir) -> dict:
 
     folders = check_ingredients(folders, least=2)
     out_dir = Path(out_dir)
-    average_folders(folders, out_dir / MODEL)
+    if _writer():
+        average_folders(folders, out_dir / MODEL)
     record = {"method": "uniform", "members": folders, "model": str(out_dir / MODEL)}
     _atomic_json(out_dir / STATE, record)
     return record
@@ -182,7 +192,8 @@ def greedy(folders: Sequence, out_dir, val: Val, *, dtype: str = "float32", log=
         if accepted:
             soup, best = cand, v
     members = sorted(soup)
-    write_average([sources[i] for i in members], out_dir / MODEL)
+    if _writer():
+        write_average([sources[i] for i in members], out_dir / MODEL)
     record = {"order": [folders[i] for i in order], "trials": trials, "members": [folders[i] for i in members],
               "soup_val": best, "best_single": {"ingredient": folders[order[0]], "val": singles[order[0]]},
               "model": str(out_dir / MODEL)}
