@@ -33,9 +33,10 @@ ARMS = {
     "no_tower": (4, {"tower": {"steps": 0}}, "conv stem aligned from scratch through the caption loss"),
     "linear_stem": (4, {"align": {V + "patch_stem": "linear"}}, "pretrained tower with the linear patchify"),
     "sft_tower": (4, {"sft": {"train.trainable": (".*",)}}, "tower trained in SFT too"),
-    "sft400": (4, {"sft": {"train.steps": 400}}, "400 SFT steps"),
+    "sft250": (4, {"sft": {"train.steps": 250}}, "250 SFT steps (the default before 2026-12-02)"),
     "balanced": (4, {"data": {"keep_absent": 0.25}}, "'absent' yes/no questions kept with p 0.25 (balanced answers)"),
-    "no_imagine": (4, {"data": {"imagine_every": 0}}, "no 'imagine' turns (wrong colour + shape answers) in SFT"),
+    "no_imagine": (4, {"data": {"imagine_every": 0}, "sft": {"train.steps": 250}},
+                   "no 'imagine' turns (wrong colour + shape answers) in SFT, 250 SFT steps"),
 }
 
 
