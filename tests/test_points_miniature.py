@@ -131,3 +131,61 @@ def test_arms_select_by_ppl_at_random_and_by_truth():
     assert ok and info["auc_vs_clean"]["mismatched"] == 1.0 and "AUC 1.000 ok" in lines[0]
     ok, lines, _ = scorer_gate(pool, {k: 1.0 for k in ppl})
     assert not ok and "FAIL" in lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """A base as `mini_base.build_base` returns it, in seconds: easy-vqa train images 0-59, a corpus tokenizer, the
+    tower stage and 2 align steps of configs/mini/base.py shrunk by test_stages.TINY (its align export scores)."""
+    pytest.importorskip("easy_vqa")
+    from test_stages import TINY
+
+    from vlmjax.data import easy_vqa
+    from vlmjax.data.tokenizer import train_tokenizer
+    from vlmjax.recipes import mini_base
+    from vlmjax.recipes.points.filter import PROMPT
+    from vlmjax.train.stages import train_stage
+
+    root = tmp_path_factory.mktemp("points_base")
+    data = root / "data"
+    easy_vqa.build(str(data), splits=("train",), limit=60, progress=False)
+    caps = PP.read_records(data / "train_captions.jsonl")
+    (data / "base_captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in caps))
+    texts = [r["caption"] for r in caps] + [PROMPT, "Describe the image.", "user", "assistant", "system"]
+    train_tokenizer(texts * 3, data / "tokenizer", vocab_size=400)
+    mini_base.pretrain_tower(data, root / "model" / "tower", over=TINY, steps=2, quiet=True)
+    align = train_stage("align", root / "model" / "align", config_file=mini_base.CONFIG, image_root=str(data / "images"),
+                        source=str(data / "base_captions.jsonl"), tokenizer=str(data / "tokenizer"), quiet=True,
+                        load_params=str(root / "model" / "tower" / "tower.safetensors"), over={**TINY, "train.steps": 2})
+    return {"model": str(align), "align": str(align), "tokenizer": str(data / "tokenizer"),
+            "images": str(data / "images"), "data": str(data), "root": str(root / "model")}, TINY
+
+
+@pytest.mark.slow
+def test_quick_filter_pipeline_end_to_end(tiny_base, tmp_path):
+    if not (Path(PP.OPENCLIPART_ROOT) / "svg").is_dir():
+        pytest.skip(f"openclipart-svg is not installed ({PP.OPENCLIPART_ROOT}/svg): {PP.INSTALL} (as root)")
+    from vlmjax.recipes.points.miniature import run_filter
+
+    base, tiny = tiny_base
+    arms = ("all pairs", "lowest-PPL 20%")
+    out = run_filter(tmp_path / "w", base=base, stage_over=tiny, quick=True, seeds=(0,), arms=arms,
+                     presentations=40, pool_images=(0, 60), figures=False)
+    # the pool, every pair scored, the lowest 20% kept by points.filter.select
+    assert out["pool"]["pairs"] == 3 * out["pool"]["images"] and out["pool"]["images"] >= 55
+    rep = out["filter_report"]
+    assert rep["scored"] == out["pool"]["pairs"] and rep["kept"] == int(0.2 * rep["scored"]) and rep["failed"] == {}
+    kept = [json.loads(line) for line in (tmp_path / "w" / "filter" / "kept.jsonl").read_text().splitlines()]
+    assert len(kept) == rep["kept"] and [r["ppl"] for r in kept] == sorted(r["ppl"] for r in kept)
+    low = out["kept_by_noise"]["lowest-PPL 20%"]
+    assert sum(v["share"] for v in low.values()) == pytest.approx(1.0)
+    # the gates are recorded; each arm saw exactly the planned presentations and was evaluated
+    assert "scorer gate" in out["scorer_gate"]["lines"][0] and "mismatched" in out["scorer_gate"]["auc_vs_clean"]
+    assert "mini base gate" in out["gate"]["lines"][0]
+    assert {s["presentations"] for s in out["stages"].values()} == {40}
+    for arm in arms:
+        (row,) = out["per_seed"][arm]
+        assert 0 <= row["describe_both"] <= 1 and row["heldout_ppl"] > 1
+    assert "| all pairs | 1 |" in out["table"]
+    saved = json.loads((tmp_path / "w" / "results" / "filter.json").read_text())
+    assert saved["meta"]["commit"] is not None and saved["config"]["presentations"] == 40

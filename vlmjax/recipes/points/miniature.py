@@ -2,7 +2,7 @@
 
     python -m vlmjax.recipes.points.miniature --part filter [--workdir runs/points_mini] [--base-cache runs/mini_base]
         [--seeds 0 1 2] [--presentations 25000] [--high] [--sft] [--quick]
-    python -m vlmjax.recipes.points.miniature --part soup ...      (vlmjax.recipes.points.mini_soup)
+    python -m vlmjax.recipes.points.miniature --part soup          (not built yet: says so and exits)
 
 --part filter: perplexity filtering of pre-training captions.
 1. Pool (`points.pool`): easy-vqa train images 0-2999 (never seen by the shared base), 3 captions each: 30% clean,
@@ -64,11 +64,12 @@ def shared_base(cache: Path, *, seed: int = 0, quick: bool = False) -> dict:
 
 
 def base_results(base: dict, out: Path, n: int) -> dict:
-    """The base's easy-vqa test results by kind: its cache's (ROOT/results/base_n{n}.json) or evaluated into `out`."""
+    """The base's easy-vqa test results by kind: its cache's (the largest ROOT/results/base_n*.json, as
+    `mini_base.evaluate_base` wrote it) or evaluated on n questions into `out`."""
     from vlmjax.eval.easy_vqa import evaluate_by_kind
 
-    cached = Path(base["root"]) / "results" / f"base_n{n}.json"
-    return json.loads(cached.read_text()) if cached.exists() else evaluate_by_kind(base["model"], out, n=n)
+    cached = sorted(Path(base["root"]).glob("results/base_n*.json"), key=lambda p: int(p.stem[len("base_n"):]))
+    return json.loads(cached[-1].read_text()) if cached else evaluate_by_kind(base["model"], out, n=n)
 
 
 # ----------------------------------------------------------------------------------------------------- scoring
@@ -127,21 +128,23 @@ def arm_records(arm: str, pool: list[dict], ppl: dict, seed: int, fraction: floa
 # ----------------------------------------------------------------------------------------------------- arms
 
 
-def pretrain(arm_dir: Path, records: list[dict], base: dict, *, seed: int, n: int, quick: bool) -> tuple[Path, dict]:
+def pretrain(arm_dir: Path, records: list[dict], base: dict, *, seed: int, n: int, quick: bool,
+             over: dict | None = None) -> tuple[Path, dict]:
     """The arm's caption pre-training: configs/mini/base.py:align from the base's pretrained tower (frozen) on exactly
     n caption presentations (one pass over `presentations`), ended by the data; -> (export, stage info)."""
     from vlmjax.recipes import mini_base
-    from vlmjax.train.stages import train_stage
+    from vlmjax.train.stages import stage_config, train_stage
 
     train = arm_dir / "train.jsonl"
     if not train.exists():
         arm_dir.mkdir(parents=True, exist_ok=True)
-        rows = PP.presentations(records, n, seed)
-        train.with_suffix(".tmp").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        shown = PP.presentations(records, n, seed)
+        train.with_suffix(".tmp").write_text("".join(json.dumps(r) + "\n" for r in shown))
         train.with_suffix(".tmp").replace(train)
-    cap = n // 16 + 10  # an upper bound on the steps (>= 1 caption per row); the data ends the stage
+    rows = int((over or {}).get("data.batch_size", stage_config(mini_base.CONFIG, "align").data.batch_size))
+    cap = -(-n // rows) + 10  # an upper bound on the steps (>= 1 caption per row); the end of the data ends the stage
     over = {"train.seed": seed, "model.seed": seed, "data.num_epochs": 1, "train.steps": cap,
-            "optim.warmup_steps": 2 if quick else WARMUP, "train.trainable": FROZEN_TOWER}
+            "optim.warmup_steps": 2 if quick else WARMUP, "train.trainable": FROZEN_TOWER, **(over or {})}
     export = train_stage("align", arm_dir / "pretrain", config_file=mini_base.CONFIG, image_root=base["images"],
                          source=str(train), tokenizer=base["tokenizer"], over=over, quiet=True,
                          load_params=str(Path(base["root"]) / "tower" / "tower.safetensors"))
@@ -204,7 +207,8 @@ def eval_pretrained(model_dir: Path, heldout: Path, out: Path) -> dict:
     return res
 
 
-def short_sft(arm_dir: Path, pretrained: Path, base: dict, *, seed: int, steps: int, n_eval: int) -> dict:
+def short_sft(arm_dir: Path, pretrained: Path, base: dict, *, seed: int, steps: int, n_eval: int,
+              over: dict | None = None) -> dict:
     """--sft: the arm's model SFT'd on the base's SFT conversations (configs/mini/base.py:sft, `steps` steps), then
     easy-vqa test accuracy by kind (`eval.easy_vqa.evaluate_by_kind`)."""
     from vlmjax.eval.easy_vqa import evaluate_by_kind
@@ -213,7 +217,8 @@ def short_sft(arm_dir: Path, pretrained: Path, base: dict, *, seed: int, steps: 
 
     sft = train_stage("sft", arm_dir / "sft", config_file=mini_base.CONFIG, model_path=str(pretrained),
                       image_root=base["images"], source=str(Path(base["data"]) / "base_sft.json"), quiet=True,
-                      over={"train.seed": seed, "model.seed": seed, "train.steps": steps})
+                      over={"train.seed": seed, "model.seed": seed, "train.steps": steps,
+                            **{k: v for k, v in (over or {}).items() if not k.startswith("model.vlm.")}})
     r = evaluate_by_kind(sft, arm_dir / "results" / f"sft_n{n_eval}.json", n=n_eval, describe=False)
     return {f"sft_{k}": r[k] for k in ("accuracy", "shape", "color", "yes/no") if k in r}
 
@@ -221,9 +226,13 @@ def short_sft(arm_dir: Path, pretrained: Path, base: dict, *, seed: int, steps: 
 # ----------------------------------------------------------------------------------------------------- pipeline
 
 
-def run_filter(work: Path, *, base_cache: Path, seeds=(0, 1, 2), presentations: int = PRESENTATIONS,
+def run_filter(work: Path, *, base_cache: Path | None = None, seeds=(0, 1, 2), presentations: int = PRESENTATIONS,
                high: bool = False, sft: bool = False, sft_steps: int = 100, quick: bool = False, n_test: int = N_TEST,
-               figures: bool = True, base_seed: int = 0) -> dict:
+               figures: bool = True, base_seed: int = 0, arms=None, base: dict | None = None,
+               stage_over: dict | None = None, pool_images=None) -> dict:
+    """The filter part end to end (module docstring); every step is skipped when its output exists, so a rerun
+    resumes. base: a base dict as `mini_base.build_base` returns it (default: the shared base from `base_cache`);
+    stage_over: dotted overrides of every arm's stages (a smaller model for tests); arms: a subset of ARMS."""
     from vlmjax.eval import report
     from vlmjax.generate.jsonl import read_jsonl
     from vlmjax.recipes.mini_base import base_gate
@@ -231,11 +240,11 @@ def run_filter(work: Path, *, base_cache: Path, seeds=(0, 1, 2), presentations: 
     started = time.time()
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
-    images = (0, 120) if quick else PP.POOL_IMAGES
+    images = pool_images or ((0, 120) if quick else PP.POOL_IMAGES)
     n_test = 16 if quick else n_test
     presentations = min(presentations, 480) if quick else presentations
     print("[1/5] base (the scorer)", flush=True)
-    base = shared_base(base_cache, seed=base_seed, quick=quick)
+    base = base or shared_base(base_cache, seed=base_seed, quick=quick)
     gate_ok, gate_lines = base_gate(base_results(base, work / "results" / f"base_n{n_test}.json", n_test))
     print("\n".join(gate_lines), flush=True)
     print("[2/5] pool", flush=True)
@@ -246,7 +255,9 @@ def run_filter(work: Path, *, base_cache: Path, seeds=(0, 1, 2), presentations: 
     ppl, sel_report = score_pool(base, work / "pool.jsonl", work)
     scorer_ok, scorer_lines, scorer = scorer_gate(pool, ppl)
     print("\n".join(scorer_lines), flush=True)
-    arms = [a for a in ARMS if high or a != "highest-PPL 20%"]
+    arms = list(arms or [a for a in ARMS if high or a != "highest-PPL 20%"])
+    if "all pairs" not in arms:
+        raise ValueError(f"arms {arms}: the table compares every arm with 'all pairs', which must be one of them")
     kept = {a: PP.kept_by_noise(pool, [r["id"] for r in arm_records(a, pool, ppl, seeds[0])])
             for a in arms if a != "all pairs"}
     heldout = heldout_captions(work / "heldout_captions.jsonl", n_test)
@@ -256,15 +267,16 @@ def run_filter(work: Path, *, base_cache: Path, seeds=(0, 1, 2), presentations: 
     per_seed["base align (clean, images 3000-3999)"] = [{m: ref[m] for m in METRICS}]
     for arm in arms:
         per_seed[arm] = []
-        for s in seeds:
+    for s in seeds:  # seeds outer: an interrupted run has every arm of its first seeds (a rerun resumes)
+        for arm in arms:
             d = work / "arms" / f"{SLUG[arm]}_seed{s}"
             export, stages[f"{SLUG[arm]}_seed{s}"] = pretrain(d, arm_records(arm, pool, ppl, s), base, seed=s,
-                                                              n=presentations, quick=quick)
+                                                              n=presentations, quick=quick, over=stage_over)
             r = eval_pretrained(export, heldout, d / "results" / "pretrained.json")
             row = {m: r[m] for m in METRICS}
             if sft:
                 row.update(short_sft(d, export, base, seed=s, steps=max(2, sft_steps // (50 if quick else 1)),
-                                     n_eval=n_test))
+                                     n_eval=n_test, over=stage_over))
             per_seed[arm].append(row)
             print(f"  {arm} seed {s}: {row} ({stages[f'{SLUG[arm]}_seed{s}']['steps']} steps)", flush=True)
     print("[5/5] report", flush=True)
@@ -272,7 +284,8 @@ def run_filter(work: Path, *, base_cache: Path, seeds=(0, 1, 2), presentations: 
     metrics = list(METRICS) + ([m for m in per_seed[arms[0]][0] if m.startswith("sft_")] if sft else [])
     table = report.markdown_table(agg, metrics, baseline="all pairs", labels=LABELS)
     pairs = [("lowest-PPL 20%", "all pairs"), ("lowest-PPL 20%", "random 20%"), ("lowest-PPL 20%", "clean only (oracle)")]
-    welch = {f"{a} vs {b}": {m: _welch(agg[a][m], agg[b][m]) for m in metrics} for a, b in pairs}
+    welch = {f"{a} vs {b}": {m: _welch(agg[a][m], agg[b][m]) for m in metrics} for a, b in pairs
+             if a in agg and b in agg}
     kept_table = kept_markdown(kept)
     out = {"gate": {"passed": gate_ok, "lines": gate_lines}, "scorer_gate": {"passed": scorer_ok, "lines": scorer_lines,
                                                                                **scorer},
@@ -289,7 +302,7 @@ def run_filter(work: Path, *, base_cache: Path, seeds=(0, 1, 2), presentations: 
     print("kept by the lowest-PPL 20% (and the other selections), by noise kind:\n" + kept_table)
     print(table)
     for name, w in welch.items():
-        print(f"Welch {name}: " + ", ".join(f"{LABELS.get(m, m)} p={p:.3g}" if p is not None else f"{m} -"
+        print(f"Welch {name}: " + ", ".join(f"{LABELS.get(m, m)} p={p:.3g}" if p is not None else f"{LABELS.get(m, m)} -"
                                             for m, p in w.items()))
     for path in out.get("figures", {}).values():
         print(f"figure: {path}")
@@ -344,9 +357,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-figures", action="store_true")
     args = ap.parse_args(argv)
     if args.part == "soup":
-        from vlmjax.recipes.points import mini_soup
-
-        return mini_soup.main(args)
+        raise SystemExit("--part soup: the model-soup miniature is not built yet (README 'POINTS, reproduced in "
+                         "miniature'); the soup commands themselves are `python -m vlmjax.recipes.points soup ...`")
     try:
         run_filter(args.workdir or Path("runs/points_mini/filter"), base_cache=args.base_cache, seeds=tuple(args.seeds),
                    presentations=args.presentations, high=args.high, sft=args.sft, sft_steps=args.sft_steps,
