@@ -100,6 +100,13 @@ def test_auc_matches_a_brute_force_count_with_ties():
         PP.auc([], [1.0])
 
 
+def test_corpus_ppl_weighs_every_token_alike():
+    scores = [{"sum_logprob": -2.0, "num_tokens": 2}, {"sum_logprob": -12.0, "num_tokens": 4}]
+    assert PP.corpus_ppl(scores) == pytest.approx(np.exp(14.0 / 6))  # not the mean of e^1 and e^3
+    with pytest.raises(ValueError, match="no scored tokens"):
+        PP.corpus_ppl([])
+
+
 def test_kept_by_noise_and_equal_presentations():
     pool = [{"id": f"p{i}", "noise": k} for i, k in enumerate(["clean"] * 4 + ["mismatched"] * 4 + ["generic"] * 2)]
     kept = PP.kept_by_noise(pool, ["p0", "p1", "p2", "p8"])

@@ -42,6 +42,7 @@ SLUG = {"all pairs": "all", "lowest-PPL 20%": "low20", "random 20%": "random20",
 METRICS = ("describe_color", "describe_shape", "describe_both", "heldout_ppl")
 LABELS = {"describe_color": "colour right", "describe_shape": "shape right", "describe_both": "both right",
           "heldout_ppl": "held-out clean PPL"}
+KIND_LABELS = {"mismatched": "mismatch", "openclipart": "clip art"}
 FRACTION = 0.2
 PRESENTATIONS = 25_000  # ~ the base's own align stage (300 steps x 16 rows x ~5 captions)
 N_TEST = 300
@@ -197,9 +198,8 @@ def eval_pretrained(model_dir: Path, heldout: Path, out: Path) -> dict:
     task = Task("heldout_captions", "caption", [EvalSample(k, "", [t["color"], t["shape"]], t["image"])
                                                 for k, t in truth.items()])
     preds = {k: r.get("output", "") for k, r in read_jsonl(gen_path).items()}
-    scores = list(read_jsonl(score_path).values())
-    nll = -sum(s["sum_logprob"] for s in scores) / sum(s["num_tokens"] for s in scores)
-    res = {**description_accuracy(preds, task), "heldout_ppl": float(np.exp(nll)), "n": len(task.samples),
+    res = {**description_accuracy(preds, task), "heldout_ppl": PP.corpus_ppl(read_jsonl(score_path).values()),
+           "n": len(task.samples),
            "examples": [preds[s.id] for s in task.samples[:6]]}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".tmp").write_text(json.dumps(res))
@@ -335,8 +335,8 @@ def draw_figures(work: Path, agg: dict, kept: dict, arms, seeds) -> dict:
                                         title="POINTS miniature: captions of 300 test images (plain template)"),
             "heldout_ppl": plots.bar_chart(agg, ["heldout_ppl"], fig / "heldout_ppl.png", labels=LABELS,
                                            baseline="all pairs", title="PPL of held-out clean captions"),
-            "kept": plots.bar_chart(kept_agg, PP.KINDS, fig / "kept_by_noise.png",
-                                    title="fraction of each noise kind kept"),
+            "kept": plots.bar_chart(kept_agg, PP.KINDS, fig / "kept_by_noise.png", labels=KIND_LABELS,
+                                    title="fraction of each noise kind's pairs kept (one draw)"),
             "losses": plots.loss_curves({k: v for k, v in curves.items() if v.exists()}, fig / "losses.png",
                                         title="caption pre-training loss per arm")}
 

@@ -161,6 +161,16 @@ def auc(high, low) -> float:
     return float(u / (len(high) * len(low)))
 
 
+def corpus_ppl(scores) -> float:
+    """exp(total NLL / total tokens) over scored texts ({"sum_logprob", "num_tokens"} records of
+    `scoring.score_dataset`): every token weighs the same, unlike the mean of per-text PPLs."""
+    scores = list(scores)
+    tokens = sum(int(s["num_tokens"]) for s in scores)
+    if not tokens:
+        raise ValueError("corpus_ppl: no scored tokens")
+    return float(np.exp(-sum(float(s["sum_logprob"]) for s in scores) / tokens))
+
+
 def kept_by_noise(pool: list[dict], kept_ids) -> dict:
     """{kind: {"kept": fraction of that kind's pairs kept, "share": its share of the kept set}}."""
     kept_ids = set(kept_ids)
