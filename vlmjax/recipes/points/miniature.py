@@ -44,7 +44,7 @@ LABELS = {"describe_color": "colour right", "describe_shape": "shape right", "de
           "heldout_ppl": "held-out clean PPL"}
 KIND_LABELS = {"mismatched": "mismatch", "openclipart": "clip art"}
 FRACTION = 0.2
-PRESENTATIONS = 25_000  # ~ the base's own align stage (300 steps x 16 rows x ~5 captions)
+PRESENTATIONS = 8_000  # a third of the base's own align stage (300 x 16 rows x ~5 captions): ~600 CPU s in all
 N_TEST = 300
 WARMUP = 15
 FROZEN_TOWER = ("^projector/", "^llm/")
