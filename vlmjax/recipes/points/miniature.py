@@ -1,7 +1,7 @@
 """POINTS reproduced in miniature on offline easy-vqa (issue 18), composed from library pieces.
 
-    python -m vlmjax.recipes.points.miniature --part filter [--workdir runs/points_mini] [--base-cache runs/mini_base]
-        [--seeds 0 1 2] [--presentations 25000] [--high] [--sft] [--quick]
+    python -m vlmjax.recipes.points.miniature --part filter [--workdir runs/points_mini/filter]
+        [--base-cache runs/mini_base] [--seeds 0 1 2] [--presentations 8000] [--high] [--sft] [--quick]
     python -m vlmjax.recipes.points.miniature --part soup          (not built yet: says so and exits)
 
 --part filter: perplexity filtering of pre-training captions.
