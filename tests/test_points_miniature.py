@@ -161,9 +161,10 @@ def tiny_base(tmp_path_factory):
     texts = [r["caption"] for r in caps] + [PROMPT, "Describe the image.", "user", "assistant", "system"]
     train_tokenizer(texts * 3, data / "tokenizer", vocab_size=400)
     mini_base.pretrain_tower(data, root / "model" / "tower", over=TINY, steps=2, quiet=True)
-    align = train_stage("align", root / "model" / "align", config_file=mini_base.CONFIG, image_root=str(data / "images"),
-                        source=str(data / "base_captions.jsonl"), tokenizer=str(data / "tokenizer"), quiet=True,
-                        load_params=str(root / "model" / "tower" / "tower.safetensors"), over={**TINY, "train.steps": 2})
+    align = train_stage("align", root / "model" / "align", config_file=mini_base.CONFIG,
+                        image_root=str(data / "images"), source=str(data / "base_captions.jsonl"),
+                        tokenizer=str(data / "tokenizer"), quiet=True, over={**TINY, "train.steps": 2},
+                        load_params=str(root / "model" / "tower" / "tower.safetensors"))
     return {"model": str(align), "align": str(align), "tokenizer": str(data / "tokenizer"),
             "images": str(data / "images"), "data": str(data), "root": str(root / "model")}, TINY
 

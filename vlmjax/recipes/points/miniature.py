@@ -283,7 +283,7 @@ def run_filter(work: Path, *, base_cache: Path | None = None, seeds=(0, 1, 2), p
     agg = report.aggregate(per_seed)
     metrics = list(METRICS) + ([m for m in per_seed[arms[0]][0] if m.startswith("sft_")] if sft else [])
     table = report.markdown_table(agg, metrics, baseline="all pairs", labels=LABELS)
-    pairs = [("lowest-PPL 20%", "all pairs"), ("lowest-PPL 20%", "random 20%"), ("lowest-PPL 20%", "clean only (oracle)")]
+    pairs = [("lowest-PPL 20%", b) for b in ("all pairs", "random 20%", "clean only (oracle)")]
     welch = {f"{a} vs {b}": {m: _welch(agg[a][m], agg[b][m]) for m in metrics} for a, b in pairs
              if a in agg and b in agg}
     kept_table = kept_markdown(kept)
@@ -302,7 +302,7 @@ def run_filter(work: Path, *, base_cache: Path | None = None, seeds=(0, 1, 2), p
     print("kept by the lowest-PPL 20% (and the other selections), by noise kind:\n" + kept_table)
     print(table)
     for name, w in welch.items():
-        print(f"Welch {name}: " + ", ".join(f"{LABELS.get(m, m)} p={p:.3g}" if p is not None else f"{LABELS.get(m, m)} -"
+        print(f"Welch {name}: " + ", ".join(f"{LABELS.get(m, m)} " + ("-" if p is None else f"p={p:.3g}")
                                             for m, p in w.items()))
     for path in out.get("figures", {}).values():
         print(f"figure: {path}")
@@ -319,7 +319,8 @@ def kept_markdown(kept: dict) -> str:
     lines = ["| selection | " + " | ".join(PP.KINDS) + " |", "|---|" + "---|" * len(PP.KINDS)]
     for arm, by in kept.items():
         lines.append(f"| {arm} | " + " | ".join(f"{by[k]['kept']:.2f} ({by[k]['share']:.0%})" for k in PP.KINDS) + " |")
-    return "\n".join(lines) + "\n\nfraction of each kind's pairs kept (its share of the kept set); random 20%: seed 0's draw."
+    return "\n".join(lines) + ("\n\nfraction of each kind's pairs kept (its share of the kept set); "
+                               "random 20%: seed 0's draw.")
 
 
 def draw_figures(work: Path, agg: dict, kept: dict, arms, seeds) -> dict:
