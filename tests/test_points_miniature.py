@@ -141,32 +141,12 @@ def test_arms_select_by_ppl_at_random_and_by_truth():
 
 
 @pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    """A base as `mini_base.build_base` returns it, in seconds: easy-vqa train images 0-59, a corpus tokenizer, the
-    tower stage and 2 align steps of configs/mini/base.py shrunk by test_stages.TINY (its align export scores)."""
-    pytest.importorskip("easy_vqa")
-    from test_stages import TINY
+def tiny_base(tiny_mini_base):
+    """The suite's shared tiny mini base (conftest; its data folder holds every easy-vqa train image, its SFT'd model
+    scores) and the stage overrides it was built with."""
+    from train_utils import TINY_MINI
 
-    from vlmjax.data import easy_vqa
-    from vlmjax.data.tokenizer import train_tokenizer
-    from vlmjax.recipes import mini_base
-    from vlmjax.recipes.points.filter import PROMPT
-    from vlmjax.train.stages import train_stage
-
-    root = tmp_path_factory.mktemp("points_base")
-    data = root / "data"
-    easy_vqa.build(str(data), splits=("train",), limit=60, progress=False)
-    caps = PP.read_records(data / "train_captions.jsonl")
-    (data / "base_captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in caps))
-    texts = [r["caption"] for r in caps] + [PROMPT, "Describe the image.", "user", "assistant", "system"]
-    train_tokenizer(texts * 3, data / "tokenizer", vocab_size=400)
-    mini_base.pretrain_tower(data, root / "model" / "tower", over=TINY, steps=2, quiet=True)
-    align = train_stage("align", root / "model" / "align", config_file=mini_base.CONFIG,
-                        image_root=str(data / "images"), source=str(data / "base_captions.jsonl"),
-                        tokenizer=str(data / "tokenizer"), quiet=True, over={**TINY, "train.steps": 2},
-                        load_params=str(root / "model" / "tower" / "tower.safetensors"))
-    return {"model": str(align), "align": str(align), "tokenizer": str(data / "tokenizer"),
-            "images": str(data / "images"), "data": str(data), "root": str(root / "model")}, TINY
+    return tiny_mini_base, TINY_MINI
 
 
 @pytest.mark.slow
