@@ -274,22 +274,24 @@ def arm_name(method: str, fraction: float | None) -> str:
 
 
 def run(work: Path, *, seeds=(0, 1, 2), budgets=(0.1, 0.2), k: int = 200, n_eval: int = 2000,
-        ablations: bool = False, quick: bool = False, base_cache: Path = Path("runs/mini_base"),
-        base: dict | None = None, base_seed: int = 0) -> dict:
+        n_gate: int = 2000, ablations: bool = False, quick: bool = False, base_cache: Path = Path("runs/mini_base"),
+        base: dict | None = None, base_seed: int = 0, full_seeds=None) -> dict:
     """Every arm for every seed (module docstring); -> {"base", "gate", "arms": {name: [per-seed dicts]}, ...}.
-    `base`: a `build_base`-style dict to use instead of the cache (tests)."""
+    n_gate: test questions of the base gate (with describing), n_eval: of every arm and the base row.
+    full_seeds: the full-pool arm's seeds (default `seeds`). `base`: a `build_base`-style dict to use instead of
+    the cache (tests)."""
     t_start, c_start = time.time(), time.process_time()
     pool_images, ref_images = (QUICK["pool"], QUICK["ref"]) if quick else (POOL_IMAGES, REF_IMAGES)
-    n_eval, k = (QUICK["n_eval"], min(k, QUICK["k"])) if quick else (n_eval, k)
+    n_eval, n_gate, k = (QUICK["n_eval"], QUICK["n_eval"], min(k, QUICK["k"])) if quick else (n_eval, n_gate, k)
     work.mkdir(parents=True, exist_ok=True)
     base = base or load_base(base_cache, seed=base_seed, scale=QUICK["scale"] if quick else 1.0)
-    cached = Path(base["root"]) / "results" / f"base_n{n_eval}.json"  # the base's own gate run, if made
-    base_res = evaluate_by_kind(base["model"], cached if cached.exists() else work / "results" / f"base_n{n_eval}.json",
-                                n=n_eval)
-    gate_ok, gate_lines = mini_base.base_gate(base_res, CHANCE_GATE)
+    cached = Path(base["root"]) / "results" / f"base_n{n_gate}.json"  # the base's own gate run, if made
+    gate_res = evaluate_by_kind(base["model"], cached if cached.exists() else work / "results" / f"base_n{n_gate}.json",
+                                n=n_gate)
+    gate_ok, gate_lines = mini_base.base_gate(gate_res, CHANCE_GATE)
     gate_lines[0] = gate_lines[0].replace("mini base gate", "COINCIDE gate 1, the base sees shape and colour "
                                           "(above chance)")
-    gate_lines += mini_base.base_gate(base_res)[1][1:]  # the base's own gate, for reference
+    gate_lines += ["the mini base's own gate (for reference):"] + mini_base.base_gate(gate_res)[1][1:]
     print("\n".join(gate_lines), flush=True)
 
     pool, pool_path, ref_path = prepare(work, base, pool_images, ref_images)
@@ -303,8 +305,8 @@ def run(work: Path, *, seeds=(0, 1, 2), budgets=(0.1, 0.2), k: int = 200, n_eval
     feats, feat_cost = feats[:3], feats[3]
     print(f"reference + features: {feat_cost} ({len(pool)} pool samples, {feats[1].shape[1]} dims)", flush=True)
 
-    plan = [("full", None)] + [(m, b) for b in budgets for m in ("random", "coincide", "balanced")
-                               + cluster_methods[1:]]
+    plan = [(m, b) for b in budgets for m in ("random", "coincide", "balanced") + cluster_methods[1:]]
+    plan.append(("full", None))  # last: the dearest arm
     selections = {}
     for method, frac in plan:
         if frac is not None:
@@ -318,15 +320,14 @@ def run(work: Path, *, seeds=(0, 1, 2), budgets=(0.1, 0.2), k: int = 200, n_eval
     for method, frac in plan:
         name = arm_name(method, frac)
         arms[name] = []
-        for i, s in enumerate(seeds):
+        for i, s in enumerate(seeds if frac is not None or full_seeds is None else full_seeds):
             sel = selections[name][i] if frac is not None else None
             tag = "full" if sel is None else f"{method}_{sel['target']}"
             source = pool_path if sel is None else work / "select" / tag / f"seed{s}" / "subset.json"
             ids = [r["id"] for r in pool] if sel is None else [pool[j]["id"] for j in sel["picked"]]
             st = sft("sft", work / "arms" / tag / f"seed{s}", model=base["model"], images=base["images"],
                      source=source, ids=ids, lengths=lengths, seed=s, quick=quick)
-            res = evaluate_by_kind(st["export"], work / "arms" / tag / f"seed{s}" / f"eval_n{n_eval}.json",
-                                   n=n_eval, describe=False)
+            res = evaluate(st["export"], work / "arms" / tag / f"seed{s}" / f"eval_n{n_eval}.json", n=n_eval)
             select_s = 0.0 if sel is None else sel["seconds"] + sel.get("kmeans_seconds", 0.0)
             select_cpu = 0.0 if sel is None else sel["cpu_seconds"] + sel.get("kmeans_cpu_seconds", 0.0)
             if sel is not None and method in cluster_methods:
@@ -337,7 +338,8 @@ def run(work: Path, *, seeds=(0, 1, 2), budgets=(0.1, 0.2), k: int = 200, n_eval
                                "total_s": round(st["seconds"] + select_s, 1),
                                "total_cpu_s": round(st.get("cpu_seconds", 0.0) + select_cpu, 1)})
             print(f"  {name} seed {s}: {arms[name][-1]}", flush=True)
-    return {"base": {**metrics(base_res), "model": base["model"]}, "base_results": base_res,
+    base_res = evaluate(base["model"], work / "results" / f"base_eval_n{n_eval}.json", n=n_eval)
+    return {"base": {**metrics(base_res), "model": base["model"]}, "base_results": base_res, "gate_results": gate_res,
             "gate": {"passed": gate_ok, "lines": gate_lines}, "composition_gate": comp_lines, "arms": arms,
             "selections": {n: [{k2: v for k2, v in s.items() if k2 != "picked"} for s in sel]
                            for n, sel in selections.items()},
@@ -345,6 +347,22 @@ def run(work: Path, *, seeds=(0, 1, 2), budgets=(0.1, 0.2), k: int = 200, n_eval
                      "templates": len({r["template"] for r in pool})},
             "features": feat_cost, "seconds": round(time.time() - t_start, 1),
             "cpu_seconds": round(time.process_time() - c_start, 1)}
+
+
+def evaluate(model_dir, out: Path, *, n: int, batch_size: int = 128) -> dict:
+    """easy-vqa test accuracy by kind on n questions (`accuracy_by_kind`, no describing), cached in `out`;
+    batches of 128 questions (the tiny model's generation is per-step overhead on CPU: 16 is ~4x slower)."""
+    from vlmjax.eval.easy_vqa import accuracy_by_kind
+    from vlmjax.generate.loading import load_model
+
+    if out.exists():
+        return json.loads(out.read_text())
+    model, _cfg, tok = load_model(model_dir)
+    res = accuracy_by_kind(model, tok, n=n, describe=False, batch_size=batch_size)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".tmp").write_text(json.dumps(res))
+    out.with_suffix(".tmp").replace(out)
+    return res
 
 
 def metrics(res: dict) -> dict:
@@ -440,14 +458,18 @@ def main(argv=None) -> int:
                     help="selection / k-means / SFT seeds; each row is mean +- sd over them")
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.2])
     ap.add_argument("--k", type=int, default=200, help="k-means clusters (paper: 10,000 for 665k samples)")
-    ap.add_argument("--n-eval", type=int, default=2000)
+    ap.add_argument("--n-eval", type=int, default=2000, help="test questions per arm (and the base row)")
+    ap.add_argument("--n-gate", type=int, default=2000, help="test questions of the base gate")
+    ap.add_argument("--full-seeds", type=int, nargs="+", default=None, help="the full-pool arm's seeds "
+                    "(default --seeds)")
     ap.add_argument("--ablations", action="store_true", help="also " + ", ".join(ABLATIONS))
     ap.add_argument("--quick", action="store_true", help="a few images, steps and questions (CI smoke run)")
     ap.add_argument("--no-figures", action="store_true")
     a = ap.parse_args(argv)
     started = time.time()
-    kw = dict(seeds=tuple(a.seeds), budgets=tuple(a.budgets), k=a.k, n_eval=a.n_eval, ablations=a.ablations,
-              quick=a.quick, base_cache=a.base_cache, base_seed=a.base_seed)
+    kw = dict(seeds=tuple(a.seeds), budgets=tuple(a.budgets), k=a.k, n_eval=a.n_eval, n_gate=a.n_gate,
+              ablations=a.ablations, quick=a.quick, base_cache=a.base_cache, base_seed=a.base_seed,
+              full_seeds=None if a.full_seeds is None else tuple(a.full_seeds))
     r = run(a.workdir, **kw)
     report_runs(a.workdir, r, started=started, figures=not a.no_figures, **kw)
     return 0
