@@ -206,8 +206,10 @@ def select_arm(method: str, work: Path, pool: list[dict], *, target: int, seed: 
     path = out / "selection.json"
     if path.exists():
         return json.loads(path.read_text())
-    t0, c0 = time.time(), time.process_time()
     info: dict = {"method": method, "target": target, "seed": seed}
+    if method in S.CLUSTER_METHODS:  # k-means first: its own cost, shared by the budgets (kmeans.json)
+        clusters = clusters_for(work, feats[1], feats[0], k, seed)
+    t0, c0 = time.time(), time.process_time()
     if method == "random":
         picked = S.select_random(len(pool), target, seed)
     elif method == "balanced":
@@ -217,7 +219,7 @@ def select_arm(method: str, work: Path, pool: list[dict], *, target: int, seed: 
         if ids != [r["id"] for r in pool]:
             raise ValueError(f"{work / 'features'}: feature rows are not the pool's samples in order "
                              "(a dropped or failed capture): rerun the features step")
-        centroids, assign, kinfo = clusters_for(work, x, ids, k, seed)
+        centroids, assign, kinfo = clusters
         r = S.select_clusters(x, assign, centroids, len(meta["layers"]), target, method=method, seed=seed)
         picked, info["clusters"] = r["picked"], cluster_table(r["clusters"], assign, pool)
         info["kmeans_seconds"], info["kmeans_cpu_seconds"] = kinfo["seconds"], kinfo["cpu_seconds"]
