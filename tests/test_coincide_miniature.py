@@ -77,15 +77,8 @@ def test_purity_composition_gate_and_macro():
 
 
 @pytest.mark.slow
-def test_quick_miniature_runs_every_arm_and_reruns_for_free(tmp_path, monkeypatch):
-    pytest.importorskip("easy_vqa")
-    from test_stages import TINY
-
-    from vlmjax.recipes import mini_base
-
-    # the cheapest base that has every piece: no tower stage, 1 view per image, 2 align + 2 SFT steps of a tiny model
-    over = {"tower": {"steps": 0}, "align": TINY, "sft": {"data.batch_size": 2}}
-    base = mini_base.build_base(tmp_path / "base", seed=0, augment=1, over=over, steps_scale=1e-3, quiet=True)
+def test_quick_miniature_runs_every_arm_and_reruns_for_free(tmp_path, monkeypatch, tiny_mini_base):
+    base = tiny_mini_base  # the suite's shared tiny base (conftest): 2 steps a stage of a tiny model
     # a 2-step tiny model's features differ only slightly (row cosines 0.9986-1), so k-means' centroids come out
     # within the collapse guard's 0.999 of each other; the guard is for identical centroids (a broken capture)
     from vlmjax.recipes.coincide import kmeans
