@@ -374,7 +374,7 @@ def _readme_commands():
     section = text.split("## COINCIDE (vlmjax/recipes/coincide)")[1].split("\n## ")[0]
     joined = section.replace("\\\n", " ")
     return [" ".join(line.split()) for line in joined.splitlines()
-            if line.strip().startswith("python -m vlmjax.recipes.coincide")]
+            if line.strip().startswith("python -m vlmjax.recipes.coincide ")]  # not .miniature
 
 
 def test_recipe_end_to_end_on_a_tiny_vlm(tmp_path, monkeypatch):
