@@ -199,7 +199,8 @@ def unigram_perplexity(train: list[list[int]], test: list[list[int]], vocab_size
     first (the tokens `likelihood.text_perplexity` predicts): the gate's reference for "the text LM learned C"."""
     counts = np.bincount(np.concatenate([np.asarray(t, np.int64) for t in train]), minlength=vocab_size)
     logp = np.log((counts + alpha) / (counts.sum() + alpha * vocab_size))
-    pred = np.concatenate([np.asarray(t[1:], np.int64) for t in test if len(t) > 1])
+    rest = [np.asarray(t[1:], np.int64) for t in test if len(t) > 1]
+    pred = np.concatenate(rest) if rest else np.zeros(0, np.int64)
     if not len(pred):
         raise ValueError("unigram_perplexity: no test token to predict")
     return float(np.exp(-logp[pred].mean()))

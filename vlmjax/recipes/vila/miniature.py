@@ -96,10 +96,11 @@ def forgetting_line(rows: dict) -> str:
 
 
 def run(root: Path, *, seed: int = 0, quick: bool = False, all_arms: bool = False, base: dict | None = None,
-        base_cache: Path | None = None, over: dict | None = None, data_kw: dict | None = None) -> dict:
+        base_cache: Path | None = None, over: dict | None = None, data_kw: dict | None = None,
+        arms: tuple[str, ...] | None = None) -> dict:
     """The slice's pipeline (module docstring). base: a `mini_base.build_base` dict to take the data and tower from
     (the test suite's tiny base); over: {stage or "all": {dotted: value}} per-stage overrides (tests shrink the model);
-    data_kw: `mini_data.build` sizes."""
+    data_kw: `mini_data.build` sizes; arms: which of ARMS (default a b d, + e with all_arms)."""
     from vlmjax.eval import report
 
     started = time.time()
@@ -132,7 +133,7 @@ def run(root: Path, *, seed: int = 0, quick: bool = False, all_arms: bool = Fals
     align = stage("align", root / "align", "pairs.jsonl", model_path=str(lm))
     rows["align (LLM frozen)"] = text_ppl(align, heldout, root / "results" / "ppl_align.json")
     print(f"[3/5] align: held-out C perplexity {rows['align (LLM frozen)']['perplexity']:.2f}", flush=True)
-    arms = ("a", "b", "d", "e") if all_arms else ("a", "b", "d")
+    arms = arms or (("a", "b", "d", "e") if all_arms else ("a", "b", "d"))
     for arm in arms:
         name, what = ARMS[arm]
         extra = {}
