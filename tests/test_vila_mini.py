@@ -93,15 +93,18 @@ def test_quick_run_text_lm_gate_align_arms(tmp_path, tiny_mini_base):
         pytest.skip(f"openclipart metadata missing: {M.INSTALL}")
     from train_utils import TINY_MINI
 
-    from vlmjax.recipes.vila.miniature import run
+    from vlmjax.recipes.vila.miniature import run, run_seeds
 
     small = {"data.batch_size": 2, "data.max_images": 8}
     over = {"text_lm": {**TINY_MINI, "data.max_images": 1}, "align": small, "pretrain_frozen": small,
             "pretrain_pairs": small, "pretrain_docs": small}
     kw = dict(quick=True, base=tiny_mini_base, over=over, arms=("a", "b", "d"),
               data_kw=dict(n_easy=10, n_clipart=30, n_clipart_images=2))
-    r = run(tmp_path / "vila", **kw)
+    rep = run_seeds(tmp_path / "vila", seeds=(0,), **kw)
+    r = json.loads((tmp_path / "vila" / "seed0" / "results" / "miniature.json").read_text())
     rows = r["rows"]
+    assert rep["per_seed"]["(b) pairs"] == [{m: rows["(b) pairs"][m] for m in ("perplexity", "nll_per_token")}]
+    assert rep["gates_passed"] == [False] and "| (b) pairs | 1 |" in rep["table"]
     assert list(rows) == ["text LM", "align (LLM frozen)", "(a) pairs, LLM frozen", "(b) pairs",
                           "(d) interleaved documents"]
     assert all(np.isfinite(v["perplexity"]) and v["perplexity"] > 1 for v in rows.values())
@@ -110,11 +113,12 @@ def test_quick_run_text_lm_gate_align_arms(tmp_path, tiny_mini_base):
     assert rows["(a) pairs, LLM frozen"]["perplexity"] == rows["text LM"]["perplexity"]
     assert rows["(b) pairs"]["perplexity"] != rows["text LM"]["perplexity"]
     assert r["gate"]["passed"] is False and "FAIL" in r["gate"]["line"]  # a few steps learn no text
-    data = tmp_path / "vila" / "data"
+    data = tmp_path / "vila" / "seed0" / "data"
     assert r["data"]["images"] == 12 and r["data"]["pairs"] == 12
     docs = [json.loads(line) for line in (data / "docs.jsonl").read_text().splitlines()]
     assert all((data / "images" / im["image"]).exists() for d in docs for im in d["image_info"])
     saved = json.loads((tmp_path / "vila" / "results" / "miniature.json").read_text())
-    assert saved["rows"] == rows and "commit" in saved["meta"]
-    assert set(saved["stages"]) == {"text_lm", "align", "arm_a", "arm_b", "arm_d"}
-    assert run(tmp_path / "vila", **kw)["rows"] == rows  # a rerun finds every step done
+    assert saved["rows"]["(b) pairs"]["perplexity"]["mean"] == rows["(b) pairs"]["perplexity"]
+    assert "commit" in saved["meta"] and "commit" in r["meta"]
+    assert set(r["stages"]) == {"text_lm", "align", "arm_a", "arm_b", "arm_d"}
+    assert run(tmp_path / "vila" / "seed0", **kw)["rows"] == rows  # a rerun finds every step done

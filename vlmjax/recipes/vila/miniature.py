@@ -1,8 +1,8 @@
 """VILA reproduced in miniature (issue 19), first slice: the text LM, its gate, alignment and the pre-training arms,
 each scored by held-out text perplexity (does pre-training with the LLM unfrozen erode its text skill?).
 
-    python -m vlmjax.recipes.vila.miniature [--workdir runs/vila_mini] [--seed 0] [--quick] [--all]
-                                            [--base-cache runs/mini_base]
+    python -m vlmjax.recipes.vila.miniature [--workdir runs/vila_mini] [--seeds 0 1 2] [--quick] [--all]
+                                            [--base-cache runs/mini_base] [--base-seed 0]
 
 1. data (`vila.mini_data`): corpus C (openclipart metadata sentences + easy-vqa world facts, 10% held out), fact QA,
    interleaved documents of 3-6 images (easy-vqa recipe-pool images + rendered openclipart drawings) with each
@@ -15,8 +15,9 @@ each scored by held-out text perplexity (does pre-training with the LLM unfrozen
 5. arms, equal steps, same images: (a) pairs, LLM frozen; (b) pairs, LLM unfrozen; (d) documents, LLM unfrozen;
    `--all` adds (e) = (b) + (d). (c), the documents cut into pairs, is (b) here: our pairs ARE the documents' images
    with their matched sentences. Each arm's held-out C perplexity; the pairs arm should raise it (forgetting).
-Not yet built (README): fact-QA accuracy, 0-/4-shot captioning, SFT with/without the text-only blend, seeds.
-Results: WORKDIR/results/miniature.json (run_meta), every step skipped when its output exists.
+Not yet built (README): fact-QA accuracy, 0-/4-shot captioning, SFT with/without the text-only blend, figures.
+Results: WORKDIR/seed{S}/results/miniature.json per seed, WORKDIR/results/miniature.json (mean +- sd, run_meta);
+every step is skipped when its output exists.
 """
 
 from __future__ import annotations
@@ -95,11 +96,11 @@ def forgetting_line(rows: dict) -> str:
             "columns below do not show the paper's effect")
 
 
-def run(root: Path, *, seed: int = 0, quick: bool = False, all_arms: bool = False, base: dict | None = None,
+def run(root: Path, *, seed: int = 0, base_seed: int = 0, quick: bool = False, all_arms: bool = False, base: dict | None = None,
         base_cache: Path | None = None, over: dict | None = None, data_kw: dict | None = None,
         arms: tuple[str, ...] | None = None) -> dict:
     """The slice's pipeline (module docstring). base: a `mini_base.build_base` dict to take the data and tower from
-    (the test suite's tiny base); over: {stage or "all": {dotted: value}} per-stage overrides (tests shrink the model);
+    (the test suite's tiny base; else the shared mini base of `base_seed`, one tower for every recipe seed); over: {stage or "all": {dotted: value}} per-stage overrides (tests shrink the model);
     data_kw: `mini_data.build` sizes; arms: which of ARMS (default a b d, + e with all_arms)."""
     from vlmjax.eval import report
 
@@ -111,7 +112,7 @@ def run(root: Path, *, seed: int = 0, quick: bool = False, all_arms: bool = Fals
         parts = {"data": base["data"], "images": base["images"],
                  "tower": str(Path(base["root"]) / "tower" / "tower.safetensors")}
     else:
-        parts = base_parts(Path(base_cache or root.parent / "mini_base"), seed=seed, quick=quick)
+        parts = base_parts(Path(base_cache or root.parent / "mini_base"), seed=base_seed, quick=quick)
     sizes = dict(n_easy=24, n_clipart=60, n_clipart_images=6) if quick else {}
     data = root / "data"
     info = mini_data.build(data, easy_images=parts["images"], easy_captions=Path(parts["data"]) / "train_captions.jsonl",
@@ -163,23 +164,53 @@ def run(root: Path, *, seed: int = 0, quick: bool = False, all_arms: bool = Fals
     return out
 
 
+def run_seeds(root: Path, *, seeds=(0, 1, 2), **kw) -> dict:
+    """`run` per seed in ROOT/seed{S} (data order, documents, every stage's init and batches), then mean +- sd per
+    row (`vlmjax.eval.report`; '*' = differs from arm (b), pairs, by more than the seed spread, Welch) and
+    ROOT/results/miniature.json."""
+    from vlmjax.eval import report
+
+    started = time.time()
+    runs = {s: run(Path(root) / f"seed{s}", seed=s, **kw) for s in seeds}
+    first = runs[seeds[0]]
+    per_seed = {"unigram (add-one, numpy)": [{"perplexity": r["gate"]["unigram_perplexity"]} for r in runs.values()]}
+    for label in first["rows"]:
+        per_seed[label] = [{m: r["rows"][label][m] for m in ("perplexity", "nll_per_token")} for r in runs.values()]
+    agg = report.aggregate(per_seed)
+    table = report.markdown_table(agg, ("perplexity", "nll_per_token"), baseline="(b) pairs",
+                                  labels={"perplexity": "held-out C perplexity", "nll_per_token": "nll / token"})
+    gates = [r["gate"]["line"] for r in runs.values()]
+    out = {"rows": {k: {m: st._asdict() for m, st in v.items()} for k, v in agg.items()}, "per_seed": per_seed,
+           "gates": gates, "gates_passed": [r["gate"]["passed"] for r in runs.values()], "forgetting": [r["forgetting"] for r in runs.values()], "table": table,
+           "seeds": list(seeds), "stages": first["stages"],
+           "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in kw.items() if k != "base"}}
+    report.write_results(Path(root) / "results" / "miniature.json", out, meta=report.run_meta(started))
+    print("\n".join(f"seed {s}: {g}" for s, g in zip(seeds, gates)))
+    print("\n".join(f"seed {s}: {f}" for s, f in zip(seeds, out["forgetting"])))
+    print(table)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", type=Path, default=Path("runs/vila_mini"))
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                    help="recipe seeds (data order, documents, training), each in WORKDIR/seed{S}; mean +- sd table")
+    ap.add_argument("--base-seed", type=int, default=0, help="the shared mini base's seed (its data and tower)")
     ap.add_argument("--quick", action="store_true", help="a few steps of everything on a small corpus (smoke run)")
     ap.add_argument("--all", action="store_true", help="also arm (e) = pairs + documents")
     ap.add_argument("--base-cache", type=Path, default=None,
                     help="the shared mini base's cache (its data and tower; default WORKDIR/../mini_base)")
     args = ap.parse_args(argv)
     try:
-        out = run(args.workdir, seed=args.seed, quick=args.quick, all_arms=args.all, base_cache=args.base_cache)
+        out = run_seeds(args.workdir, seeds=tuple(args.seeds), quick=args.quick, all_arms=args.all,
+                        base_cache=args.base_cache, base_seed=args.base_seed)
     except FileNotFoundError as e:
         if mini_data.OPENCLIPART_SVG in str(e):
             print(f"VILA miniature: {e}")
             return 2
         raise
-    return 0 if out["gate"]["passed"] else 1
+    return 0 if all(out["gates_passed"]) else 1
 
 
 if __name__ == "__main__":
