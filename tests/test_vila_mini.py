@@ -40,6 +40,11 @@ def test_clipart_sentences_and_split():
     assert len(train) + len(held) == len(docs) and 0.05 < len(held) / 400 < 0.15
     assert all(not d["id"].startswith("fact:") for d in held)  # every fact is trained
     assert M.split_corpus(docs) == (train, held)  # deterministic
+    dup = clip[:3] + [{**clip[0], "id": "d/0"}]  # the same drawing under another name: kept once
+    assert [d["id"] for d in M.corpus(dup, [])] == ["clip:c/0", "clip:c/1", "clip:c/2"]
+    assert M.spread(list(range(10)), 3) == [0, 3, 6] and M.spread([1, 2], 5) == [1, 2]
+    assert M.verbatim_fraction(M.corpus(clip[:2], []), M.corpus(clip[2:4], [])) == 0.0
+    assert M.verbatim_fraction([{"sentences": ["a.", "b."]}], [{"sentences": ["b."]}, {"sentences": ["c."]}]) == 0.5
 
 
 def test_documents_place_each_image_before_its_caption():
@@ -99,7 +104,7 @@ def test_quick_run_text_lm_gate_align_arms(tmp_path, tiny_mini_base):
     over = {"text_lm": {**TINY_MINI, "data.max_images": 1}, "align": small, "pretrain_frozen": small,
             "pretrain_pairs": small, "pretrain_docs": small}
     kw = dict(quick=True, base=tiny_mini_base, over=over, arms=("a", "b", "d"),
-              data_kw=dict(n_easy=10, n_clipart=30, n_clipart_images=2))
+              data_kw=dict(n_easy=10, n_clipart=30, n_clipart_images=2, scan_limit=60))
     rep = run_seeds(tmp_path / "vila", seeds=(0,), **kw)
     r = json.loads((tmp_path / "vila" / "seed0" / "results" / "miniature.json").read_text())
     rows = r["rows"]

@@ -129,13 +129,33 @@ def scan_clipart(root: str = OPENCLIPART_SVG, limit: int | None = None) -> list[
 
 
 def corpus(clipart: list[dict], fact_items: list[dict]) -> list[dict]:
-    """C as documents {"id", "text", "sentences"}: one per drawing, one per fact (its paraphrases)."""
+    """C as documents {"id", "text", "sentences"}: one per drawing, one per fact (its paraphrases). openclipart holds
+    the same drawing under several names and categories: a document whose text is already in C is dropped, so no
+    held-out document is a verbatim copy of a training one."""
     docs = [{"id": "clip:" + c["id"], "sentences": clipart_sentences(c["title"], c["category"], c["keywords"])}
             for c in clipart]
     docs += [{"id": "fact:" + f["id"], "sentences": list(f["statements"])} for f in fact_items]
+    seen, out = set(), []
     for d in docs:
         d["text"] = " ".join(d["sentences"])
-    return docs
+        if d["text"] not in seen:
+            seen.add(d["text"])
+            out.append(d)
+    return out
+
+
+def spread(rows: list, n: int | None) -> list:
+    """n rows evenly spaced over `rows` (all of them when n is None or >= len): every category, not the first."""
+    if n is None or n >= len(rows):
+        return list(rows)
+    return [rows[int(i * len(rows) / n)] for i in range(n)]
+
+
+def verbatim_fraction(train: list[dict], held: list[dict]) -> float:
+    """Fraction of held-out documents each of whose sentences also occurs in the training split (near-duplicates:
+    openclipart series share titles and tags); reported with the data so the held-out perplexity can be read."""
+    seen = {s for d in train for s in d["sentences"]}
+    return sum(all(s in seen for s in d["sentences"]) for d in held) / max(len(held), 1)
 
 
 def split_corpus(docs: list[dict], heldout: float = HELDOUT) -> tuple[list[dict], list[dict]]:
@@ -214,9 +234,11 @@ def _jsonl(path: Path, rows) -> None:
 
 def build(out: Path, *, easy_images: str | Path, easy_captions: str | Path, n_easy: int = 600, n_clipart: int = 1500,
           n_clipart_images: int = 120, seed: int = 0, image_size: int = 64, svg_root: str = OPENCLIPART_SVG,
+          scan_limit: int | None = None,
           sft_texts: list[str] = (), vocab_size: int = 2048) -> dict:
     """Write every file of the module docstring under `out` (+ out/tokenizer fitted to all of their text and
-    `sft_texts`). easy-vqa images: the first n_easy train images of the recipe pool with both attributes known
+    `sft_texts`). C's drawings: n_clipart evenly spread over the deduplicated drawings among the first `scan_limit`
+svg files (all by default). easy-vqa images: the first n_easy train images of the recipe pool with both attributes known
     (`easy_captions`: the easy-vqa builder's train_captions.jsonl). Skipped when out/prepared.json exists."""
     from vlmjax.data.tokenizer import train_tokenizer
     from vlmjax.generate.jsonl import read_jsonl
@@ -228,8 +250,10 @@ def build(out: Path, *, easy_images: str | Path, easy_captions: str | Path, n_ea
         return json.loads(done.read_text())
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    clipart = scan_clipart(svg_root, limit=n_clipart)
     fact_items = facts()
+    scanned = scan_clipart(svg_root, limit=scan_limit)
+    keep = {d["id"][5:] for d in spread(corpus(scanned, []), n_clipart)}  # deduplicated, then n_clipart of them
+    clipart = [c for c in scanned if c["id"] in keep]
     train, held = split_corpus(corpus(clipart, fact_items))
     _jsonl(out / "corpus_train.jsonl", ({"id": d["id"], "text": d["text"]} for d in train))
     _jsonl(out / "corpus_heldout.jsonl", ({"id": d["id"], "text": d["text"]} for d in held))
@@ -273,6 +297,7 @@ def build(out: Path, *, easy_images: str | Path, easy_captions: str | Path, n_ea
     texts += [c for q in qa for c in q["choices"]] + list(sft_texts)
     train_tokenizer(sorted(set(texts)), out / "tokenizer", vocab_size=vocab_size)
     info = {"corpus_train": len(train), "corpus_heldout": len(held), "clipart_drawings": len(clipart),
+            "heldout_verbatim_fraction": round(verbatim_fraction(train, held), 3),
             "facts": len(fact_items), "fact_qa_eval": sum(q["split"] == "eval" for q in qa), "blend": len(blend),
             "images": len(ims), "easy_vqa_images": len(pool), "clipart_images": rendered, "documents": len(docs),
             "pairs": sum(len(d["image_info"]) for d in docs), "seed": seed, "vocab_size": vocab_size}

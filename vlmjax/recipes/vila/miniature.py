@@ -113,7 +113,7 @@ def run(root: Path, *, seed: int = 0, base_seed: int = 0, quick: bool = False, a
                  "tower": str(Path(base["root"]) / "tower" / "tower.safetensors")}
     else:
         parts = base_parts(Path(base_cache or root.parent / "mini_base"), seed=base_seed, quick=quick)
-    sizes = dict(n_easy=24, n_clipart=60, n_clipart_images=6) if quick else {}
+    sizes = dict(n_easy=24, n_clipart=60, n_clipart_images=6, scan_limit=120) if quick else {}
     data = root / "data"
     info = mini_data.build(data, easy_images=parts["images"], easy_captions=Path(parts["data"]) / "train_captions.jsonl",
                            seed=seed, **{**sizes, **(data_kw or {})})
