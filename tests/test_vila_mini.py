@@ -1,0 +1,129 @@
+"""VILA miniature (issue 19), first slice: the data builders against hand-made examples, the unigram reference
+against a hand computation, and one CI-sized run of text LM -> gate -> align -> arms on the suite's tiny base."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from vlmjax.recipes.vila import mini_data as M
+
+
+def test_fact_qa_letters_and_splits():
+    items = {f["id"]: f for f in M.facts()}
+    tri = items["triangle_corners"]
+    assert tri["statements"][0] == "A triangle has three corners."
+    assert tri["choices"] == ["four", "no", "three"] and tri["question"] == "How many corners does a triangle have?"
+    qa = {q["id"]: q for q in M.fact_qa(list(items.values()))}
+    assert qa["triangle_corners"]["answer"] == "C"
+    assert qa["circle_corners"]["answer"] == "B"  # "no" corners
+    assert items["blue_thing"]["statements"][0] == "The sky is blue." and "blue" in items["blue_thing"]["choices"]
+    for q in qa.values():
+        assert q["choices"][ord(q["answer"]) - 65] == items[q["id"]]["answer"] and q["split"] in ("blend", "eval")
+    assert 0 < sum(q["split"] == "eval" for q in qa.values()) < len(qa)  # both halves non-empty
+    with pytest.raises(ValueError, match="not among its choices"):
+        M.fact_qa([{"id": "x", "question": "?", "answer": "five", "choices": ["one", "two"]}])
+
+
+def test_clipart_sentences_and_split():
+    assert M.clipart_sentences("Baby_Tux", "animals", ["penguin", "tux", "Baby_Tux", "animal", "linux", "x"]) == [
+        "Baby Tux is a drawing in the animals collection.", "It is tagged penguin, tux, Baby_Tux and animal."]
+    assert M.clipart_sentences("Frog", "animals", ["frog", "green"]) == [
+        "Frog is a drawing in the animals collection.", "It is tagged green."]
+    assert M.clipart_sentences("Box", "containers", []) == ["Box is a drawing in the containers collection."]
+    clip = [{"id": f"c/{i}", "title": f"T{i}", "category": "c", "keywords": ["k"]} for i in range(400)]
+    docs = M.corpus(clip, M.facts())
+    assert docs[0]["text"] == "T0 is a drawing in the c collection. It is tagged k."
+    train, held = M.split_corpus(docs)
+    assert len(train) + len(held) == len(docs) and 0.05 < len(held) / 400 < 0.15
+    assert all(not d["id"].startswith("fact:") for d in held)  # every fact is trained
+    assert M.split_corpus(docs) == (train, held)  # deterministic
+    dup = clip[:3] + [{**clip[0], "id": "d/0"}]  # the same drawing under another name: kept once
+    assert [d["id"] for d in M.corpus(dup, [])] == ["clip:c/0", "clip:c/1", "clip:c/2"]
+    assert M.spread(list(range(10)), 3) == [0, 3, 6] and M.spread([1, 2], 5) == [1, 2]
+    assert M.verbatim_fraction(M.corpus(clip[:2], []), M.corpus(clip[2:4], [])) == 0.0
+    assert M.verbatim_fraction([{"sentences": ["a.", "b."]}], [{"sentences": ["b."]}, {"sentences": ["c."]}]) == 0.5
+
+
+def test_documents_place_each_image_before_its_caption():
+    from vlmjax.data.formats import PLACEHOLDER, parse_interleaved
+
+    ims = [{"id": f"i{k}", "image": f"{k}.png", "caption": f"Caption {k}."} for k in range(14)]
+    sents = [f"Sentence {k}." for k in range(5)]
+    docs = M.make_documents(ims, sents, np.random.default_rng(0))
+    assert [im["image"] for d in docs for im in d["image_info"]] == [im["image"] for im in ims]  # each once, in order
+    for d in docs:
+        assert 3 <= len(d["image_info"]) <= 8  # 3-6, a short tail joins the previous document
+        for im in d["image_info"]:
+            k = int(im["image"].split(".")[0])
+            assert d["text_list"][im["matched_text_index"]] == f"Caption {k}."
+            assert d["text_list"][im["matched_text_index"] - 1] in sents  # a C sentence before each image
+        assert d["text_list"][-1] in sents
+        ex = parse_interleaved(d, max_images=8)
+        text = ex.messages[0]["content"]
+        assert text.count(PLACEHOLDER) == len(d["image_info"]) == len(ex.images)
+        for im in d["image_info"]:
+            assert PLACEHOLDER + d["text_list"][im["matched_text_index"]] in text
+    pairs = M.pairs_of(docs)
+    assert [(p["image"], p["caption"]) for p in pairs] == [(im["image"], im["caption"]) for im in ims]
+    with pytest.raises(ValueError, match="no C sentences"):
+        M.make_documents(ims, [], np.random.default_rng(0))
+
+
+def test_unigram_perplexity_matches_hand_computation():
+    train, test = [[1, 1, 2], [3]], [[0, 1, 3], [2]]
+    # counts over V=4: [0, 2, 1, 1] + 1 -> [1, 3, 2, 2] / 8; predicted: 1 and 3 (first tokens and 1-token docs not)
+    ref = math.exp(-(math.log(3 / 8) + math.log(2 / 8)) / 2)
+    assert M.unigram_perplexity(train, test, 4) == pytest.approx(ref)
+    with pytest.raises(ValueError, match="no test token"):
+        M.unigram_perplexity(train, [[1]], 4)
+
+
+def test_gate_and_forgetting_lines():
+    from vlmjax.recipes.vila.miniature import forgetting_line, text_gate
+
+    assert text_gate(10.0, 40.0)[0] and not text_gate(30.0, 40.0)[0]
+    assert "FAIL" in text_gate(30.0, 40.0)[1]
+    rows = {"text LM": {"perplexity": 10.0}, "(b) pairs": {"perplexity": 14.0}}
+    assert forgetting_line(rows).startswith("forgetting present")
+    rows["(b) pairs"]["perplexity"] = 10.2
+    assert forgetting_line(rows).startswith("forgetting ABSENT")
+
+
+@pytest.mark.slow
+def test_quick_run_text_lm_gate_align_arms(tmp_path, tiny_mini_base):
+    if not os.path.isdir(M.OPENCLIPART_SVG):
+        pytest.skip(f"openclipart metadata missing: {M.INSTALL}")
+    from train_utils import TINY_MINI
+
+    from vlmjax.recipes.vila.miniature import run, run_seeds
+
+    small = {"data.batch_size": 2, "data.max_images": 8}
+    over = {"text_lm": {**TINY_MINI, "data.max_images": 1}, "align": small, "pretrain_frozen": small,
+            "pretrain_pairs": small, "pretrain_docs": small}
+    kw = dict(quick=True, base=tiny_mini_base, over=over, arms=("a", "b", "d"),
+              data_kw=dict(n_easy=10, n_clipart=30, n_clipart_images=2, scan_limit=60))
+    rep = run_seeds(tmp_path / "vila", seeds=(0,), **kw)
+    r = json.loads((tmp_path / "vila" / "seed0" / "results" / "miniature.json").read_text())
+    rows = r["rows"]
+    assert rep["per_seed"]["(b) pairs"] == [{m: rows["(b) pairs"][m] for m in ("perplexity", "nll_per_token")}]
+    assert rep["gates_passed"] == [False] and "| (b) pairs | 1 |" in rep["table"]
+    assert list(rows) == ["text LM", "align (LLM frozen)", "(a) pairs, LLM frozen", "(b) pairs",
+                          "(d) interleaved documents"]
+    assert all(np.isfinite(v["perplexity"]) and v["perplexity"] > 1 for v in rows.values())
+    # the LLM is frozen in align and in arm (a): their text perplexity is the text LM's, exactly
+    assert rows["align (LLM frozen)"]["perplexity"] == rows["text LM"]["perplexity"]
+    assert rows["(a) pairs, LLM frozen"]["perplexity"] == rows["text LM"]["perplexity"]
+    assert rows["(b) pairs"]["perplexity"] != rows["text LM"]["perplexity"]
+    assert r["gate"]["passed"] is False and "FAIL" in r["gate"]["line"]  # a few steps learn no text
+    data = tmp_path / "vila" / "seed0" / "data"
+    assert r["data"]["images"] == 12 and r["data"]["pairs"] == 12
+    docs = [json.loads(line) for line in (data / "docs.jsonl").read_text().splitlines()]
+    assert all((data / "images" / im["image"]).exists() for d in docs for im in d["image_info"])
+    saved = json.loads((tmp_path / "vila" / "results" / "miniature.json").read_text())
+    assert saved["rows"]["(b) pairs"]["perplexity"]["mean"] == rows["(b) pairs"]["perplexity"]
+    assert "commit" in saved["meta"] and "commit" in r["meta"]
+    assert set(r["stages"]) == {"text_lm", "align", "arm_a", "arm_b", "arm_d"}
+    assert run(tmp_path / "vila" / "seed0", **kw)["rows"] == rows  # a rerun finds every step done
