@@ -60,7 +60,8 @@ def test_val_questions_are_the_held_out_images_only(tmp_path):
 @pytest.mark.slow
 def test_quick_soup_pipeline_end_to_end(tiny_mini_base, tmp_path):
     out = SM.run_soup(tmp_path / "w", base=tiny_mini_base, quick=True, seeds=(0,), figures=False,
-                      stage_over={"data.batch_size": 2}, filter_work=tmp_path / "none")
+                      stage_over={"data.batch_size": 2}, filter_work=tmp_path / "none", steps=2,
+                      lrs=(SM.LR, 2 * SM.LR))  # one extra lr run (CI time)
     assert "align export" in out["start_model"]
     names = ["Base (colour + descriptions)", "Base + shape", "Base + yes/no colour", "Base + yes/no shape",
              "Base + all additions", "uniform soup", "greedy soup"]

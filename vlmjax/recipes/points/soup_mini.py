@@ -127,8 +127,9 @@ def line_vals(a: Path, b: Path, val, ts=LINE) -> list[float]:
 
 def run_soup(work: Path, *, base_cache: Path | None = None, filter_work: Path | None = None, seeds=(0,),
              steps: int = STEPS, n_test: int = 300, val_n: int = 200, quick: bool = False, figures: bool = True,
-             base: dict | None = None, stage_over: dict | None = None, images=SFT_IMAGES) -> dict:
-    """The soup part end to end (module docstring); every step is skipped when its output exists (a rerun resumes)."""
+             base: dict | None = None, stage_over: dict | None = None, images=SFT_IMAGES, lrs=LRS) -> dict:
+    """The soup part end to end (module docstring); every step is skipped when its output exists (a rerun resumes).
+    lrs: the lr soup's learning rates of Base + shape (LR among them reuses that ingredient)."""
     from vlmjax.eval import report
     from vlmjax.eval.easy_vqa import evaluate_by_kind
     from vlmjax.eval.tasks import easy_vqa_file
@@ -171,13 +172,13 @@ def run_soup(work: Path, *, base_cache: Path | None = None, filter_work: Path | 
         ingr = {f"Base + {a}": run(SLUG[a], a) for a in ADDITIONS}
         models.update(ingr)
         models["Base + all additions"] = run("all", "all")
-        lr_runs = [ingr["Base + shape"] if lr == LR else run(f"shape_lr{lr:g}", "shape", lr) for lr in LRS]
+        lr_runs = [ingr["Base + shape"] if lr == LR else run(f"shape_lr{lr:g}", "shape", lr) for lr in lrs]
         print(f"[4/5] seed {s}: soups", flush=True)
         S.uniform(list(ingr.values()), sd / "uniform")
         g = S.greedy(list(ingr.values()), sd / "greedy", val, log=lambda m: print(f"  {m}", flush=True))
         S.uniform(lr_runs, sd / "lr_soup")
         models.update({"uniform soup": sd / "uniform" / S.MODEL, "greedy soup": sd / "greedy" / S.MODEL,
-                       f"lr soup (Base + shape, lr {'/'.join(f'{x:g}' for x in LRS)})": sd / "lr_soup" / S.MODEL})
+                       f"lr soup (Base + shape, lr {'/'.join(f'{x:g}' for x in lrs)})": sd / "lr_soup" / S.MODEL})
         a, b = ingr["Base + shape"], ingr["Base + yes/no colour"]
         line_path = sd / "results" / "line.json"
         if not line_path.exists():
@@ -203,7 +204,7 @@ def run_soup(work: Path, *, base_cache: Path | None = None, filter_work: Path | 
            "rows": {a: {m: st._asdict() for m, st in v.items()} for a, v in agg.items()}, "table": table,
            "line_table": line_table, **extra,
            "config": {"seeds": list(seeds), "steps": steps, "n_test": n_test, "val_n": val_n, "quick": quick,
-                      "sft_images": list(images), "val_images": list(VAL_IMAGES), "lrs": list(LRS),
+                      "sft_images": list(images), "val_images": list(VAL_IMAGES), "lrs": list(lrs),
                       "base": base["root"], "val": val.name}}
     if figures:
         from vlmjax.eval import plots
