@@ -1,7 +1,7 @@
 """POINTS model soup reproduced in miniature (issue 18, `python -m vlmjax.recipes.points.miniature --part soup`).
 
-    python -m vlmjax.recipes.points.miniature --part soup [--workdir runs/points_mini/soup] [--base-cache runs/mini_base]
-        [--seeds 0] [--soup-steps 150] [--n-test 300] [--val-n 200] [--quick]
+    python -m vlmjax.recipes.points.miniature --part soup [--workdir runs/points_mini/soup]
+        [--base-cache runs/mini_base] [--seeds 0] [--soup-steps 150] [--n-test 300] [--val-n 200] [--quick]
 
 1. Start model = the lowest-PPL base: the filter part's lowest-PPL 20% arm export (seed 0) when that run is in
    `--filter-workdir`, else the shared mini base's *align* export (caption pre-training only). Not the base's SFT'd
