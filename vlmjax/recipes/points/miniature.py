@@ -2,7 +2,8 @@
 
     python -m vlmjax.recipes.points.miniature --part filter [--workdir runs/points_mini/filter]
         [--base-cache runs/mini_base] [--seeds 0 1 2] [--presentations 8000] [--high] [--sft] [--quick]
-    python -m vlmjax.recipes.points.miniature --part soup          (not built yet: says so and exits)
+    python -m vlmjax.recipes.points.miniature --part soup [--workdir runs/points_mini/soup] [--seeds 0]
+        [--soup-steps 150] [--val-n 200] [--filter-workdir runs/points_mini/filter] [--quick]   (`points.soup_mini`)
 
 --part filter: perplexity filtering of pre-training captions.
 1. Pool (`points.pool`): easy-vqa train images 0-2999 (never seen by the shared base), 3 captions each: 30% clean,
@@ -348,7 +349,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", type=Path, default=None, help="default runs/points_mini/{filter,soup}")
     ap.add_argument("--base-cache", type=Path, default=Path("runs/mini_base"), help="the shared mini base's cache")
     ap.add_argument("--base-seed", type=int, default=0)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default: filter 0 1 2, soup 0")
     ap.add_argument("--presentations", type=int, default=PRESENTATIONS, help="caption presentations per arm")
     ap.add_argument("--high", action="store_true", help="also the highest-PPL 20%% arm")
     ap.add_argument("--sft", action="store_true", help="also a short SFT per arm and its easy-vqa test accuracy")
@@ -356,12 +357,21 @@ def main(argv=None) -> int:
     ap.add_argument("--n-test", type=int, default=N_TEST)
     ap.add_argument("--quick", action="store_true", help="a few steps of everything on a tiny pool (CI smoke run)")
     ap.add_argument("--no-figures", action="store_true")
+    ap.add_argument("--soup-steps", type=int, default=150, help="soup: SFT steps of every run")
+    ap.add_argument("--val-n", type=int, default=200, help="soup: val questions (train images 3300-3499)")
+    ap.add_argument("--filter-workdir", type=Path, default=Path("runs/points_mini/filter"),
+                    help="soup: start from this filter run's lowest-PPL 20%% arm when it exists")
     args = ap.parse_args(argv)
     if args.part == "soup":
-        raise SystemExit("--part soup: the model-soup miniature is not built yet (README 'POINTS, reproduced in "
-                         "miniature'); the soup commands themselves are `python -m vlmjax.recipes.points soup ...`")
+        from vlmjax.recipes.points.soup_mini import run_soup
+
+        run_soup(args.workdir or Path("runs/points_mini/soup"), base_cache=args.base_cache,
+                 filter_work=args.filter_workdir, seeds=tuple(args.seeds or [0]), steps=args.soup_steps,
+                 n_test=args.n_test, val_n=args.val_n, quick=args.quick, figures=not args.no_figures)
+        return 0
     try:
-        run_filter(args.workdir or Path("runs/points_mini/filter"), base_cache=args.base_cache, seeds=tuple(args.seeds),
+        run_filter(args.workdir or Path("runs/points_mini/filter"), base_cache=args.base_cache,
+                   seeds=tuple(args.seeds or [0, 1, 2]),
                    presentations=args.presentations, high=args.high, sft=args.sft, sft_steps=args.sft_steps,
                    quick=args.quick, n_test=args.n_test, figures=not args.no_figures, base_seed=args.base_seed)
     except PP.MissingOpenclipart as e:

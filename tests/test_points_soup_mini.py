@@ -1,0 +1,79 @@
+"""The POINTS soup miniature (vlmjax.recipes.points.soup_mini): question kinds, the ingredients' SFT data, the val
+file's held-out images, and (slow) the whole --part soup --quick pipeline on the suite's tiny base."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vlmjax.recipes.points import soup_mini as SM
+
+
+def rec(n, extra=()):
+    turns = [("Describe the image briefly.", "A red circle."), ("What is the color of the circle?", "Red"),
+             ("What shape is in the image?", "Circle"), ("Is there a circle?", "Yes"),
+             ("Is there not a blue shape?", "Yes"), *extra]
+    conv = []
+    for i, (q, a) in enumerate(turns):
+        conv += [{"from": "human", "value": ("<image>\n" if i == 0 else "") + q}, {"from": "gpt", "value": a}]
+    return {"id": f"train_{n}", "image": f"train/{n}.png", "conversations": conv}
+
+
+def test_question_kinds():
+    assert SM.question_kind("What shape is in the image?", "Triangle") == "shape"
+    assert SM.question_kind("What is the color of the circle?", "Teal") == "color"
+    assert SM.question_kind("Is there not a triangle in the image?", "No") == "yes/no shape"
+    assert SM.question_kind("Does the image contain a gray shape?", "Yes") == "yes/no colour"
+    with pytest.raises(ValueError, match="names neither"):
+        SM.question_kind("Is it there?", "Yes")
+
+
+def answers(r):
+    return sorted(t["value"] for t in r["conversations"][1::2])
+
+
+def test_ingredient_data_keeps_base_plus_one_addition():
+    recs = [rec(0), rec(1), rec(3300)]
+    base = SM.conversations(recs, (), images=(0, 3000))
+    assert [r["id"] for r in base] == ["train_0", "train_1"]  # val images never in SFT data
+    assert answers(base[0]) == ["A red circle.", "Red"]
+    shape = SM.conversations(recs, ("shape",), images=(0, 3000))
+    assert answers(shape[0]) == ["A red circle.", "Circle", "Red"]
+    yn = SM.conversations(recs, ("yes/no colour",), images=(0, 3000))
+    humans = [t["value"] for t in yn[0]["conversations"][0::2]]
+    assert "Is there not a blue shape?" in " ".join(humans) and "Is there a circle?" not in humans
+    assert sum("<image>" in h for h in humans) == 1 and humans[0].startswith("<image>")
+    full = SM.conversations(recs, SM.ADDITIONS, images=(0, 3000))
+    assert len(full[0]["conversations"]) == 10
+    assert full == SM.conversations(recs, SM.ADDITIONS, images=(0, 3000))  # seeded: the same order again
+    with pytest.raises(ValueError, match="no train records"):
+        SM.conversations(recs, (), images=(10, 20))
+
+
+def test_val_questions_are_the_held_out_images_only(tmp_path):
+    path = SM.val_questions([rec(0), rec(3300), rec(3499), rec(3500)], tmp_path / "v.json")
+    rows = json.loads(path.read_text())
+    assert {r[2] for r in rows} == {3300, 3499} and len(rows) == 8
+    assert ["What shape is in the image?", "Circle", 3300] in rows and not any("Describe" in r[0] for r in rows)
+
+
+@pytest.mark.slow
+def test_quick_soup_pipeline_end_to_end(tiny_mini_base, tmp_path):
+    out = SM.run_soup(tmp_path / "w", base=tiny_mini_base, quick=True, seeds=(0,), figures=False,
+                      stage_over={"data.batch_size": 2}, filter_work=tmp_path / "none", steps=2,
+                      lrs=(SM.LR, 2 * SM.LR))  # one extra lr run (CI time)
+    assert "align export" in out["start_model"]
+    names = ["Base (colour + descriptions)", "Base + shape", "Base + yes/no colour", "Base + yes/no shape",
+             "Base + all additions", "uniform soup", "greedy soup"]
+    for n in names:
+        (row,) = out["per_seed"][n]
+        assert 0 <= row["accuracy"] <= 1 and "shape" in row
+    assert any(k.startswith("lr soup") for k in out["per_seed"])
+    g, line = out["seeds"][0]["greedy"], out["seeds"][0]["line"]
+    singles = {t["ingredient"]: t["val"] for t in g["trials"] if t["stage"] == "ingredient"}
+    assert len(singles) == 3 and g["soup_val"] >= max(singles.values())
+    # the line's ends are the two ingredients themselves
+    assert line["t"] == list(SM.LINE) and line["val"][0] == singles[line["a"]] and line["val"][-1] == singles[line["b"]]
+    saved = json.loads((tmp_path / "w" / "results" / "soup.json").read_text())
+    assert saved["meta"]["commit"] is not None and saved["config"]["val_images"] == [3300, 3500]
+    assert Path(g["members"][0]).exists()
