@@ -326,6 +326,24 @@ def evaluate_base(base: dict, *, n: int = 2000) -> dict:
     return evaluate_by_kind(base["model"], Path(base["root"]) / "results" / f"base_n{n}.json", n=n)
 
 
+def shared_base(cache: Path, *, seed: int = 0, quick: bool = False) -> dict:
+    """The shared mini base, read from its cache (base.json) when built, else built (`build_base`)."""
+    scale = 0.02 if quick else 1.0
+    root = Path(cache) / f"{fingerprint(CONFIG, {'scale': scale})}_seed{seed}"
+    if (root / "base.json").exists():  # read only: never rewritten here (the cache may be another checkout's)
+        return json.loads((root / "base.json").read_text())
+    return build_base(cache, seed=seed, steps_scale=scale, quiet=True)
+
+
+def base_results(base: dict, out: Path, n: int) -> dict:
+    """The base's easy-vqa test results by kind: its cache's (the largest ROOT/results/base_n*.json, as
+    `evaluate_base` wrote it) or evaluated on n questions into `out`."""
+    from vlmjax.eval.easy_vqa import evaluate_by_kind
+
+    cached = sorted(Path(base["root"]).glob("results/base_n*.json"), key=lambda p: int(p.stem[len("base_n"):]))
+    return json.loads(cached[-1].read_text()) if cached else evaluate_by_kind(base["model"], out, n=n)
+
+
 def base_gate(results: dict, gate: dict = GATE) -> tuple[bool, list[str]]:
     """Does the base see? -> (passed, printable lines): each gated metric against its threshold. A miniature prints
     these before its own results, so a failed base is never read past."""

@@ -54,26 +54,6 @@ FROZEN_TOWER = ("^projector/", "^llm/")
 # ----------------------------------------------------------------------------------------------------- base
 
 
-def shared_base(cache: Path, *, seed: int = 0, quick: bool = False) -> dict:
-    """The shared mini base, read from its cache (base.json) when built, else built (`mini_base.build_base`)."""
-    from vlmjax.recipes import mini_base
-
-    scale = 0.02 if quick else 1.0
-    root = Path(cache) / f"{mini_base.fingerprint(mini_base.CONFIG, {'scale': scale})}_seed{seed}"
-    if (root / "base.json").exists():  # read only: never rewritten here (the cache may be another checkout's)
-        return json.loads((root / "base.json").read_text())
-    return mini_base.build_base(cache, seed=seed, steps_scale=scale, quiet=True)
-
-
-def base_results(base: dict, out: Path, n: int) -> dict:
-    """The base's easy-vqa test results by kind: its cache's (the largest ROOT/results/base_n*.json, as
-    `mini_base.evaluate_base` wrote it) or evaluated on n questions into `out`."""
-    from vlmjax.eval.easy_vqa import evaluate_by_kind
-
-    cached = sorted(Path(base["root"]).glob("results/base_n*.json"), key=lambda p: int(p.stem[len("base_n"):]))
-    return json.loads(cached[-1].read_text()) if cached else evaluate_by_kind(base["model"], out, n=n)
-
-
 # ----------------------------------------------------------------------------------------------------- scoring
 
 
@@ -236,7 +216,7 @@ def run_filter(work: Path, *, base_cache: Path | None = None, seeds=(0, 1, 2), p
     stage_over: dotted overrides of every arm's stages (a smaller model for tests); arms: a subset of ARMS."""
     from vlmjax.eval import report
     from vlmjax.generate.jsonl import read_jsonl
-    from vlmjax.recipes.mini_base import base_gate
+    from vlmjax.recipes.mini_base import base_gate, base_results, shared_base
 
     started = time.time()
     work = Path(work)

@@ -135,7 +135,7 @@ def run_soup(work: Path, *, base_cache: Path | None = None, filter_work: Path | 
     from vlmjax.eval.tasks import easy_vqa_file
     from vlmjax.recipes.mini_base import base_gate
     from vlmjax.recipes.points import soup as S
-    from vlmjax.recipes.points.miniature import base_results, shared_base
+    from vlmjax.recipes.mini_base import base_results, shared_base
 
     started, work = time.time(), Path(work)
     work.mkdir(parents=True, exist_ok=True)
