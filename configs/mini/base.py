@@ -28,11 +28,8 @@ def model_dict():
         projector="mlp2x_gelu", vision_feature_layer=-1, vision_feature_select="full")
 
 
-def get_config(stage: str = "sft"):
-    if stage not in STAGES:
-        raise ValueError(f"configs/mini/base.py:{stage}: stages are {STAGES}")
-    c = base()
-    c.data.seq_len = 256
+def mini_defaults(c):
+    """The miniatures' shared training settings (configs/vila/mini.py starts from them too)."""
     c.data.batch_size = 16
     c.data.max_images = 32
     c.data.text = dict(template="auto")
@@ -41,6 +38,14 @@ def get_config(stage: str = "sft"):
     c.optim.b2 = 0.95
     c.train.save_every = 100
     c.train.keep_checkpoints = 1
+    return c
+
+
+def get_config(stage: str = "sft"):
+    if stage not in STAGES:
+        raise ValueError(f"configs/mini/base.py:{stage}: stages are {STAGES}")
+    c = mini_defaults(base())
+    c.data.seq_len = 256
     c.train.trainable = (".*",)
     c.optim.lr = 2e-3
     if stage == "align":

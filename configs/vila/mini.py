@@ -26,9 +26,12 @@ VOCAB = 2048
 STEPS = {"text_lm": 400, "align": 150, "pretrain": 200, "sft": 150}
 
 
+def _mini():
+    return load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "mini", "base.py"))
+
+
 def model_dict():
-    mini = load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "mini", "base.py"))
-    m = mini.model_dict()
+    m = _mini().model_dict()
     m["llm"]["vocab_size"] = VOCAB
     return m
 
@@ -36,17 +39,9 @@ def model_dict():
 def get_config(stage: str = "text_lm"):
     if stage not in STAGES:
         raise ValueError(f"configs/vila/mini.py:{stage}: stages are {STAGES}")
-    c = base()
+    c = _mini().mini_defaults(base())
     c.data.seq_len = 128
-    c.data.batch_size = 16
-    c.data.max_images = 32
-    c.data.text = dict(template="auto")
-    c.optim.warmup_frac = 0.05
-    c.optim.weight_decay = 0.0
-    c.optim.b2 = 0.95
     c.optim.lr = 2e-3
-    c.train.save_every = 100
-    c.train.keep_checkpoints = 1
     c.model.init = "checkpoint"  # the previous stage's export (native: the conv stem)
     if stage == "text_lm":
         c.model.init = "random"
