@@ -33,7 +33,7 @@ def test_conv_stem_matches_torch_conv2d_stack():
         conv = torch.nn.Conv2d(w.shape[2], w.shape[3], 3, stride=2, padding=1)
         with torch.no_grad():  # HWIO -> OIHW
             conv.weight.copy_(torch.from_numpy(np.asarray(w[...]).transpose(3, 2, 0, 1).copy()))
-            conv.bias.copy_(torch.from_numpy(np.asarray(b[...])))
+            conv.bias.copy_(torch.from_numpy(np.array(b[...])))
         layers += ([torch.nn.GELU()] if i else []) + [conv]
     x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
     with torch.no_grad():
