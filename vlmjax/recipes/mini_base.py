@@ -268,6 +268,12 @@ def fingerprint(config_file: Path, over: dict | None) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
+def base_root(cache, seed: int = 0, *, config_file: str | Path = CONFIG, over: dict | None = None,
+              steps_scale: float = 1.0) -> Path:
+    """The model folder of a base design in `cache`: CACHE/{fingerprint}_seed{S}."""
+    return Path(cache) / f"{fingerprint(config_file, {**(over or {}), 'scale': steps_scale})}_seed{seed}"
+
+
 def build_base(cache: str | Path = "runs/mini_base", *, seed: int = 0, augment: int = AUGMENT,
                config_file: str | Path = CONFIG, over: dict | None = None, steps_scale: float = 1.0,
                root: str | Path | None = None, quiet: bool = False) -> dict:
@@ -290,7 +296,7 @@ def build_base(cache: str | Path = "runs/mini_base", *, seed: int = 0, augment: 
     if not (data / "prep_time.json").exists():
         _write_json(data / "prep_time.json", prep)
     if root is None:
-        root = cache / f"{fingerprint(config_file, {**(over or {}), 'scale': steps_scale})}_seed{seed}"
+        root = base_root(cache, seed, config_file=config_file, over=over, steps_scale=steps_scale)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     images = str(data / "images")
@@ -329,7 +335,7 @@ def evaluate_base(base: dict, *, n: int = 2000) -> dict:
 def shared_base(cache: Path, *, seed: int = 0, quick: bool = False) -> dict:
     """The shared mini base, read from its cache (base.json) when built, else built (`build_base`)."""
     scale = 0.02 if quick else 1.0
-    root = Path(cache) / f"{fingerprint(CONFIG, {'scale': scale})}_seed{seed}"
+    root = base_root(cache, seed, steps_scale=scale)
     if (root / "base.json").exists():  # read only: never rewritten here (the cache may be another checkout's)
         return json.loads((root / "base.json").read_text())
     return build_base(cache, seed=seed, steps_scale=scale, quiet=True)

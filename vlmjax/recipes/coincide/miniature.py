@@ -39,7 +39,7 @@ from vlmjax.train import stages
 REPO = Path(__file__).resolve().parents[3]
 CONFIG = REPO / "configs" / "coincide" / "mini.py"
 POOL_IMAGES, REF_IMAGES = (0, 2000), (3000, 3500)
-QUICK = {"pool": (0, 24), "ref": (3000, 3008), "n_eval": 12, "k": 6, "scale": 0.02}
+QUICK = {"pool": (0, 24), "ref": (3000, 3008), "n_eval": 12, "k": 6}
 CHANCE_GATE = {"shape": 1 / 3, "color": 1 / 8}  # above chance: 3 shapes, 8 colours
 ABLATIONS = ("random_in_cluster", "uniform_clusters", "density_only")
 DESCRIBE = "Describe the image briefly."
@@ -89,15 +89,6 @@ def prepare(work: Path, base: dict, pool_images, ref_images) -> tuple[list[dict]
             tmp.write_text(json.dumps(single_turn(records, images)))
             tmp.replace(path)
     return json.loads(pool_path.read_text()), pool_path, ref_path
-
-
-def load_base(cache: Path, *, seed: int, scale: float) -> dict:
-    """The shared mini base: its base.json when built (read only: the cache may be another checkout's), else
-    `mini_base.build_base` (quick: steps_scale 0.02)."""
-    root = Path(cache) / f"{mini_base.fingerprint(mini_base.CONFIG, {'scale': scale})}_seed{seed}"
-    if (root / "base.json").exists():
-        return json.loads((root / "base.json").read_text())
-    return mini_base.build_base(cache, seed=seed, steps_scale=scale, quiet=True)
 
 
 # ----------------------------------------------------------------------------------------------------- training
@@ -286,7 +277,7 @@ def run(work: Path, *, seeds=(0, 1, 2), budgets=(0.1, 0.2), k: int = 200, n_eval
     pool_images, ref_images = (QUICK["pool"], QUICK["ref"]) if quick else (POOL_IMAGES, REF_IMAGES)
     n_eval, n_gate, k = (QUICK["n_eval"], QUICK["n_eval"], min(k, QUICK["k"])) if quick else (n_eval, n_gate, k)
     work.mkdir(parents=True, exist_ok=True)
-    base = base or load_base(base_cache, seed=base_seed, scale=QUICK["scale"] if quick else 1.0)
+    base = base or mini_base.shared_base(base_cache, seed=base_seed, quick=quick)
     cached = Path(base["root"]) / "results" / f"base_n{n_gate}.json"  # the base's own gate run, if made
     gate_res = evaluate_by_kind(base["model"], cached if cached.exists() else work / "results" / f"base_n{n_gate}.json",
                                 n=n_gate)

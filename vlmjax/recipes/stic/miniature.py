@@ -33,6 +33,7 @@ import numpy as np
 
 from vlmjax.eval.easy_vqa import answer_kind, description_accuracy, description_task, evaluate_by_kind  # noqa: F401
 from vlmjax.generate.jsonl import read_jsonl
+from vlmjax.recipes import mini_base
 from vlmjax.recipes.mini_base import DESCRIBE_PROMPTS, base_gate, sft_turns
 from vlmjax.recipes.stic import prompts as P
 from vlmjax.train import stages
@@ -151,13 +152,6 @@ def hf_reload_check(model_dir: Path, image) -> float:
 MINI_CORRUPTIONS = ("lowres:4", "blur:8")  # the paper's lowres (20 px) and colour jitter keep a 64 px shape (README)
 
 
-def shared_base(cache: Path, *, seed: int, quick: bool) -> dict:
-    """The recipes' shared mini base (vlmjax.recipes.mini_base), built once per seed into `cache` and reused."""
-    from vlmjax.recipes import mini_base
-
-    return mini_base.build_base(cache, seed=seed, steps_scale=0.02 if quick else 1.0, quiet=True)
-
-
 def own_base(root: Path, *, seed: int, quick: bool, llm: str) -> dict:
     """--llm smollm2: the base trained here from configs/stic/mini_smollm2.py:align, :sft on images 1000-3999."""
     scale, n_base = (0.02, 64) if quick else (1.0, 3000)
@@ -199,7 +193,7 @@ def run(root: Path, *, negatives: str = "generated", quick: bool = False, n_eval
     if base is not None:
         base_info = base
     elif llm == "scratch":
-        base_info = shared_base(Path(base_cache or root.parent / "mini_base"), seed=seed, quick=quick)
+        base_info = mini_base.shared_base(Path(base_cache or root.parent / "mini_base"), seed=seed, quick=quick)
     else:
         base_info = own_base(root, seed=seed, quick=quick, llm=llm)
     base, images, data = Path(base_info["model"]), base_info["images"], Path(base_info["data"])

@@ -46,9 +46,9 @@ def base_parts(cache: Path, *, seed: int, quick: bool) -> dict:
     scale = 0.02 if quick else 1.0
     data = mini_base.data_dir(cache, seed)
     mini_base.prepare_data(data, seed=seed)
-    root = cache / f"{mini_base.fingerprint(mini_base.CONFIG, {'scale': 1.0})}_seed{seed}"
+    root = mini_base.base_root(cache, seed)
     if not (root / "tower" / "tower.json").exists():  # a full base's tower is used even by --quick
-        root = cache / f"{mini_base.fingerprint(mini_base.CONFIG, {'scale': scale})}_seed{seed}"
+        root = mini_base.base_root(cache, seed, steps_scale=scale)
     mini_base.pretrain_tower(data, root / "tower", seed=seed, steps=max(2, int(round(mini_base.TOWER_STEPS * scale))),
                              quiet=True)
     return {"data": str(data), "images": str(data / "images"), "tower": str(root / "tower" / "tower.safetensors")}
