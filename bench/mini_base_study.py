@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -37,14 +38,30 @@ ARMS = {
     "balanced": (4, {"data": {"keep_absent": 0.25}}, "'absent' yes/no questions kept with p 0.25 (balanced answers)"),
     "no_imagine": (4, {"data": {"imagine_every": 0}, "sft": {"train.steps": 250}},
                    "no 'imagine' turns (wrong colour + shape answers) in SFT, 250 SFT steps"),
+    "single_turn": (4, {"data": {"turns_per_sample": 1}},
+                    "SFT conversations cut into one QA pair per sample (each asked with the image, as evaluated)"),
+    "two_turns": (4, {"data": {"turns_per_sample": 2}}, "SFT conversations cut into samples of 2 QA pairs"),
+    "balanced_long": (4, {"data": {"keep_absent": 0.25}, "sft": {"train.steps": 1000}},
+                      "balanced yes/no answers and 1000 SFT steps: is the comparison learnable given more steps?"),
 }
+# Arms whose tower and align stages equal another arm's (the SFT data differs only): --reuse-align copies them.
+SFT_ONLY = ("sft250", "balanced", "no_imagine", "single_turn", "two_turns", "balanced_long")
 
 
-def run_arm(name: str, cache: Path, n: int) -> dict:
+def run_arm(name: str, cache: Path, n: int, reuse_align: str | None = None) -> dict:
     from vlmjax.recipes.mini_base import build_base, evaluate_base
 
     augment, over, what = ARMS[name]
     t0 = time.time()
+    reused = None
+    if reuse_align and name in SFT_ONLY and not (cache / name / "align" / "export").exists():
+        src = cache / reuse_align
+        if not (src / "align" / "export").exists():
+            raise SystemExit(f"--reuse-align {reuse_align}: {src / 'align' / 'export'} does not exist; run that arm first")
+        for stage in ("tower", "align"):
+            if (src / stage).exists():
+                shutil.copytree(src / stage, cache / name / stage, dirs_exist_ok=True)
+        reused = reuse_align
     base = build_base(cache, seed=0, augment=augment, over=over, root=cache / name, quiet=True)
     res = evaluate_base(base, n=n)
     st = base["stages"]
@@ -53,7 +70,7 @@ def run_arm(name: str, cache: Path, n: int) -> dict:
             "train_seconds": round(sum(s["seconds"] for s in st.values()), 1),
             "train_cpu_seconds": round(sum(s["cpu_seconds"] for s in st.values()), 1),
             "build_seconds": base["seconds"], "build_cpu_seconds": base["cpu_seconds"],
-            "arm_wall_seconds_this_call": round(time.time() - t0, 1), "results": res}
+            "arm_wall_seconds_this_call": round(time.time() - t0, 1), "tower_align_from": reused, "results": res}
 
 
 def probe_arm(name: str, cache: Path, out: Path) -> dict:
@@ -85,6 +102,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=300, help="easy-vqa test questions (n/3 described images)")
     ap.add_argument("--cache", type=Path, default=REPO / "runs" / "mini_base_study")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "mini_base_study.json")
+    ap.add_argument("--reuse-align", default=None, metavar="ARM",
+                    help="arms that change only the SFT stage copy ARM's trained tower and align stages")
     ap.add_argument("--probe-only", action="store_true", help="align each arm and probe its image tokens only")
     args = ap.parse_args(argv)
     if args.probe_only:
@@ -95,7 +114,7 @@ def main(argv=None) -> int:
     for name in args.arms.split(","):
         if name not in ARMS:
             raise SystemExit(f"unknown arm {name!r}; arms: {', '.join(ARMS)}")
-        row = run_arm(name, args.cache, args.n)
+        row = run_arm(name, args.cache, args.n, args.reuse_align)
         table[f"{name}@n{args.n}"] = row
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_suffix(".tmp")

@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from vlmjax.generate import GenerationConfig, SamplingConfig, generate, unpad_left
-from vlmjax.generate.sampling import row_keys, sample
+from vlmjax.generate.sampling import argmax_first, inverse_cdf, row_keys, sample, top_p_keep
 from vlmjax.generate.simple import greedy_generate
 from vlmjax.models.config import LLMConfig, VisionConfig, VLMConfig
 from vlmjax.models.llm import LLM
@@ -156,6 +156,29 @@ def test_top_k_top_p_filter_the_right_tokens():
     draws = np.asarray(sample(logits, SamplingConfig(temperature=1.0, top_k=3), keys, 1))
     assert set(draws.tolist()) == {0, 1, 2}
     np.testing.assert_allclose(np.bincount(draws, minlength=3)[:3] / 4000, probs[:3] / 0.95, atol=0.03)
+
+
+def test_sampler_pieces_match_numpy():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 5, size=(64, 300)).astype(np.float32)  # many ties: the first maximum wins
+    np.testing.assert_array_equal(np.asarray(argmax_first(jnp.asarray(x))), np.argmax(x, axis=-1))
+    # nucleus: numpy's sort-based definition (shortest best-first prefix with mass >= p, ties of its last kept)
+    p = rng.dirichlet(np.full(700, 0.3), size=40).astype(np.float32)
+    for top_p in (0.05, 0.5, 0.9, 0.99):
+        keep = np.asarray(top_p_keep(jnp.asarray(p), top_p))
+        for row, k in zip(p, keep):  # the definition, in fp64, up to fp32 rounding of the masses (1e-5)
+            row = row.astype(np.float64)
+            assert k.any() and row[k].min() >= row[~k].max(initial=0)  # a best-first set, ties kept
+            smallest = row[k].min()
+            assert row[k].sum() >= top_p - 1e-5 and row[row > smallest].sum() < top_p + 1e-5  # reaches p, shortest
+    # inverse CDF on a grid of u: index i gets u-mass w_i / total (+- one grid point), zero weights never;
+    # 1000 = 3 full blocks of 256 + a padded one
+    w = rng.random(1000).astype(np.float32) * (rng.random(1000) > 0.3)
+    grid = (np.arange(20000) + 0.5) / 20000
+    picks = np.asarray(inverse_cdf(jnp.asarray(np.broadcast_to(w, (len(grid), 1000))), jnp.asarray(grid, jnp.float32)))
+    counts = np.bincount(picks, minlength=1000)
+    assert counts[w == 0].sum() == 0
+    np.testing.assert_allclose(counts / len(grid), w / w.sum(), atol=1.5 / len(grid))
 
 
 def test_stop_strings_cut_text_and_stop_the_row(smol_tok):

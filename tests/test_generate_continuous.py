@@ -60,7 +60,7 @@ def test_greedy_equals_static_with_images_eos_limits_and_cache_growth():
 
 def test_seeded_sampling_equals_static_and_fewer_finished_slot_steps():
     model = tiny_llm()
-    rng = np.random.default_rng(5)
+    rng = np.random.default_rng(6)  # draws whose EOS picks below give varied lengths (2-12)
     prompts = [rng.integers(1, 96, n).tolist() for n in [3, 8, 1, 5, 2, 6, 4, 7, 2, 3, 5, 1]]
     seeds = [int(s) for s in rng.integers(0, 2**31, len(prompts))]
     cfg = GenerationConfig(max_new_tokens=12, pad_to=8, eos_token_ids=(-1,), min_new_tokens=1, seed=11,

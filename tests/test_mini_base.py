@@ -38,6 +38,19 @@ def test_sft_turns_balance_absent_yes_no_answers_and_add_an_imagine_turn():
     assert len(full) == len(turns)
 
 
+def test_split_turns_asks_every_cut_with_the_image():
+    conv = [{"from": "human", "value": "<image>\nQ1"}, {"from": "gpt", "value": "A1"},
+            {"from": "human", "value": "Q2"}, {"from": "gpt", "value": "A2"},
+            {"from": "human", "value": "Q3"}, {"from": "gpt", "value": "A3"}]
+    assert mini_base.split_turns(conv, 0) == [conv]
+    one = mini_base.split_turns(conv, 1)
+    assert [[t["value"] for t in c] for c in one] == [["<image>\nQ1", "A1"], ["<image>\nQ2", "A2"],
+                                                      ["<image>\nQ3", "A3"]]
+    two = mini_base.split_turns(conv, 2)
+    assert [[t["value"] for t in c] for c in two] == [["<image>\nQ1", "A1", "Q2", "A2"], ["<image>\nQ3", "A3"]]
+    assert conv[2]["value"] == "Q2"  # the input is not edited
+
+
 def test_answer_kind_and_description_accuracy():
     assert [answer_kind(g) for g in ("Circle", "teal", "Yes", "no")] == ["shape", "color", "yes/no", "yes/no"]
     task = Task("d", "caption", [EvalSample(str(i), "Describe the image.", ans, "x.png") for i, ans in

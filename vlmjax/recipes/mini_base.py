@@ -50,6 +50,9 @@ TOWER_STEPS = 600  # pretrain_tower steps of 64 views
 # probability 0.25 (balanced answers, as VQAv2 did) does not teach the comparison: yes/no falls to chance (0.49;
 # README "A mini base that sees"). So the default keeps them all; over={"data": {"keep_absent": p}} is the arm.
 KEEP_ABSENT = 1.0
+# SFT conversations cut into samples of at most this many QA pairs (0: whole conversations); over={"data":
+# {"turns_per_sample": k}} is the arm.
+TURNS_PER_SAMPLE = 0
 DATA_VERSION = 2  # bump when prepare_data's output changes: the data folder is keyed by it
 
 
@@ -94,6 +97,21 @@ def sft_turns(turns: list[dict], rng: np.random.Generator, prompts=DESCRIBE_PROM
     return out
 
 
+def split_turns(conversation: list[dict], per_sample: int) -> list[list[dict]]:
+    """A conversation cut into conversations of at most `per_sample` QA pairs, each asking its first question with
+    the image (0: the conversation as it is). One pair per sample asks every question as the evaluation does, with
+    no earlier turn whose text gives the answer away."""
+    if per_sample <= 0:
+        return [conversation]
+    pairs = [conversation[i:i + 2] for i in range(0, len(conversation), 2)]
+    out = []
+    for k in range(0, len(pairs), per_sample):
+        chunk = [dict(t) for pair in pairs[k:k + per_sample] for t in pair]
+        chunk[0]["value"] = P.with_image(chunk[0]["value"].replace("<image>\n", "").replace("<image>", ""))
+        out.append(chunk)
+    return out
+
+
 def dihedral(a: np.ndarray, k: int) -> np.ndarray:
     """View k in 0..7 of the square image a (H, W, C): k % 4 quarter turns, mirrored when k >= 4."""
     a = np.rot90(a, k % 4)
@@ -107,7 +125,8 @@ def _write_json(path: Path, obj) -> None:
 
 
 def prepare_data(data: Path, *, seed: int = 0, augment: int = AUGMENT, pool: tuple[int, int] = POOL,
-                 keep_absent: float = KEEP_ABSENT, imagine_every: int = IMAGINE_EVERY) -> dict:
+                 keep_absent: float = KEEP_ABSENT, imagine_every: int = IMAGINE_EVERY,
+                 turns_per_sample: int = TURNS_PER_SAMPLE) -> dict:
     """easy-vqa train split -> data/images (all 4000 train images, for the recipes too), the base's captions and SFT
     conversations on `pool` (+ augmented views) and data/tokenizer fitted to the corpus. Skipped when done."""
     from PIL import Image
@@ -131,7 +150,7 @@ def prepare_data(data: Path, *, seed: int = 0, augment: int = AUGMENT, pool: tup
         raise ValueError(f"{data / 'train.json'}: easy-vqa train images {missing[:3]}... of the base pool {pool} are "
                          "missing")
     (data / "images" / "aug").mkdir(parents=True, exist_ok=True)
-    sft, caps, n_imagine = [], [], 0
+    sft, caps, texts, n_imagine = [], [], [], 0
     for sample_id in ids:
         rec, n = records[sample_id], int(sample_id.split("_")[1])
         pixels = np.asarray(Image.open(data / "images" / rec["image"]).convert("RGB"))
@@ -148,8 +167,11 @@ def prepare_data(data: Path, *, seed: int = 0, augment: int = AUGMENT, pool: tup
             if imagine_every and cap and cap.get("shape") and cap.get("color") and rng.random() < 1 / imagine_every:
                 imagine = (P.HALLUCINATION[int(rng.integers(len(P.HALLUCINATION)))], imagined(cap, rng))
                 n_imagine += 1
-            sft.append({"id": vid, "image": image, "conversations": sft_turns(rec["conversations"], rng,
-                                                                             imagine=imagine, keep_absent=keep_absent)})
+            conv = sft_turns(rec["conversations"], rng, imagine=imagine, keep_absent=keep_absent)
+            texts += [t["value"].replace("<image>", "") for t in conv]
+            parts = split_turns(conv, turns_per_sample)
+            sft += [{"id": vid if len(parts) == 1 else f"{vid}_t{j}", "image": image, "conversations": c}
+                    for j, c in enumerate(parts)]
             if cap is not None:
                 text = easy_vqa.caption({"shape": cap["shape"], "color": cap["color"]}, n + k)
                 caps.append({**cap, "id": vid, "image": image, "caption": text})
@@ -157,11 +179,12 @@ def prepare_data(data: Path, *, seed: int = 0, augment: int = AUGMENT, pool: tup
     with open(data / "base_captions.jsonl.tmp", "w") as f:
         f.writelines(json.dumps(c) + "\n" for c in caps)
     os.replace(data / "base_captions.jsonl.tmp", data / "base_captions.jsonl")
-    texts = [t["value"].replace("<image>", "") for r in sft for t in r["conversations"]] + list(EXTRA_TEXTS)
-    train_tokenizer(sorted(set(texts)), data / "tokenizer", vocab_size=1024)  # sorted: BPE ties follow text order
+    # the tokenizer is fitted to the whole conversations, so cutting them (turns_per_sample) keeps it
+    train_tokenizer(sorted(set(texts + list(EXTRA_TEXTS))), data / "tokenizer", vocab_size=1024)  # sorted: BPE ties follow text order
     info = {"pool": list(pool), "images": len(ids), "augment": augment, "sft": len(sft), "captions": len(caps),
             "imagine_turns": n_imagine,
-            "seed": seed, "version": DATA_VERSION, "keep_absent": keep_absent, "imagine_every": imagine_every}
+            "seed": seed, "version": DATA_VERSION, "keep_absent": keep_absent, "imagine_every": imagine_every,
+            "turns_per_sample": turns_per_sample}
     _write_json(done, info)
     return info
 
@@ -252,10 +275,11 @@ def pretrain_tower(data: Path, out: Path, *, config_file: Path = CONFIG, over: d
 
 
 def data_dir(cache, seed: int = 0, augment: int = AUGMENT, keep_absent: float = KEEP_ABSENT,
-             imagine_every: int = IMAGINE_EVERY) -> Path:
+             imagine_every: int = IMAGINE_EVERY, turns_per_sample: int = TURNS_PER_SAMPLE) -> Path:
     return Path(cache) / (f"data_v{DATA_VERSION}_seed{seed}_aug{augment}"
                           + (f"_absent{keep_absent:g}" if keep_absent != 1.0 else "")
-                          + (f"_imagine{imagine_every}" if imagine_every != IMAGINE_EVERY else ""))
+                          + (f"_imagine{imagine_every}" if imagine_every != IMAGINE_EVERY else "")
+                          + (f"_turns{turns_per_sample}" if turns_per_sample != TURNS_PER_SAMPLE else ""))
 
 
 def fingerprint(config_file: Path, over: dict | None) -> str:
@@ -280,7 +304,8 @@ def build_base(cache: str | Path = "runs/mini_base", *, seed: int = 0, augment: 
     """Build (or reuse) the base for `seed`: -> {"model" (the SFT'd export), "align", "tokenizer", "images" (all
     easy-vqa train images: the recipes' pools are RECIPE_POOL), "data", "root", "stages" (each stage's
     stage.json), "seconds", "cpu_seconds" (what building took, summed over stages and data)}.
-    over = {"tower": {"steps": N}, "data": {"keep_absent": p, "imagine_every": k (0: none)}, "align": {dotted: value},
+    over = {"tower": {"steps": N}, "data": {"keep_absent": p, "imagine_every": k (0: none),
+    "turns_per_sample": k (0: whole conversations)}, "align": {dotted: value},
     "sft": {...}} changes the design (a fresh fingerprint
     folder, unless `root` names the model folder); steps_scale shrinks every stage (tests)."""
     from vlmjax.train.stages import train_stage
@@ -290,8 +315,10 @@ def build_base(cache: str | Path = "runs/mini_base", *, seed: int = 0, augment: 
     data_over = (over or {}).get("data", {})
     keep_absent = float(data_over.get("keep_absent", KEEP_ABSENT))
     imagine_every = int(data_over.get("imagine_every", IMAGINE_EVERY))
-    data = data_dir(cache, seed, augment, keep_absent, imagine_every)
-    info = prepare_data(data, seed=seed, augment=augment, keep_absent=keep_absent, imagine_every=imagine_every)
+    turns = int(data_over.get("turns_per_sample", TURNS_PER_SAMPLE))
+    data = data_dir(cache, seed, augment, keep_absent, imagine_every, turns)
+    info = prepare_data(data, seed=seed, augment=augment, keep_absent=keep_absent, imagine_every=imagine_every,
+                        turns_per_sample=turns)
     prep = {"seconds": round(time.time() - t0, 1), "cpu_seconds": round(time.process_time() - cpu0, 1)}
     if not (data / "prep_time.json").exists():
         _write_json(data / "prep_time.json", prep)
