@@ -68,6 +68,7 @@ def get_config(stage: str = "text_lm"):
     else:
         c.train.trainable = ("^projector/", "^llm/")
         c.train.steps = STEPS["sft"]
+        c.data.seq_len = 256  # one image's QA conversation (~10 turns) per row, as the mini base's SFT
         c.optim.lr = 1e-3
         c.optim.end_factor = 0.1
         c.data.sources = (dict(format="llava", path="sft.json", image_root="images"),)
