@@ -67,8 +67,8 @@ def comparisons(agg: dict, comps=None) -> list[dict]:
 def comparison_lines(comps: list[dict]) -> list[str]:
     lines = []
     for c in comps:
-        test = (f"Welch p = {c['p']:.3g}" if "p" in c else "1 seed: no spread") + (
-            " -> exceeds the spread" if c["exceeds_spread"] else " -> within the spread")
+        test = (f"Welch p = {c['p']:.3g}" + (" -> exceeds the spread" if c["exceeds_spread"] else
+                                              " -> within the spread")) if "p" in c else "1 seed: spread not measured"
         lines.append(f"{c['a']} {c['mean_a']:.3f} vs {c['b']} {c['mean_b']:.3f}: {c['diff']:+.3f} ({test})")
     return lines
 

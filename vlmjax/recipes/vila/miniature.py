@@ -110,16 +110,17 @@ def forgetting_line(rows: dict) -> str:
 
 def run(root: Path, *, seed: int = 0, base_seed: int = 0, quick: bool = False, all_arms: bool = False, base: dict | None = None,
         base_cache: Path | None = None, over: dict | None = None, data_kw: dict | None = None,
-        arms: tuple[str, ...] | None = None) -> dict:
+        arms: tuple[str, ...] | None = None, steps_scale: float = 1.0) -> dict:
     """The slice's pipeline (module docstring). base: a `mini_base.build_base` dict to take the data and tower from
     (the test suite's tiny base; else the shared mini base of `base_seed`, one tower for every recipe seed); over: {stage or "all": {dotted: value}} per-stage overrides (tests shrink the model);
-    data_kw: `mini_data.build` sizes; arms: which of ARMS (default a b d, + e with all_arms)."""
+    data_kw: `mini_data.build` sizes; arms: which of ARMS (default a b d, + e with all_arms); steps_scale: every
+    stage's steps scaled (a stage already exported is kept as it is)."""
     from vlmjax.eval import report
 
     started, cpu0 = time.time(), time.process_time()
     root = Path(root)
     over = over or {}
-    scale = 0.02 if quick else 1.0
+    scale = 0.02 if quick else steps_scale
     if base is not None:
         parts = {"data": base["data"], "images": base["images"],
                  "tower": str(Path(base["root"]) / "tower" / "tower.safetensors")}
@@ -288,10 +289,13 @@ def main(argv=None) -> int:
     ap.add_argument("--base-cache", type=Path, default=None,
                     help="the shared mini base's cache (its data and tower; default WORKDIR/../mini_base)")
     ap.add_argument("--figures", type=Path, default=None, help="PNG folder (default WORKDIR/figures)")
+    ap.add_argument("--steps-scale", type=float, default=1.0,
+                    help="scale every stage's steps (configs/vila/mini.py STEPS); stages already exported are kept")
     args = ap.parse_args(argv)
     try:
         out = run_seeds(args.workdir, seeds=tuple(args.seeds), quick=args.quick, all_arms=args.all,
-                        base_cache=args.base_cache, base_seed=args.base_seed, figures=args.figures)
+                        base_cache=args.base_cache, base_seed=args.base_seed, figures=args.figures,
+                        steps_scale=args.steps_scale)
     except FileNotFoundError as e:
         if mini_data.OPENCLIPART_SVG in str(e):
             print(f"VILA miniature: {e}")
