@@ -117,10 +117,15 @@ def test_quick_run_text_lm_gate_align_arms_sft(tmp_path, tiny_mini_base):
     # the LLM is frozen in align and in arm (a), and throughout: text perplexity and text-only fact QA are the text
     # LM's, exactly
     for k in ("align (LLM frozen)", "(a) pairs, LLM frozen"):
-        assert rows[k]["perplexity"] == rows["text LM"]["perplexity"] and rows[k]["fact_qa"] == rows["text LM"]["fact_qa"]
+        assert rows[k]["perplexity"] == rows["text LM"]["perplexity"]
+        assert rows[k]["fact_qa"] == rows["text LM"]["fact_qa"]
     assert rows["LLM frozen throughout"]["perplexity"] == rows["text LM"]["perplexity"]
     assert rows["(b) pairs"]["perplexity"] != rows["text LM"]["perplexity"]
-    assert rows["SFT after (d) + text blend"]["perplexity"] != rows["SFT after (d)"]["perplexity"]
+    seed0 = tmp_path / "vila" / "seed0"
+    blend = json.loads((seed0 / "sft_sft_after_d_text_blend" / "config.json").read_text())["data"]["sources"]
+    assert [(os.path.basename(s["path"]), s["weight"]) for s in blend] == [("sft.json", 0.8), ("fact_blend.json", 0.2)]
+    frozen = json.loads((seed0 / "sft_llm_frozen_throughout" / "config.json").read_text())["train"]["trainable"]
+    assert frozen == ["^projector/"]
     for k in pre[1:]:
         assert {"caption_0shot", "caption_4shot"} <= set(rows[k]) and "caption_0shot" not in rows["text LM"]
     for k in sft:
@@ -156,7 +161,8 @@ def test_fact_task_reads_the_split_as_text_options(tmp_path):
     assert [s.id for s in task.samples] == [q["id"] for q in qa if q["split"] == "eval"]
     assert (task.method, task.option_format, task.normalize, task.template) == ("loglik", "text", "mean", "plain")
     s = task.samples[0]
-    assert s.image is None and s.choices[ord(s.answers[0]) - 65] == M.facts()[[f["id"] for f in M.facts()].index(s.id)]["answer"]
+    truth = {f["id"]: f["answer"] for f in M.facts()}
+    assert s.image is None and s.choices[ord(s.answers[0]) - 65] == truth[s.id]
     assert len(mini_eval.fact_task(path, split="all").samples) == len(qa)
     path.write_text(json.dumps({**qa[0], "answer": "D", "split": "eval"}) + "\n")
     with pytest.raises(ValueError, match="not a letter of its 3 choices"):

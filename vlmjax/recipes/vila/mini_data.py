@@ -240,8 +240,9 @@ def sft_records(records: dict, used: list[str], n: int, seed: int) -> list[dict]
     if len(ids) < n:
         raise ValueError(f"sft_records: only {len(ids)} recipe-pool train images after train_{last}, {n} asked")
     return [{"id": i, "image": "easy_vqa/" + records[i]["image"],
-             "conversations": sft_turns(records[i]["conversations"], np.random.default_rng(zlib.crc32(f"{seed}:{i}".encode())),
-                                        prompts=SFT_DESCRIBE)} for i in ids]
+             "conversations": sft_turns(records[i]["conversations"],
+                                        np.random.default_rng(zlib.crc32(f"{seed}:{i}".encode())), prompts=SFT_DESCRIBE)}
+            for i in ids]
 
 
 def _jsonl(path: Path, rows) -> None:

@@ -169,8 +169,8 @@ def run(root: Path, *, seed: int = 0, base_seed: int = 0, quick: bool = False, a
                                               **ev))
         print(f"[5/7] {label}: {_brief(rows[label])}", flush=True)
     for label, arm, extra in sft_variants(arms, all_arms, data, images):
-        export = stage("sft", root / f"sft_{_slug(label)}", "sft.json", model_path=str(models[f"({arm}) {ARMS[arm][1]}"]),
-                       extra=extra)
+        export = stage("sft", root / f"sft_{_slug(label)}", "sft.json",
+                       model_path=str(models[f"({arm}) {ARMS[arm][1]}"]), extra=extra)
         rows[label] = {**text_ppl(export, heldout, root / "results" / f"ppl_sft_{_slug(label)}.json"),
                        **sft_metrics(export, root / "results" / _slug(label), **ev)}
         print(f"[6/7] {label}: {_brief(rows[label])}", flush=True)
@@ -182,7 +182,8 @@ def run(root: Path, *, seed: int = 0, base_seed: int = 0, quick: bool = False, a
               f"{fmt(v, 'caption_4shot')} | {fmt(v, 'accuracy')} |" for k, v in rows.items()]
     steps = {p.parent.name: json.loads(p.read_text()) for p in sorted(root.glob("*/stage.json"))}
     out = {"gate": {"passed": passed, "line": gate, "unigram_perplexity": unigram, "ratio": GATE_RATIO},
-           "forgetting": forgetting, "rows": rows, "data": info, "table": "\n".join(table), "seed": seed, "root": str(root),
+           "forgetting": forgetting, "rows": rows, "data": info, "table": "\n".join(table), "seed": seed,
+           "root": str(root),
            "quick": quick, "stages": {k: {x: v.get(x) for x in ("steps", "seconds", "cpu_seconds", "loss_first",
                                                                   "loss_last")} for k, v in steps.items()},
            "seconds": round(time.time() - started, 1), "cpu_seconds": round(time.process_time() - cpu0, 1),
