@@ -93,37 +93,99 @@ def test_gate_and_forgetting_lines():
 
 
 @pytest.mark.slow
-def test_quick_run_text_lm_gate_align_arms(tmp_path, tiny_mini_base):
+def test_quick_run_text_lm_gate_align_arms_sft(tmp_path, tiny_mini_base):
     if not os.path.isdir(M.OPENCLIPART_SVG):
         pytest.skip(f"openclipart metadata missing: {M.INSTALL}")
     from train_utils import TINY_MINI
 
-    from vlmjax.recipes.vila.miniature import run, run_seeds
+    from vlmjax.recipes.vila.miniature import METRICS, run, run_seeds
 
     small = {"data.batch_size": 2, "data.max_images": 8}
     over = {"text_lm": {**TINY_MINI, "data.max_images": 1}, "align": small, "pretrain_frozen": small,
-            "pretrain_pairs": small, "pretrain_docs": small}
+            "pretrain_pairs": small, "pretrain_docs": small, "sft": {**small, "data.seq_len": 128}}
     kw = dict(quick=True, base=tiny_mini_base, over=over, arms=("a", "b", "d"),
-              data_kw=dict(n_easy=10, n_clipart=30, n_clipart_images=2, scan_limit=60))
-    rep = run_seeds(tmp_path / "vila", seeds=(0,), **kw)
+              data_kw=dict(n_easy=10, n_clipart=30, n_clipart_images=2, scan_limit=60, n_sft=6))
+    rep = run_seeds(tmp_path / "vila", seeds=(0,), figures=tmp_path / "figs", **kw)
     r = json.loads((tmp_path / "vila" / "seed0" / "results" / "miniature.json").read_text())
     rows = r["rows"]
-    assert rep["per_seed"]["(b) pairs"] == [{m: rows["(b) pairs"][m] for m in ("perplexity", "nll_per_token")}]
+    assert rep["per_seed"]["(b) pairs"][0]["perplexity"] == rows["(b) pairs"]["perplexity"]
     assert rep["gates_passed"] == [False] and "| (b) pairs | 1 |" in rep["table"]
-    assert list(rows) == ["text LM", "align (LLM frozen)", "(a) pairs, LLM frozen", "(b) pairs",
-                          "(d) interleaved documents"]
+    pre = ["text LM", "align (LLM frozen)", "(a) pairs, LLM frozen", "(b) pairs", "(d) interleaved documents"]
+    sft = ["SFT after (a)", "LLM frozen throughout", "SFT after (b)", "SFT after (d)", "SFT after (d) + text blend"]
+    assert list(rows) == pre + sft
     assert all(np.isfinite(v["perplexity"]) and v["perplexity"] > 1 for v in rows.values())
-    # the LLM is frozen in align and in arm (a): their text perplexity is the text LM's, exactly
-    assert rows["align (LLM frozen)"]["perplexity"] == rows["text LM"]["perplexity"]
-    assert rows["(a) pairs, LLM frozen"]["perplexity"] == rows["text LM"]["perplexity"]
+    # the LLM is frozen in align and in arm (a), and throughout: text perplexity and text-only fact QA are the text
+    # LM's, exactly
+    for k in ("align (LLM frozen)", "(a) pairs, LLM frozen"):
+        assert rows[k]["perplexity"] == rows["text LM"]["perplexity"]
+        assert rows[k]["fact_qa"] == rows["text LM"]["fact_qa"]
+    assert rows["LLM frozen throughout"]["perplexity"] == rows["text LM"]["perplexity"]
     assert rows["(b) pairs"]["perplexity"] != rows["text LM"]["perplexity"]
+    seed0 = tmp_path / "vila" / "seed0"
+    blend = json.loads((seed0 / "sft_sft_after_d_text_blend" / "config.json").read_text())["data"]["sources"]
+    assert [(os.path.basename(s["path"]), s["weight"]) for s in blend] == [("sft.json", 0.8), ("fact_blend.json", 0.2)]
+    frozen = json.loads((seed0 / "sft_llm_frozen_throughout" / "config.json").read_text())["train"]["trainable"]
+    assert frozen == ["^projector/"]
+    for k in pre[1:]:
+        assert {"caption_0shot", "caption_4shot"} <= set(rows[k]) and "caption_0shot" not in rows["text LM"]
+    for k in sft:
+        assert {"fact_qa", "accuracy", "shape", "color", "yes/no", "describe_both"} <= set(rows[k])
+    assert all(0 <= v[m] <= 1 for v in rows.values() for m in METRICS[1:] if m in v)
     assert r["gate"]["passed"] is False and "FAIL" in r["gate"]["line"]  # a few steps learn no text
     data = tmp_path / "vila" / "seed0" / "data"
-    assert r["data"]["images"] == 12 and r["data"]["pairs"] == 12
+    assert r["data"]["images"] == 12 and r["data"]["pairs"] == 12 and r["data"]["sft"] == 6
     docs = [json.loads(line) for line in (data / "docs.jsonl").read_text().splitlines()]
     assert all((data / "images" / im["image"]).exists() for d in docs for im in d["image_info"])
+    cap4 = json.loads((tmp_path / "vila" / "seed0" / "results" / "b_pairs" / "caption_4shot.json").read_text())
+    assert cap4["shots"] == 4 and cap4["n"] == 16
     saved = json.loads((tmp_path / "vila" / "results" / "miniature.json").read_text())
     assert saved["rows"]["(b) pairs"]["perplexity"]["mean"] == rows["(b) pairs"]["perplexity"]
     assert "commit" in saved["meta"] and "commit" in r["meta"]
-    assert set(r["stages"]) == {"text_lm", "align", "arm_a", "arm_b", "arm_d"}
+    assert "| SFT after (d) + text blend | 1 |" in saved["table_sft"]
+    assert any(c["a"] == "(b) pairs caption_4shot" and "p" not in c for c in saved["comparisons"])
+    assert {"perplexity", "fact_qa", "shots", "sft", "losses"} == set(saved["figures"])
+    assert all((tmp_path / "figs" / f"{k}.png").stat().st_size > 1000 for k in saved["figures"])
+    assert set(r["stages"]) == {"text_lm", "align", "arm_a", "arm_b", "arm_d", "sft_sft_after_a",
+                                "sft_llm_frozen_throughout", "sft_sft_after_b", "sft_sft_after_d",
+                                "sft_sft_after_d_text_blend"}
     assert run(tmp_path / "vila" / "seed0", **kw)["rows"] == rows  # a rerun finds every step done
+
+
+def test_fact_task_reads_the_split_as_text_options(tmp_path):
+    from vlmjax.recipes.vila import mini_eval
+
+    qa = M.fact_qa(M.facts())
+    path = tmp_path / "fact_qa.jsonl"
+    path.write_text("".join(json.dumps(q) + "\n" for q in qa))
+    task = mini_eval.fact_task(path, template="plain")
+    assert [s.id for s in task.samples] == [q["id"] for q in qa if q["split"] == "eval"]
+    assert (task.method, task.option_format, task.normalize, task.template) == ("loglik", "text", "mean", "plain")
+    s = task.samples[0]
+    truth = {f["id"]: f["answer"] for f in M.facts()}
+    assert s.image is None and s.choices[ord(s.answers[0]) - 65] == truth[s.id]
+    assert len(mini_eval.fact_task(path, split="all").samples) == len(qa)
+    path.write_text(json.dumps({**qa[0], "answer": "D", "split": "eval"}) + "\n")
+    with pytest.raises(ValueError, match="not a letter of its 3 choices"):
+        mini_eval.fact_task(path)
+    with pytest.raises(ValueError, match="no fact QA items"):
+        mini_eval.fact_task(path, split="blend")
+
+
+def test_comparisons_match_a_hand_welch():
+    from vlmjax.eval import report
+    from vlmjax.recipes.vila import mini_report
+
+    a, b = [20.0, 22.0, 24.0], [11.0, 11.5, 12.0]
+    agg = report.aggregate({"(b) pairs": [{"perplexity": x, "caption_0shot": 0.5, "caption_4shot": y}
+                                          for x, y in zip(a, (0.1, 0.2, 0.3))],
+                            "text LM": [{"perplexity": x} for x in b]})
+    comps = {c["a"]: c for c in mini_report.comparisons(agg)}
+    c = comps["(b) pairs perplexity"]
+    va, vb = np.var(a, ddof=1) / 3, np.var(b, ddof=1) / 3  # Welch by hand
+    assert c["t"] == pytest.approx((np.mean(a) - np.mean(b)) / math.sqrt(va + vb))
+    assert c["df"] == pytest.approx((va + vb) ** 2 / (va ** 2 / 2 + vb ** 2 / 2))
+    assert c["diff"] == pytest.approx(10.5) and c["exceeds_spread"] and c["p"] < 0.05
+    shots = comps["(b) pairs caption_4shot"]  # 4-shot vs the same row's 0-shot
+    assert shots["b"] == "(b) pairs caption_0shot" and shots["diff"] == pytest.approx(-0.3)
+    assert len(comps) == 2  # comparisons whose rows are missing are left out
+    assert "exceeds the spread" in mini_report.comparison_lines([c])[0]

@@ -11,7 +11,8 @@ pretrain_frozen: arm (a): pairs, LLM frozen (projector only).
 pretrain_pairs:  arm (b): pairs, LLM + projector (VILA stage 2, ViT frozen).
 pretrain_docs:   arm (d): interleaved documents of 3-6 images, LLM + projector.
 pretrain_mix:    arm (e): (b) + (d), equal weights.
-sft:             easy-vqa QA (`llava`), LLM + projector; the text-only blend is a second source set by the runner.
+sft:             easy-vqa QA (`llava`), LLM + projector; the text-only blend (a second source) and the LLM-frozen
+                 variant (projector only) are set by the runner.
 Every pretrain arm takes the same steps, batch and lr, so they differ only in data and what trains.
 """
 
@@ -23,7 +24,7 @@ from vlmjax.train.defaults import base
 STAGES = ("text_lm", "align", "pretrain_frozen", "pretrain_pairs", "pretrain_docs", "pretrain_mix", "sft")
 ARMS = {"pretrain_frozen": "a", "pretrain_pairs": "b", "pretrain_docs": "d", "pretrain_mix": "e"}
 VOCAB = 2048
-STEPS = {"text_lm": 400, "align": 150, "pretrain": 200, "sft": 150}
+STEPS = {"text_lm": 400, "align": 150, "pretrain": 200, "sft": 100}
 
 
 def _mini():
@@ -68,6 +69,8 @@ def get_config(stage: str = "text_lm"):
     else:
         c.train.trainable = ("^projector/", "^llm/")
         c.train.steps = STEPS["sft"]
+        c.data.seq_len = 256  # one image's QA conversation (~10 turns) per row, as the mini base's SFT
+        c.data.batch_size = 8  # 100 steps x 8 = 800 conversations: 1.3 epochs of the 600 SFT images
         c.optim.lr = 1e-3
         c.optim.end_factor = 0.1
         c.data.sources = (dict(format="llava", path="sft.json", image_root="images"),)

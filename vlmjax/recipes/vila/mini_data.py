@@ -29,6 +29,9 @@ import numpy as np
 OPENCLIPART_SVG = "/usr/share/openclipart/svg"
 INSTALL = "apt-get update && apt-get install -y openclipart-svg   (as root; Debian/Ubuntu)"
 HELDOUT = 0.10
+# what the evaluations prompt with (easy-vqa's describe request, plain-template QA, the chat template's roles)
+SFT_DESCRIBE = ("Describe the image.", "Describe the image briefly.")
+EVAL_TEXTS = ("Describe the image.", "Question: Answer:", "user", "assistant", "system")
 
 # The easy-vqa world: each fact is (subject, relation, answer, distractors, paraphrases of the statement, question)
 SHAPE_FACTS = {
@@ -226,6 +229,22 @@ def unigram_perplexity(train: list[list[int]], test: list[list[int]], vocab_size
     return float(np.exp(-logp[pred].mean()))
 
 
+def sft_records(records: dict, used: list[str], n: int, seed: int) -> list[dict]:
+    """`llava` SFT records of the n recipe-pool train images after the pretraining ones (`used`, in pool order):
+    easy-vqa's description turn (asked as SFT_DESCRIBE) and QA turns in a random order (`mini_base.sft_turns`),
+    the image path under images/easy_vqa/."""
+    from vlmjax.recipes.mini_base import RECIPE_POOL, sft_turns
+
+    last = max((int(i.split("_")[1]) for i in used), default=RECIPE_POOL[0] - 1)
+    ids = [f"train_{k}" for k in range(last + 1, RECIPE_POOL[1]) if f"train_{k}" in records][:n]
+    if len(ids) < n:
+        raise ValueError(f"sft_records: only {len(ids)} recipe-pool train images after train_{last}, {n} asked")
+    return [{"id": i, "image": "easy_vqa/" + records[i]["image"],
+             "conversations": sft_turns(records[i]["conversations"],
+                                        np.random.default_rng(zlib.crc32(f"{seed}:{i}".encode())), prompts=SFT_DESCRIBE)}
+            for i in ids]
+
+
 def _jsonl(path: Path, rows) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -234,12 +253,13 @@ def _jsonl(path: Path, rows) -> None:
 
 def build(out: Path, *, easy_images: str | Path, easy_captions: str | Path, n_easy: int = 600, n_clipart: int = 1500,
           n_clipart_images: int = 120, seed: int = 0, image_size: int = 64, svg_root: str = OPENCLIPART_SVG,
-          scan_limit: int | None = None,
+          scan_limit: int | None = None, n_sft: int = 600,
           sft_texts: list[str] = (), vocab_size: int = 2048) -> dict:
     """Write every file of the module docstring under `out` (+ out/tokenizer fitted to all of their text and
     `sft_texts`). C's drawings: n_clipart evenly spread over the deduplicated drawings among the first `scan_limit`
 svg files (all by default). easy-vqa images: the first n_easy train images of the recipe pool with both attributes known
-    (`easy_captions`: the easy-vqa builder's train_captions.jsonl). Skipped when out/prepared.json exists."""
+    (`easy_captions`: the easy-vqa builder's train_captions.jsonl); SFT: the next n_sft pool images' QA conversations
+    (its train.json, `sft_records`). Skipped when out/prepared.json exists."""
     from vlmjax.data.tokenizer import train_tokenizer
     from vlmjax.generate.jsonl import read_jsonl
     from vlmjax.recipes.mini_base import RECIPE_POOL
@@ -274,6 +294,9 @@ svg files (all by default). easy-vqa images: the first n_easy train images of th
     pool = [caps[f"train_{n}"] for n in range(*RECIPE_POOL) if f"train_{n}" in caps]
     pool = [c for c in pool if c.get("shape") and c.get("color")][:n_easy]
     ims = [{"id": c["id"], "image": "easy_vqa/" + c["image"], "caption": c["caption"]} for c in pool]
+    records = {r["id"]: r for r in json.loads((Path(easy_captions).parent / "train.json").read_text())}
+    sft = sft_records(records, [c["id"] for c in pool], n_sft, seed)
+    (out / "sft.json").write_text(json.dumps(sft))
     # drawings with an image: the held-out drawings are never shown (their sentences test text skill only)
     held_ids = {d["id"][5:] for d in held}
     rendered = 0
@@ -294,12 +317,14 @@ svg files (all by default). easy-vqa images: the first n_easy train images of th
     _jsonl(out / "docs.jsonl", docs)
     _jsonl(out / "pairs.jsonl", pairs_of(docs))
     texts = [d["text"] for d in train] + [im["caption"] for im in ims] + [q["question"] for q in qa]
-    texts += [c for q in qa for c in q["choices"]] + list(sft_texts)
+    texts += [c for q in qa for c in q["choices"]] + list(sft_texts) + list(EVAL_TEXTS)
+    texts += [t["value"].replace("<image>", "").strip() for r in sft for t in r["conversations"]]
     train_tokenizer(sorted(set(texts)), out / "tokenizer", vocab_size=vocab_size)
     info = {"corpus_train": len(train), "corpus_heldout": len(held), "clipart_drawings": len(clipart),
             "heldout_verbatim_fraction": round(verbatim_fraction(train, held), 3),
             "facts": len(fact_items), "fact_qa_eval": sum(q["split"] == "eval" for q in qa), "blend": len(blend),
             "images": len(ims), "easy_vqa_images": len(pool), "clipart_images": rendered, "documents": len(docs),
-            "pairs": sum(len(d["image_info"]) for d in docs), "seed": seed, "vocab_size": vocab_size}
+            "pairs": sum(len(d["image_info"]) for d in docs), "sft": len(sft), "seed": seed,
+            "vocab_size": vocab_size}
     done.write_text(json.dumps(info))
     return info
