@@ -17,7 +17,7 @@ from vlmjax.train.config_io import load_module
 from vlmjax.train.defaults import base
 
 STAGES = ("align", "sft")
-STEPS = {"align": 100, "sft": 100}
+STEPS = {"align": 80, "sft": 80}
 
 
 def _mini():

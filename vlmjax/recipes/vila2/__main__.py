@@ -43,6 +43,8 @@ def parser() -> argparse.ArgumentParser:
     lp.add_argument("--captions", required=True, help="caption-format pairs to recaption (.json / .jsonl)")
     lp.add_argument("--image-root", required=True)
     lp.add_argument("--source", action="append", default=[], metavar="STAGE=PATH", help="another stage's data")
+    lp.add_argument("--source-root", action="append", default=[], metavar="STAGE=DIR",
+                    help="that stage's image root (default: its config's)")
     lp.add_argument("--out", required=True)
     lp.add_argument("--model-path", default=None, help="the first stage's starting model (model.path)")
     lp.add_argument("--tokenizer", default=None, help="the first stage's tokenizer (a from-scratch model)")
@@ -133,12 +135,15 @@ def run_loop_cli(p, args) -> dict:
         if not eq:
             p.error(f"--set {stage}:{kv}: expected KEY=VALUE")
         over.setdefault(stage, {})[key] = _literal(value)
+    roots = dict(_pairs(p, args.source_root, "=", "--source-root STAGE=DIR"))
+    sources = {stage: {"path": path, "image_root": roots.get(stage)}
+               for stage, path in _pairs(p, args.source, "=", "--source STAGE=PATH")}
     first = {k: v for k, v in (("model_path", args.model_path), ("tokenizer", args.tokenizer),
                                ("load_params", args.load_params)) if v is not None}
     try:
         spec = LoopSpec(config_file=args.config, stages=tuple(args.stages), captions=args.captions,
                         image_root=args.image_root, caption_stages=tuple(args.caption_stages),
-                        sources=dict(_pairs(p, args.source, "=", "--source STAGE=PATH")), first=first, over=over,
+                        sources=sources, first=first, over=over,
                         mode=args.mode, recaption_stage=args.recaption_stage, limit=args.limit,
                         generation=GenerationConfig(max_new_tokens=args.max_new_tokens, slots=args.slots,
                                                     sampling=SamplingConfig(args.temperature), seed=args.seed),

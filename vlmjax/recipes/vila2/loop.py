@@ -40,7 +40,7 @@ class LoopSpec:
     captions: str  # the caption-pair source that is recaptioned (caption format)
     image_root: str
     caption_stages: tuple[str, ...]  # the stages trained on the round's captions
-    sources: dict = dataclasses.field(default_factory=dict)  # {stage: data path} for the other stages
+    sources: dict = dataclasses.field(default_factory=dict)  # {stage: path or {"path", "image_root"}}: other stages
     first: dict = dataclasses.field(default_factory=dict)  # train_stage kwargs of stage 0 (model_path, tokenizer, load_params)
     over: dict = dataclasses.field(default_factory=dict)  # {stage or "all": {dotted key: value}}
     steps_scale: float = 1.0
@@ -84,12 +84,33 @@ def train_round(spec: LoopSpec, out, round_: int, captions: str) -> dict:
     for i, stage in enumerate(spec.stages):
         kw = dict(spec.first) if i == 0 else {"model_path": str(prev)}
         over = {**spec.over.get("all", {}), **spec.over.get(stage, {})}
-        source = captions if stage in spec.caption_stages else spec.sources[stage]
+        data = stage_data(spec, stage, captions)
+        if "data.sources" in data:  # a mixture: the sources are set whole
+            over = {"data.sources": data.pop("data.sources"), **over}
         prev = stages_lib.train_stage(stage, round_dir(out, round_) / stage, config_file=spec.config_file,
-                                      image_root=spec.image_root, source=str(source), steps_scale=spec.steps_scale,
-                                      over=over, quiet=True, **kw)
+                                      steps_scale=spec.steps_scale, over=over, quiet=True, **data, **kw)
         exports[stage] = str(prev)
     return exports
+
+
+def stage_data(spec: LoopSpec, stage: str, captions: str) -> dict:
+    """train_stage's data arguments for `stage`: a caption stage reads the round's captions (in a mixture, its
+    caption-format source(s) do, the other sources stay as configured: VILA's pretrain = MMC4 documents + COYO
+    pairs); another stage reads spec.sources[stage] (a path, or {"path", "image_root"}), its image root defaulting to
+    its config's."""
+    if stage in spec.caption_stages:
+        srcs = stages_lib.stage_config(spec.config_file, stage).data.sources
+        if len(srcs) == 1:
+            return {"source": str(captions), "image_root": spec.image_root}
+        if not any(s["format"] == "caption" for s in srcs):
+            raise ValueError(f"{spec.config_file}:{stage} has no caption-format source for the round's captions")
+        mixed = tuple({**dict(s), "path": str(captions), "image_root": spec.image_root} if s["format"] == "caption"
+                      else dict(s) for s in srcs)
+        return {"data.sources": mixed, "image_root": mixed[0].get("image_root", spec.image_root)}
+    src = spec.sources[stage]
+    src = {"path": src} if isinstance(src, (str, Path)) else dict(src)
+    root = src.get("image_root") or stages_lib.stage_config(spec.config_file, stage).data.sources[0]["image_root"]
+    return {"source": str(src["path"]), "image_root": str(root)}
 
 
 def recaption_round(spec: LoopSpec, out, round_: int, model_dir: str) -> dict:

@@ -132,7 +132,8 @@ def run(root: Path, *, seed: int = 0, rounds: int = 3, quick: bool = False, base
     over = over or {}
     spec = L.LoopSpec(
         config_file=str(CONFIG), stages=("align", "sft"), captions=str(data / "pairs.jsonl"),
-        image_root=parts["images"], caption_stages=("align",), sources={"sft": str(data / "sft.json")},
+        image_root=parts["images"], caption_stages=("align",),
+        sources={"sft": {"path": str(data / "sft.json"), "image_root": parts["images"]}},
         first={"tokenizer": str(Path(parts["data"]) / "tokenizer"), "load_params": parts["tower"]},
         over={"all": {"train.seed": seed, "model.seed": seed, **over.get("all", {})},
               **{k: v for k, v in over.items() if k != "all"}},
@@ -229,8 +230,6 @@ def draw_figures(root: Path, agg: dict, seed: int, rounds: int) -> dict:
     if last >= 1:
         first = {r["id"]: r for r in read_jsonl(L.combined_path(main, 1), key=None)}
         final = {r["id"]: r for r in read_jsonl(L.combined_path(main, last), key=None)}
-        images = Path(json.loads((main / "state.json").read_text())["rounds"]["0"]["train"]["exports"]["align"])
-        del images
         items = []
         for key in list(first)[:8]:
             r = first[key]
