@@ -77,6 +77,7 @@ def test_loop_resumes_inside_a_round_and_stops_when_the_gain_is_small(tmp_path, 
     assert (state.round, state.entry(0)["last_step"], state.entry(1)["last_step"]) == (1, "eval", "combine")
     assert [t for t, _ in fakes.train] == ["round0/align", "round0/sft"] and fakes.eval == [0]
     assert fakes.recaption == [(1, str(out / "round0" / "sft" / "export"))]  # VILA^0 (its last stage) recaptions
+    assert list(L.finished(out)["rounds"]) == ["0"] and L.finished(out)["last"] == 0  # the report of what is done
     # rerun: round 1 goes on from train (recaption and combine are not redone); round 2 gains 0.02 < 0.05: stop
     summary = L.run_loop(spec, out, 3, min_gain=0.05, quiet=True)
     assert len(fakes.recaption) == 2 and fakes.recaption[1][0] == 2 and fakes.eval == [0, 1, 2]
@@ -186,5 +187,7 @@ def test_miniature_quick_end_to_end_resumes(tmp_path, tiny_mini_base):
         assert os.path.getsize(tmp_path / "figures" / f"{name}.png") > 1000
     saved = json.load(open(tmp_path / "results" / "miniature.json"))
     assert saved["seeds"] == [0] and saved["meta"]["wall_s"] > 0 and saved["config"]["rounds"] == 1
+    again = miniature.run_seeds(tmp_path, report_only=True, figures=False, **kw)  # trains nothing: the same rows
+    assert again["per_seed"] == out["per_seed"]
     combined = [json.loads(line) for line in open(tmp_path / "seed0" / "loop" / "combined.r1.jsonl")]
     assert len(combined) == 24 and all(r["round"] == 1 and r["source_model"] == "vila0" for r in combined)

@@ -232,3 +232,17 @@ def run_loop(spec: LoopSpec, out, rounds: int, *, min_gain: float | None = None,
     tmp.write_text(json.dumps(summary, indent=1))
     tmp.replace(out / "loop.json")
     return summary
+
+
+def finished(out) -> dict:
+    """run_loop's summary of the rounds of `out` that have finished (eval done), read from state.json; nothing runs
+    (a report of a run still going or stopped)."""
+    state = RunState(out)
+    rounds = {}
+    for k in sorted(state.data["rounds"], key=int):
+        entry = state.entry(int(k))
+        if not done(entry, "eval"):
+            break
+        rounds[k] = {**entry, **round_seconds(entry)}
+    return {"rounds": rounds, "stopped": None, "last": max(map(int, rounds), default=None)}
+

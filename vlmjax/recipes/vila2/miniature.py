@@ -57,6 +57,8 @@ def base_gate_lines(cache: Path | None, base: dict | None, seed: int) -> tuple[b
 def info_gate(rows: dict) -> tuple[bool, str]:
     """Round 0's training captions carry colour + shape for ~0% of images; round 1's recaptions must be right on both
     for clearly more (MIN_R1_BOTH), else no round can add information."""
+    if "round 0" not in rows:
+        return False, "information gate: round 0 has not finished"
     r0 = rows["round 0"]["cap_both"]
     r1 = rows.get("round 1", {}).get("recap_both")
     if r1 is None:
@@ -109,9 +111,11 @@ def seed_round0(src: Path, dst: Path) -> None:
 
 def run(root: Path, *, seed: int = 0, rounds: int = 3, quick: bool = False, base: dict | None = None,
         base_cache: Path | None = None, base_seed: int = 0, n_eval: int = 300, oracle: bool = True,
-        ablations: bool = False, over: dict | None = None, min_gain: float | None = None, on_step=None) -> dict:
+        ablations: bool = False, over: dict | None = None, min_gain: float | None = None, on_step=None,
+        report_only: bool = False) -> dict:
     """One seed: data, the loop (rounds 0..rounds), the oracle and the ablations. base: a `mini_base.build_base`
-    dict (the test suite's tiny base); over: {stage or "all": {dotted: value}} added to every run's stages."""
+    dict (the test suite's tiny base); over: {stage or "all": {dotted: value}} added to every run's stages;
+    report_only: train nothing, report the rounds (and oracle) that have finished."""
     from vlmjax.eval.easy_vqa import evaluate_by_kind
     from vlmjax.generate import GenerationConfig, SamplingConfig
     from vlmjax.recipes.vila.miniature import base_parts
@@ -140,17 +144,21 @@ def run(root: Path, *, seed: int = 0, rounds: int = 3, quick: bool = False, base
         steps_scale=0.02 if quick else 1.0, generation=gen, limit=24 if quick else None,
         eval_fn=lambda model, out: evaluate_by_kind(model, out, n=n_eval), average=("accuracy", "describe_both"))
     main = root / "loop"
-    summary = L.run_loop(spec, main, rounds, min_gain=min_gain, on_step=on_step)
+    summary = (L.finished(main) if report_only else
+               L.run_loop(spec, main, rounds, min_gain=min_gain, on_step=on_step))
     captions0 = str(main / "captions.r0.jsonl") if spec.limit else spec.captions
     rows = round_rows(main, summary, captions0)
     runs = {"loop": summary}
+    if oracle and report_only and not L.finished(root / "oracle")["rounds"]:
+        oracle = False
     if oracle:
-        o = L.run_loop(L.dataclasses.replace(spec, captions=str(data / "oracle.jsonl")), root / "oracle", 0)
+        ospec = L.dataclasses.replace(spec, captions=str(data / "oracle.jsonl"))
+        o = L.finished(root / "oracle") if report_only else L.run_loop(ospec, root / "oracle", 0)
         orow = round_rows(root / "oracle", o, str(root / "oracle" / "captions.r0.jsonl") if spec.limit
                           else str(data / "oracle.jsonl"))["round 0"]
         rows["oracle (true full captions)"] = orow
         runs["oracle"] = o
-    if ablations and rounds >= 1:
+    if ablations and rounds >= 1 and not report_only:
         arms = {"replace (round 1)": (L.dataclasses.replace(spec, mode="replace"), 1),
                 "recaptions by aligned-only model (round 1)": (L.dataclasses.replace(spec, recaption_stage="align"), 1),
                 "no recaption, 2x steps": (L.dataclasses.replace(spec, steps_scale=2 * spec.steps_scale), 0)}
@@ -165,7 +173,11 @@ def run(root: Path, *, seed: int = 0, rounds: int = 3, quick: bool = False, base
     passed, gate = info_gate(rows)
     out = {"seed": seed, "rows": rows, "info_gate": {"passed": passed, "line": gate}, "data": info,
            "stopped": summary["stopped"], "quick": quick,
-           "seconds": round(time.time() - started, 1), "cpu_seconds": round(time.process_time() - cpu0, 1),
+           # the rows' own seconds (what training, recaptioning and evaluating took, whichever invocation ran them)
+           "seconds": round(sum(r["seconds"] for r in rows.values()), 1),
+           "cpu_seconds": round(sum(r["cpu_seconds"] for r in rows.values()), 1),
+           "invocation": {"seconds": round(time.time() - started, 1),
+                          "cpu_seconds": round(time.process_time() - cpu0, 1)},
            "config": {"config_file": str(CONFIG), "over": over, "rounds": rounds, "n_eval": n_eval,
                       "generation": {"max_new_tokens": gen.max_new_tokens, "temperature": gen.sampling.temperature,
                                      "slots": gen.slots}}}
@@ -176,7 +188,7 @@ def run(root: Path, *, seed: int = 0, rounds: int = 3, quick: bool = False, base
 
 
 def run_seeds(root: Path, *, seeds=(0, 1, 2), figures: bool = True, base: dict | None = None,
-              base_cache: Path | None = None, base_seed: int = 0, **kw) -> dict:
+              base_cache: Path | None = None, base_seed: int = 0, figures_dir: Path | None = None, **kw) -> dict:
     """`run` per seed in ROOT/seed{S}, then the report: gates first, mean +- sd per round (Welch '*' vs round 0),
     figures and ROOT/results/miniature.json with run_meta."""
     from vlmjax.eval import report
@@ -185,7 +197,9 @@ def run_seeds(root: Path, *, seeds=(0, 1, 2), figures: bool = True, base: dict |
     root = Path(root)
     cache = Path(base_cache or root.parent / "mini_base")
     runs = {s: run(root / f"seed{s}", seed=s, base=base, base_cache=cache, base_seed=base_seed, **kw) for s in seeds}
-    per_seed = {name: [r["rows"][name] for r in runs.values()] for name in runs[seeds[0]]["rows"]}
+    # rows every seed has (a report of runs still going leaves out what some seeds have not finished)
+    per_seed = {name: [r["rows"][name] for r in runs.values()] for name in runs[seeds[0]]["rows"]
+                if all(name in r["rows"] for r in runs.values())}
     agg = report.aggregate(per_seed)
     table = report.markdown_table(agg, METRICS, baseline="round 0", labels=LABELS)
     passed, lines = base_gate_lines(cache, base, base_seed)
@@ -199,7 +213,7 @@ def run_seeds(root: Path, *, seeds=(0, 1, 2), figures: bool = True, base: dict |
            "cpu_seconds": round(sum(r["cpu_seconds"] for r in runs.values()), 1),
            "config": {**runs[seeds[0]]["config"], **{k: v for k, v in kw.items() if k != "on_step"}}}
     if figures:
-        out["figures"] = draw_figures(root, agg, seeds[0], kw.get("rounds", 3))
+        out["figures"] = draw_figures(root, agg, seeds[0], Path(figures_dir or root / "figures"))
     report.write_results(root / "results" / "miniature.json", out, meta=report.run_meta(started))
     print("\n".join(lines + info))
     print(table)
@@ -209,13 +223,13 @@ def run_seeds(root: Path, *, seeds=(0, 1, 2), figures: bool = True, base: dict |
     return out
 
 
-def draw_figures(root: Path, agg: dict, seed: int, rounds: int) -> dict:
+def draw_figures(root: Path, agg: dict, seed: int, fig: Path) -> dict:
     """Bars per round (sd error bars), seed `seed`'s stage losses (round 0, the last round, the oracle) and an image
     grid of original caption vs the round-1 and last-round recaptions."""
     from vlmjax.eval import plots
     from vlmjax.generate.jsonl import read_jsonl
 
-    fig, sroot = root / "figures", root / f"seed{seed}"
+    sroot = root / f"seed{seed}"
     main = sroot / "loop"
     last = max((int(p.name[5:]) for p in main.glob("round[0-9]*") if (p / "sft" / "metrics.jsonl").exists()),
                default=0)
@@ -261,13 +275,17 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="a few steps of everything on 24 pairs (smoke run)")
     ap.add_argument("--ablations", action="store_true", help="replace / aligned-only recaptions / 2x steps")
     ap.add_argument("--no-oracle", action="store_true")
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing: the report of what has finished (runs still going, or seeds run apart)")
     ap.add_argument("--no-figures", action="store_true")
+    ap.add_argument("--figures", type=Path, default=None, help="figure folder (default WORKDIR/figures)")
     args = ap.parse_args(argv)
     if args.workdir.exists() and args.quick and (args.workdir / "results").exists():
         shutil.rmtree(args.workdir / "results")
     out = run_seeds(args.workdir, seeds=tuple(args.seeds), rounds=args.rounds, quick=args.quick,
                     base_cache=args.base_cache, base_seed=args.base_seed, n_eval=args.n_eval, oracle=not args.no_oracle,
-                    ablations=args.ablations, min_gain=args.min_gain, figures=not args.no_figures)
+                    ablations=args.ablations, min_gain=args.min_gain, figures=not args.no_figures,
+                    figures_dir=args.figures, report_only=args.report_only)
     return 0 if all(out["info_gate"]["passed"]) else 1
 
 
