@@ -170,8 +170,15 @@ def run(root: Path, *, seed: int = 0, rounds: int = 3, quick: bool = False, base
             r = round_rows(d, s, captions0 if n else (str(d / "captions.r0.jsonl") if spec.limit else spec.captions))
             rows[name] = r[f"round {n}"]
             runs[name] = s
-    passed, gate = info_gate(rows)
+    gate_rows = dict(rows)
+    if "round 1" not in rows and Path(L.combined_path(main, 1)).exists():  # round 1 recaptioned, not yet trained
+        from vlmjax.generate.jsonl import read_jsonl
+
+        rec = mini_data.caption_scores(read_jsonl(L.combined_path(main, 1), key=None), "recaption")
+        gate_rows["round 1"] = {f"recap_{k}": v for k, v in rec.items()}
+    passed, gate = info_gate(gate_rows)
     out = {"seed": seed, "rows": rows, "info_gate": {"passed": passed, "line": gate}, "data": info,
+           "round1_recaptions": gate_rows.get("round 1"),
            "stopped": summary["stopped"], "quick": quick,
            # the rows' own seconds (what training, recaptioning and evaluating took, whichever invocation ran them)
            "seconds": round(sum(r["seconds"] for r in rows.values()), 1),
