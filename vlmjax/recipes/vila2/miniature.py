@@ -96,6 +96,29 @@ def round_rows(out: Path, summary: dict, captions: str) -> dict:
     return rows
 
 
+def recaptions_so_far(out: Path, round_: int, pairs: Path) -> list[dict]:
+    """Round `round_`'s recaptions written so far (recaptions.r{k}.jsonl, a torn last line skipped), each with its
+    image's true colour and shape from `pairs` and its original caption: [{id, image, color, shape, caption,
+    recaption}]."""
+    from vlmjax.generate.jsonl import read_jsonl
+
+    path = Path(L.combined_path(out, round_).replace("combined", "recaptions"))
+    if not path.exists():
+        return []
+    truth = read_jsonl(pairs)
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue  # a run still writing
+        t = truth.get(str(r["id"]))
+        if t is not None:
+            rows.append({"id": r["id"], "image": t["image"], "color": t["color"], "shape": t["shape"],
+                         "caption": t["caption"], "recaption": r.get("output")})
+    return rows
+
+
 def seed_round0(src: Path, dst: Path) -> None:
     """An ablation's folder starts at round 1 from the main run's finished round 0 (its state entry, not a copy of
     the models)."""
@@ -171,11 +194,10 @@ def run(root: Path, *, seed: int = 0, rounds: int = 3, quick: bool = False, base
             rows[name] = r[f"round {n}"]
             runs[name] = s
     gate_rows = dict(rows)
-    if "round 1" not in rows and Path(L.combined_path(main, 1)).exists():  # round 1 recaptioned, not yet trained
-        from vlmjax.generate.jsonl import read_jsonl
-
-        rec = mini_data.caption_scores(read_jsonl(L.combined_path(main, 1), key=None), "recaption")
-        gate_rows["round 1"] = {f"recap_{k}": v for k, v in rec.items()}
+    partial = recaptions_so_far(main, 1, data / "pairs.jsonl")
+    if "round 1" not in rows and partial:  # round 1 recaptioning or training: its recaptions so far
+        rec = mini_data.caption_scores(partial, "recaption")
+        gate_rows["round 1"] = {**{f"recap_{k}": v for k, v in rec.items()}, "n": len(partial)}
     passed, gate = info_gate(gate_rows)
     out = {"seed": seed, "rows": rows, "info_gate": {"passed": passed, "line": gate}, "data": info,
            "round1_recaptions": gate_rows.get("round 1"),
@@ -234,7 +256,6 @@ def draw_figures(root: Path, agg: dict, seed: int, fig: Path) -> dict:
     """Bars per round (sd error bars), seed `seed`'s stage losses (round 0, the last round, the oracle) and an image
     grid of original caption vs the round-1 and last-round recaptions."""
     from vlmjax.eval import plots
-    from vlmjax.generate.jsonl import read_jsonl
 
     sroot = root / f"seed{seed}"
     main = sroot / "loop"
@@ -248,15 +269,13 @@ def draw_figures(root: Path, agg: dict, seed: int, fig: Path) -> dict:
                                       title="VILA^2 miniature: rounds (mean +- sd over seeds)"),
            "losses": plots.loss_curves({k: v for k, v in curves.items() if v.exists()}, fig / "losses.png",
                                        title=f"stage losses (seed {seed})")}
-    if last >= 1:
-        first = {r["id"]: r for r in read_jsonl(L.combined_path(main, 1), key=None)}
-        final = {r["id"]: r for r in read_jsonl(L.combined_path(main, last), key=None)}
-        items = []
-        for key in list(first)[:8]:
-            r = first[key]
-            items.append((str(_image_root(sroot) / r["image"]),
-                          [f"true: {r['color']} {r['shape']}", f"original: {r['orig_caption']}",
-                           f"round 1: {r['recaption']}", f"round {last}: {final.get(key, {}).get('recaption')}"]))
+    first = recaptions_so_far(main, 1, sroot / "data" / "pairs.jsonl")[:8]
+    if first:
+        final = {r["id"]: r for r in recaptions_so_far(main, last, sroot / "data" / "pairs.jsonl")} if last > 1 else {}
+        items = [(str(_image_root(sroot) / r["image"]),
+                  [f"true: {r['color']} {r['shape']}", f"original: {r['caption']}", f"round 1: {r['recaption']}"]
+                  + ([f"round {last}: {final.get(r['id'], {}).get('recaption')}"] if final else []))
+                 for r in first]
         out["recaptions"] = plots.image_grid(items, fig / "recaptions.png",
                                              title="original caption vs recaptions (seed %d)" % seed)
     return out
