@@ -231,7 +231,8 @@ def _readme_commands():
     text = open(os.path.join(ROOT, "README.md")).read()
     section = text.split("## VILA^2 (vlmjax/recipes/vila2)")[1].split("\n## ")[0]
     return [" ".join(line.split()) for line in section.replace("\\\n", " ").splitlines()
-            if line.strip().startswith("python -m vlmjax.recipes.vila2")]
+            if line.strip().startswith(("python -m vlmjax.recipes.vila2 recaption",
+                                        "python -m vlmjax.recipes.vila2 combine"))]
 
 
 def test_readme_commands_recaption_and_combine(tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
-"""state.json: which round a VILA^2 run is in, which model recaptions it, and the last finished step of each round.
+"""state.json: which round a VILA^2 run is in, which model recaptions it, and the last finished step of each round
+(recaption -> combine -> train -> eval, with each step's info: what `loop` resumes from).
 
 Written atomically (temp file + os.replace), so a crash leaves the old state or the new one, never half of
 either. It is what lets `combine` refuse recaptions made by another round or model than the run's.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 
-STEPS = ("recaption", "combine")
+STEPS = ("recaption", "combine", "train", "eval")  # a round's steps, in order (`loop.run_round`)
 
 
 class StateMismatch(ValueError):

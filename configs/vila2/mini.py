@@ -1,0 +1,48 @@
+"""VILA^2 in miniature (README "VILA^2, reproduced in miniature"; `python -m vlmjax.recipes.vila2.miniature`): the
+shared mini base's model shape (configs/mini/base.py: 64 px conv-stem tower, 3x128 decoder, its 1024-token corpus
+tokenizer) retrained from scratch every round: the base's pretrained tower (`mini_base.pretrain_tower`, loaded with
+`model.load_params`) + a fresh decoder. The runner (`vlmjax.recipes.vila2.loop`) sets each stage's data, tokenizer,
+tower and starting model.
+
+align: the round's caption pairs (images 0-2999; round 0 = the under-informative captions, round k = original +
+       VILA^{k-1}'s recaption), everything trainable (the decoder is fresh: it learns its language here).
+sft:   easy-vqa QA + a description turn on images 3000-3299 (small, so the pre-training still matters), tower
+       frozen (as the mini base: SFT at lr 2e-3 blurs the tower's shape features).
+Steps (STEPS) are what fits rounds 0-3 + the oracle for 3 seeds on 2 shared cores (README).
+"""
+
+import os
+
+from vlmjax.train.config_io import load_module
+from vlmjax.train.defaults import base
+
+STAGES = ("align", "sft")
+STEPS = {"align": 80, "sft": 80}
+
+
+def _mini():
+    return load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "mini", "base.py"))
+
+
+def get_config(stage: str = "align"):
+    if stage not in STAGES:
+        raise ValueError(f"configs/vila2/mini.py:{stage}: stages are {STAGES}")
+    mini = _mini()
+    c = mini.mini_defaults(base())
+    c.optim.lr = 2e-3
+    c.train.steps = STEPS[stage]
+    if stage == "align":
+        c.model.init = "random"
+        c.model.vlm = mini.model_dict()
+        c.train.trainable = (".*",)
+        c.optim.schedule = "constant"
+        c.data.seq_len = 128
+        c.data.max_images = 64  # several short captions per packed row
+        c.data.sources = (dict(format="caption", path="captions.jsonl", image_root="images"),)
+    else:
+        c.model.init = "checkpoint"  # the align stage's export (native: the conv stem)
+        c.train.trainable = ("^projector/", "^llm/")
+        c.optim.end_factor = 0.1
+        c.data.seq_len = 256
+        c.data.sources = (dict(format="llava", path="sft.json", image_root="images"),)
+    return c

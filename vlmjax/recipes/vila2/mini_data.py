@@ -1,0 +1,114 @@
+"""The data of VILA^2's miniature (README "VILA^2, reproduced in miniature"), on the shared mini base's easy-vqa
+images (`mini_base.prepare_data`'s data folder: all 4,000 train images, their true attributes, the conversations).
+
+pairs.jsonl    pre-training pairs: train images 0-2999 (those whose colour and shape the questions determine), each
+               with ONE under-informative caption, a third each by a hash of its id: shape only ("A triangle."),
+               colour only ("Something teal.") or generic ("An image."); records keep the true `color` / `shape`
+               (for scoring only) and `kind`.
+oracle.jsonl   the same images with true full captions ("A teal triangle."): the ceiling row.
+sft.json       images 3000-3299: easy-vqa's QA conversation with the description turn asked with one of the three
+               recaption prompts (or the eval's "Describe the image."), answered with colour + shape.
+Everything is a pure function of (seed, id); the folder is skipped when prepared.json exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+PAIRS = (0, 3000)
+SFT = (3000, 3300)
+KINDS = ("shape", "color", "generic")
+VERSION = 1
+
+
+def poor_caption(kind: str, attrs: dict) -> str:
+    """The under-informative caption of `kind` for an image with true attributes `attrs`."""
+    if kind == "shape":
+        return f"A {attrs['shape']}."
+    if kind == "color":
+        return f"Something {attrs['color']}."
+    if kind == "generic":
+        return "An image."
+    raise ValueError(f"caption kind {kind!r}: one of {KINDS}")
+
+
+def caption_kind(key: str, seed: int = 0) -> str:
+    """shape / color / generic, a third each, by a hash of (seed, id)."""
+    return KINDS[zlib.crc32(f"vila2/{seed}/{key}".encode()) % len(KINDS)]
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def build(out: Path, base_data: Path, *, seed: int = 0, pairs: tuple[int, int] = PAIRS,
+          sft: tuple[int, int] = SFT) -> dict:
+    """Write OUT/{pairs.jsonl, oracle.jsonl, sft.json, prepared.json} from the mini base's data folder."""
+    from vlmjax.data import easy_vqa
+    from vlmjax.eval.easy_vqa import DESCRIBE_PROMPT
+    from vlmjax.generate.jsonl import read_jsonl
+    from vlmjax.recipes.mini_base import sft_turns
+    from vlmjax.recipes.vila2.prompts import PROMPTS
+
+    out, base_data = Path(out), Path(base_data)
+    if (out / "prepared.json").exists():
+        return json.loads((out / "prepared.json").read_text())
+    truth = read_jsonl(base_data / "train_captions.jsonl")
+    records = {r["id"]: r for r in json.loads((base_data / "train.json").read_text())}
+    out.mkdir(parents=True, exist_ok=True)
+    poor, oracle, counts = [], [], dict.fromkeys(KINDS, 0)
+    for n in range(*pairs):
+        t = truth.get(f"train_{n}")
+        if not t or not (t.get("color") and t.get("shape")):
+            continue  # scoring a recaption needs both true attributes
+        key = f"train_{n}"
+        kind = caption_kind(key, seed)
+        counts[kind] += 1
+        row = {"id": key, "image": t["image"], "color": t["color"], "shape": t["shape"], "kind": kind}
+        poor.append({**row, "caption": poor_caption(kind, t)})
+        oracle.append({**row, "kind": "oracle", "caption": easy_vqa.caption(t, 0)})
+    conv = []
+    for n in range(*sft):
+        rec = records.get(f"train_{n}")
+        if rec is None:
+            raise ValueError(f"{base_data / 'train.json'}: easy-vqa train image {n} (SFT pool {sft}) is missing")
+        rng = np.random.default_rng(zlib.crc32(f"{seed}:sft:{rec['id']}".encode()))
+        conv.append({"id": rec["id"], "image": rec["image"],
+                     "conversations": sft_turns(rec["conversations"], rng, prompts=PROMPTS + (DESCRIBE_PROMPT,))})
+    _write(out / "pairs.jsonl", "".join(json.dumps(r) + "\n" for r in poor))
+    _write(out / "oracle.jsonl", "".join(json.dumps(r) + "\n" for r in oracle))
+    _write(out / "sft.json", json.dumps(conv))
+    info = {"pairs": len(poor), "pair_kinds": counts, "sft": len(conv), "pairs_pool": list(pairs),
+            "sft_pool": list(sft), "seed": seed, "version": VERSION}
+    _write(out / "prepared.json", json.dumps(info))
+    return info
+
+
+def mentions(text: str | None) -> dict:
+    """The first colour word and first shape word of a caption (None where it names none)."""
+    from vlmjax.data.easy_vqa import COLORS, SHAPES
+    from vlmjax.eval.answers import first_vocab_answer
+
+    text = text or ""
+    return {"color": first_vocab_answer(text, list(COLORS)), "shape": first_vocab_answer(text, list(SHAPES))}
+
+
+def caption_scores(rows, field: str) -> dict:
+    """Fractions of `rows` (records with the true `color` / `shape`) whose `field` text names the true colour, the
+    true shape, both, and its mean word count; rows without the field (a failed recaption) count as wrong."""
+    rows = list(rows)
+    if not rows:
+        raise ValueError(f"caption_scores: no rows for {field!r}")
+    hits = []
+    for r in rows:
+        m = mentions(r.get(field))
+        hits.append((m["color"] == r["color"], m["shape"] == r["shape"], len(str(r.get(field) or "").split())))
+    c, s, w = (np.array(x, np.float64) for x in zip(*hits))
+    return {"color": float(c.mean()), "shape": float(s.mean()), "both": float((c * s).mean()), "words": float(w.mean())}
