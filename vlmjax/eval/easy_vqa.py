@@ -65,22 +65,14 @@ def accuracy_by_kind(model, tokenizer, *, n: int, transform=None, describe: bool
 def evaluate_by_kind(model_dir, out, *, n: int, transform=None, describe: bool = True) -> dict:
     """`accuracy_by_kind` of an exported model folder, cached in the JSON file `out` (returned as is when it exists;
     written atomically)."""
-    import json
-    import os
-    from pathlib import Path
-
+    from vlmjax.eval.report import cached_json
     from vlmjax.generate.loading import load_model
 
-    out = Path(out)
-    if out.exists():
-        return json.loads(out.read_text())
-    model, _cfg, tok = load_model(model_dir)
-    res = accuracy_by_kind(model, tok, n=n, transform=transform, describe=describe)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res))
-    os.replace(tmp, out)
-    return res
+    def compute():
+        model, _cfg, tok = load_model(model_dir)
+        return accuracy_by_kind(model, tok, n=n, transform=transform, describe=describe)
+
+    return cached_json(out, compute)
 
 
 def description_task(n: int):
@@ -107,14 +99,22 @@ def description_task(n: int):
     return Task("easy_vqa_describe", "caption", samples[::step][:n], instruction="", max_new_tokens=24)
 
 
+def named_attributes(text: str | None) -> dict:
+    """{"color", "shape"}: the first colour word and the first shape word a description names (None where it names
+    none): how every easy-vqa description, caption or recaption is judged against an image's true attributes."""
+    from vlmjax.data.easy_vqa import COLORS, SHAPES
+    from vlmjax.eval.answers import first_vocab_answer
+
+    text = text or ""
+    return {"color": first_vocab_answer(text, list(COLORS)), "shape": first_vocab_answer(text, list(SHAPES))}
+
+
 def description_accuracy(preds: dict, task) -> dict:
     """The first colour word and the first shape word of each description against the truth (missing = wrong)."""
     import numpy as np
 
-    from vlmjax.data.easy_vqa import COLORS, SHAPES
-    from vlmjax.eval.answers import first_vocab_answer
-
-    color = [first_vocab_answer(preds.get(s.id, ""), list(COLORS)) == s.answers[0] for s in task.samples]
-    shape = [first_vocab_answer(preds.get(s.id, ""), list(SHAPES)) == s.answers[1] for s in task.samples]
+    named = [named_attributes(preds.get(s.id, "")) for s in task.samples]
+    color = [m["color"] == s.answers[0] for m, s in zip(named, task.samples)]
+    shape = [m["shape"] == s.answers[1] for m, s in zip(named, task.samples)]
     return {"describe_color": float(np.mean(color)), "describe_shape": float(np.mean(shape)),
             "describe_both": float(np.mean([c and s for c, s in zip(color, shape)]))}

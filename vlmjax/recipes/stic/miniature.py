@@ -104,8 +104,7 @@ def pair_report(pairs_path: Path, captions_path: Path) -> dict:
     """How often each kind of rejected side is really wrong, judged against the true attributes of the unlabeled
     images (known here, never used for training): {kind and "all": {n, identical, real_negative (the rejected side
     wrong on an attribute the chosen side gets right), chosen/rejected colour and shape right}} as fractions."""
-    from vlmjax.data.easy_vqa import COLORS, SHAPES
-    from vlmjax.eval.answers import first_vocab_answer
+    from vlmjax.eval.easy_vqa import named_attributes
 
     truth = read_jsonl(captions_path)
     out: dict[str, dict] = {}
@@ -114,8 +113,8 @@ def pair_report(pairs_path: Path, captions_path: Path) -> dict:
         if t is None or not (t.get("color") and t.get("shape")):
             continue
         kind = r["rejected_kind"] + (f"/{r['corruption']}" if r.get("corruption") else "")
-        right = {(side, attr): first_vocab_answer(r[side], list(vocab)) == t[attr]
-                 for side in ("chosen", "rejected") for attr, vocab in (("color", COLORS), ("shape", SHAPES))}
+        named = {side: named_attributes(r[side]) for side in ("chosen", "rejected")}
+        right = {(side, attr): named[side][attr] == t[attr] for side in named for attr in ("color", "shape")}
         # a real negative: the rejected side is wrong on an attribute the chosen side gets right
         real = any(right["chosen", a] and not right["rejected", a] for a in ("color", "shape"))
         for name in (kind, "all"):

@@ -91,24 +91,17 @@ def build(out: Path, base_data: Path, *, seed: int = 0, pairs: tuple[int, int] =
     return info
 
 
-def mentions(text: str | None) -> dict:
-    """The first colour word and first shape word of a caption (None where it names none)."""
-    from vlmjax.data.easy_vqa import COLORS, SHAPES
-    from vlmjax.eval.answers import first_vocab_answer
-
-    text = text or ""
-    return {"color": first_vocab_answer(text, list(COLORS)), "shape": first_vocab_answer(text, list(SHAPES))}
-
-
 def caption_scores(rows, field: str) -> dict:
     """Fractions of `rows` (records with the true `color` / `shape`) whose `field` text names the true colour, the
     true shape, both, and its mean word count; rows without the field (a failed recaption) count as wrong."""
+    from vlmjax.eval.easy_vqa import named_attributes
+
     rows = list(rows)
     if not rows:
         raise ValueError(f"caption_scores: no rows for {field!r}")
     hits = []
     for r in rows:
-        m = mentions(r.get(field))
+        m = named_attributes(r.get(field))
         hits.append((m["color"] == r["color"], m["shape"] == r["shape"], len(str(r.get(field) or "").split())))
     c, s, w = (np.array(x, np.float64) for x in zip(*hits))
     return {"color": float(c.mean()), "shape": float(s.mean()), "both": float((c * s).mean()), "words": float(w.mean())}
