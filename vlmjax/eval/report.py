@@ -228,6 +228,20 @@ def _jsonable(x, path: str, nonfinite: list[str]):
     raise TypeError(f"write_results: {path or 'payload'} is a {type(x).__name__}, not JSON-serialisable")
 
 
+def cached_json(path: str | os.PathLike, compute) -> dict:
+    """The JSON in `path` when it exists, else compute() written there atomically (temporary file + os.replace):
+    how a miniature's evaluations are cached, so a rerun reads them back instead of evaluating again."""
+    path = Path(path)
+    if path.exists():
+        return json.loads(path.read_text())
+    res = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res))
+    os.replace(tmp, path)
+    return res
+
+
 def write_results(path: str | os.PathLike, payload: Mapping, *, meta: Mapping | None = None) -> str:
     """Write `payload` plus "meta" (given, the payload's own, or `run_meta()` now) as indented JSON, atomically
     (temporary file + os.replace: a crash leaves the old file or the new one). NaN/inf become null and their key

@@ -15,23 +15,11 @@ JSON (README "VILA, reproduced in miniature"):
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
+from vlmjax.eval.report import cached_json
+
 DEMO_POOL = (2800, 3000)  # recipe-pool train images whose captions are the k-shot demonstrations (never trained on)
-
-
-def _cached(out: Path, fn) -> dict:
-    out = Path(out)
-    if out.exists():
-        return json.loads(out.read_text())
-    res = fn()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res))
-    os.replace(tmp, out)
-    return res
 
 
 def fact_task(fact_qa: Path, *, split: str = "eval", template: str | None = None):
@@ -64,7 +52,7 @@ def fact_accuracy(model_dir: Path, fact_qa: Path, out: Path, *, template: str | 
                      progress=False)
         return {k: m[k] for k in ("accuracy", "n", "errors", "template")}
 
-    return _cached(out, go)
+    return cached_json(out, go)
 
 
 def demo_samples(captions: Path, pool: tuple[int, int] = DEMO_POOL) -> list:
@@ -104,7 +92,7 @@ def caption_accuracy(model_dir: Path, out: Path, *, n: int, shots: int, captions
         examples = [{"id": s.id, "truth": s.answers, "caption": preds.get(s.id, "")} for s in task.samples[:4]]
         return {**description_accuracy(preds, task), "n": len(task.samples), "shots": shots, "examples": examples}
 
-    return _cached(out, go)
+    return cached_json(out, go)
 
 
 def vqa_by_kind(model_dir: Path, out: Path, *, n: int) -> dict:
