@@ -44,8 +44,22 @@ ARMS = {
     "balanced_long": (4, {"data": {"keep_absent": 0.25}, "sft": {"train.steps": 1000}},
                       "balanced yes/no answers and 1000 SFT steps: is the comparison learnable given more steps?"),
 }
-# Arms whose tower and align stages equal another arm's (the SFT data differs only): --reuse-align copies them.
-SFT_ONLY = ("sft250", "balanced", "no_imagine", "single_turn", "two_turns", "balanced_long")
+
+
+def sft_only(name: str) -> bool:
+    """The arm changes only the SFT stage and its data (same views): its tower and align stages are `base`'s."""
+    augment, over, _ = ARMS[name]
+    return not set(over) - {"data", "sft"} and augment == ARMS["base"][0]
+
+
+def same_tokenizer(name: str, source: str, cache: Path) -> None:
+    """The tokenizer is fitted to the SFT texts, so a data option that changed them would leave a copied decoder
+    reading other token ids: raise naming both files."""
+    from vlmjax.recipes.mini_base import design_data
+
+    toks = [design_data(cache, 0, ARMS[a][0], ARMS[a][1])[0] / "tokenizer" / "tokenizer.json" for a in (name, source)]
+    if toks[0].read_bytes() != toks[1].read_bytes():
+        raise SystemExit(f"--reuse-align {source} for arm {name}: the tokenizers differ: {toks[0]} vs {toks[1]}")
 
 
 def run_arm(name: str, cache: Path, n: int, reuse_align: str | None = None) -> dict:
@@ -54,8 +68,9 @@ def run_arm(name: str, cache: Path, n: int, reuse_align: str | None = None) -> d
     augment, over, what = ARMS[name]
     t0 = time.time()
     reused = None
-    if reuse_align and name in SFT_ONLY and not (cache / name / "align" / "export").exists():
+    if reuse_align and sft_only(name) and sft_only(reuse_align) and not (cache / name / "align" / "export").exists():
         src = cache / reuse_align
+        same_tokenizer(name, reuse_align, cache)
         if not (src / "align" / "export").exists():
             raise SystemExit(f"--reuse-align {reuse_align}: {src / 'align' / 'export'} does not exist; run that arm first")
         for stage in ("tower", "align"):
@@ -103,7 +118,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", type=Path, default=REPO / "runs" / "mini_base_study")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "mini_base_study.json")
     ap.add_argument("--reuse-align", default=None, metavar="ARM",
-                    help="arms that change only the SFT stage copy ARM's trained tower and align stages")
+                    help="arms that change only the SFT stage copy ARM's trained tower and align stages (same tokenizer)")
     ap.add_argument("--probe-only", action="store_true", help="align each arm and probe its image tokens only")
     args = ap.parse_args(argv)
     if args.probe_only:

@@ -298,6 +298,18 @@ def base_root(cache, seed: int = 0, *, config_file: str | Path = CONFIG, over: d
     return Path(cache) / f"{fingerprint(config_file, {**(over or {}), 'scale': steps_scale})}_seed{seed}"
 
 
+def design_data(cache, seed: int = 0, augment: int = AUGMENT, over: dict | None = None) -> tuple[Path, dict]:
+    """The data folder of a base design (`over["data"]`: keep_absent, imagine_every, turns_per_sample), prepared
+    (skipped when done) -> (folder, prepared.json's info)."""
+    data_over = (over or {}).get("data", {})
+    keep_absent = float(data_over.get("keep_absent", KEEP_ABSENT))
+    imagine_every = int(data_over.get("imagine_every", IMAGINE_EVERY))
+    turns = int(data_over.get("turns_per_sample", TURNS_PER_SAMPLE))
+    data = data_dir(cache, seed, augment, keep_absent, imagine_every, turns)
+    return data, prepare_data(data, seed=seed, augment=augment, keep_absent=keep_absent,
+                              imagine_every=imagine_every, turns_per_sample=turns)
+
+
 def build_base(cache: str | Path = "runs/mini_base", *, seed: int = 0, augment: int = AUGMENT,
                config_file: str | Path = CONFIG, over: dict | None = None, steps_scale: float = 1.0,
                root: str | Path | None = None, quiet: bool = False) -> dict:
@@ -312,13 +324,7 @@ def build_base(cache: str | Path = "runs/mini_base", *, seed: int = 0, augment: 
 
     cache, config_file = Path(cache), Path(config_file)
     t0, cpu0 = time.time(), time.process_time()
-    data_over = (over or {}).get("data", {})
-    keep_absent = float(data_over.get("keep_absent", KEEP_ABSENT))
-    imagine_every = int(data_over.get("imagine_every", IMAGINE_EVERY))
-    turns = int(data_over.get("turns_per_sample", TURNS_PER_SAMPLE))
-    data = data_dir(cache, seed, augment, keep_absent, imagine_every, turns)
-    info = prepare_data(data, seed=seed, augment=augment, keep_absent=keep_absent, imagine_every=imagine_every,
-                        turns_per_sample=turns)
+    data, info = design_data(cache, seed, augment, over)
     prep = {"seconds": round(time.time() - t0, 1), "cpu_seconds": round(time.process_time() - cpu0, 1)}
     if not (data / "prep_time.json").exists():
         _write_json(data / "prep_time.json", prep)
