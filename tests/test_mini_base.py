@@ -110,3 +110,15 @@ def test_tiny_base_is_built_on_its_own_pool_and_reused(tiny_mini_base, monkeypat
     monkeypatch.setattr(loop, "train", lambda *a, **k: pytest.fail("the cached base was trained again"))
     again = mini_base.build_base(cache, **TINY_BASE_KW)
     assert again["model"] == base["model"] and mini_base.evaluate_base(again, n=6) == res
+
+
+def test_sft_variant_retrains_sft_from_the_bases_align_export(tiny_mini_base, tmp_path):
+    """A weaker base for a miniature (COINCIDE's --base-sft-steps): SFT rerun from the base's align export with other
+    settings, the tower and align reused; its base.json names what it varies."""
+    base = tiny_mini_base
+    var = mini_base.sft_variant(base, tmp_path / "v", {"train.steps": 3, "data.batch_size": 2})
+    stage = json.loads((tmp_path / "v" / "sft" / "stage.json").read_text())
+    assert stage["steps"] == 3 and var["model"] != base["model"] and var["align"] == base["align"]
+    assert Path(var["model"], "model.safetensors").exists() and var["variant_of"] == base["root"]
+    assert json.loads((tmp_path / "v" / "base.json").read_text())["sft_over"] == {"train.steps": 3,
+                                                                                   "data.batch_size": 2}

@@ -358,6 +358,23 @@ def build_base(cache: str | Path = "runs/mini_base", *, seed: int = 0, augment: 
     return out
 
 
+def sft_variant(base: dict, out: str | Path, sft_over: dict, *, seed: int = 0, config_file: str | Path = CONFIG,
+                quiet: bool = True) -> dict:
+    """The base with its SFT stage rerun from the base's own align export under `sft_over` (dotted overrides, e.g.
+    {"train.steps": 250}): a weaker or different base for a miniature without rebuilding the tower and align.
+    -> a `build_base`-style dict whose "model" and "root" are the variant's (OUT/sft/export, OUT)."""
+    from vlmjax.train.stages import train_stage
+
+    out = Path(out)
+    sft = train_stage("sft", out / "sft", config_file=Path(config_file), model_path=str(base["align"]),
+                      image_root=base["images"], source=str(Path(base["data"]) / "base_sft.json"), quiet=quiet,
+                      over={"train.seed": seed, "model.seed": seed, **sft_over})
+    variant = {**{k: v for k, v in base.items() if k != "stages"}, "model": str(sft), "root": str(out),
+               "variant_of": base["root"], "sft_over": dict(sft_over)}
+    _write_json(out / "base.json", variant)
+    return variant
+
+
 def evaluate_base(base: dict, *, n: int = 2000) -> dict:
     """The base's easy-vqa test results by answer kind + describe colour/shape (cached in ROOT/results)."""
     from vlmjax.eval.easy_vqa import evaluate_by_kind

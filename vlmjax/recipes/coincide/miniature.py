@@ -268,16 +268,20 @@ def arm_name(method: str, fraction: float | None) -> str:
 
 def run(work: Path, *, seeds=(0, 1, 2), budgets=(0.1, 0.2), k: int = 200, n_eval: int = 2000,
         n_gate: int = 2000, ablations: bool = False, quick: bool = False, base_cache: Path = Path("runs/mini_base"),
-        base: dict | None = None, base_seed: int = 0, full_seeds=None) -> dict:
+        base: dict | None = None, base_seed: int = 0, full_seeds=None, base_sft_steps: int | None = None) -> dict:
     """Every arm for every seed (module docstring); -> {"base", "gate", "arms": {name: [per-seed dicts]}, ...}.
     n_gate: test questions of the base gate (with describing), n_eval: of every arm and the base row.
     full_seeds: the full-pool arm's seeds (default `seeds`). `base`: a `build_base`-style dict to use instead of
-    the cache (tests)."""
+    the cache (tests). base_sft_steps: the target is the base with its SFT rerun for that many steps from its align
+    export (`mini_base.sft_variant`, kept in WORKDIR/base_sft{N}): a base that still has something to learn."""
     t_start, c_start = time.time(), time.process_time()
     pool_images, ref_images = (QUICK["pool"], QUICK["ref"]) if quick else (POOL_IMAGES, REF_IMAGES)
     n_eval, n_gate, k = (QUICK["n_eval"], QUICK["n_eval"], min(k, QUICK["k"])) if quick else (n_eval, n_gate, k)
     work.mkdir(parents=True, exist_ok=True)
     base = base or mini_base.shared_base(base_cache, seed=base_seed, quick=quick)
+    if base_sft_steps:
+        base = mini_base.sft_variant(base, work / f"base_sft{base_sft_steps}", {"train.steps": base_sft_steps},
+                                     seed=base_seed)
     cached = Path(base["root"]) / "results" / f"base_n{n_gate}.json"  # the base's own gate run, if made
     gate_res = evaluate_by_kind(base["model"], cached if cached.exists() else work / "results" / f"base_n{n_gate}.json",
                                 n=n_gate)
@@ -455,6 +459,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n-gate", type=int, default=2000, help="test questions of the base gate")
     ap.add_argument("--full-seeds", type=int, nargs="+", default=None, help="the full-pool arm's seeds "
                     "(default --seeds)")
+    ap.add_argument("--base-sft-steps", type=int, default=None, help="rerun the base's SFT for N steps from its "
+                    "align export first and use that as the target (250: the study's weaker base)")
     ap.add_argument("--ablations", action="store_true", help="also " + ", ".join(ABLATIONS))
     ap.add_argument("--quick", action="store_true", help="a few images, steps and questions (CI smoke run)")
     ap.add_argument("--no-figures", action="store_true")
@@ -462,7 +468,7 @@ def main(argv=None) -> int:
     started = time.time()
     kw = dict(seeds=tuple(a.seeds), budgets=tuple(a.budgets), k=a.k, n_eval=a.n_eval, n_gate=a.n_gate,
               ablations=a.ablations, quick=a.quick, base_cache=a.base_cache, base_seed=a.base_seed,
-              full_seeds=None if a.full_seeds is None else tuple(a.full_seeds))
+              full_seeds=None if a.full_seeds is None else tuple(a.full_seeds), base_sft_steps=a.base_sft_steps)
     r = run(a.workdir, **kw)
     report_runs(a.workdir, r, started=started, figures=not a.no_figures, **kw)
     return 0
