@@ -189,3 +189,23 @@ def test_comparisons_match_a_hand_welch():
     assert shots["b"] == "(b) pairs caption_0shot" and shots["diff"] == pytest.approx(-0.3)
     assert len(comps) == 2  # comparisons whose rows are missing are left out
     assert "exceeds the spread" in mini_report.comparison_lines([c])[0]
+
+
+def test_collection_facts_ask_what_the_training_text_states():
+    clip = [{"id": f"{cat}/{t}", "title": t, "category": cat, "keywords": []} for cat, t in
+            [("animals", "Baby_Tux"), ("buildings", "Old House"), ("food", "Red Apple"), ("tools", "Hammer"),
+             ("animals", "Twin"), ("food", "Twin"), ("plants", "Held Fern")]]
+    docs = M.corpus(clip, [])
+    train = [d for d in docs if d["id"] != "clip:plants/Held Fern"]  # held out: never asked
+    items = {f["id"]: f for f in M.collection_facts(clip, train, n=None)}
+    # "Twin" is filed under two categories: ambiguous, left out; underscores read as spaces, as C's sentence does
+    assert set(items) == {"collection:animals/Baby_Tux", "collection:buildings/Old House", "collection:food/Red Apple",
+                          "collection:tools/Hammer"}
+    tux = items["collection:animals/Baby_Tux"]
+    assert tux["question"] == "Which collection is the drawing Baby Tux in?" and tux["answer"] == "animals"
+    assert "Baby Tux is a drawing in the animals collection." in M.corpus(clip, [])[0]["sentences"]
+    for f in items.values():
+        assert len(f["choices"]) == 3 and f["answer"] in f["choices"] and f["choices"] == sorted(f["choices"])
+    assert len(M.collection_facts(clip, train, n=2)) == 2
+    qa = M.fact_qa(list(items.values()))
+    assert all(q["choices"][ord(q["answer"]) - 65] == items[q["id"]]["answer"] for q in qa)

@@ -4,7 +4,8 @@ QA items, interleaved documents and the matching image-caption pairs, all as fil
 C: documents of sentences about openclipart drawings (Debian `openclipart-svg`: title, category, keywords) and
 templated facts about the easy-vqa world ("A triangle has three corners."), 10% of the documents held out (by a
 hash of their id, so the split does not move when C grows). Fact QA items (the MMLU analogue): multiple choice,
-one question per fact, half of the facts asked in the SFT text-only blend ("blend"), the other half evaluated only
+one question per world fact and per collection fact (`collection_facts`: which collection a drawing of C's training
+split is in, the knowledge C's sentences state), half of the facts asked in the SFT text-only blend ("blend"), the other half evaluated only
 ("eval"). Documents: 3-6 images each (easy-vqa recipe-pool images, optionally openclipart drawings rendered to PNG),
 each image before its matched sentence (its caption), between sentences of C's training split; pairs: the same
 images with the same captions, in `caption` format.
@@ -29,6 +30,7 @@ import numpy as np
 OPENCLIPART_SVG = "/usr/share/openclipart/svg"
 INSTALL = "apt-get update && apt-get install -y openclipart-svg   (as root; Debian/Ubuntu)"
 HELDOUT = 0.10
+N_COLLECTION = 400  # collection facts (about half asked in the blend, half evaluated)
 # what the evaluations prompt with (easy-vqa's describe request, plain-template QA, the chat template's roles)
 SFT_DESCRIBE = ("Describe the image.", "Describe the image briefly.")
 EVAL_TEXTS = ("Describe the image.", "Question: Answer:", "user", "assistant", "system")
@@ -81,6 +83,33 @@ def _color_choices(color: str) -> list[str]:
     names = list(COLOR_FACTS)
     i = names.index(color)
     return sorted({names[i], names[(i + 1) % len(names)], names[(i + 3) % len(names)]})
+
+
+def collection_facts(clipart: list[dict], train: list[dict], n: int | None = N_COLLECTION) -> list[dict]:
+    """Knowledge questions about C's own training text: "Which collection is the drawing TITLE in?", answered by the
+    category C's sentence names ("TITLE is a drawing in the CAT collection."), 3 options (the category + 2 others by
+    a hash of the drawing). Only drawings in C's training split whose title names one category (openclipart files
+    one title under several), n of them spread over those. They make the fact-QA column large enough to read: the
+    text LM learns them from C, pre-training can erode them, and the blend asks the other half in QA form."""
+    trained = {d["id"][5:] for d in train if d["id"].startswith("clip:")}
+    by_title: dict[str, set] = {}
+    for c in clipart:
+        by_title.setdefault(" ".join(c["title"].replace("_", " ").split()), set()).add(c["category"])
+    cats = sorted({c["category"] for c in clipart})
+    if len(cats) < 3:
+        raise ValueError(f"collection facts need >= 3 openclipart categories, got {cats}")
+    out, seen = [], set()
+    for c in clipart:
+        title = " ".join(c["title"].replace("_", " ").split())
+        if c["id"] not in trained or len(by_title[title]) != 1 or title in seen:
+            continue
+        seen.add(title)
+        others = [x for x in cats if x != c["category"]]
+        k = int(_hash("choices:" + c["id"]) * len(others))
+        choices = sorted({c["category"], others[k], others[(k + len(others) // 2) % len(others)]})
+        out.append({"id": "collection:" + c["id"], "question": f"Which collection is the drawing {title} in?",
+                    "answer": c["category"], "choices": choices})
+    return spread(out, n)
 
 
 def fact_qa(items: list[dict]) -> list[dict]:
@@ -278,7 +307,8 @@ svg files (all by default). easy-vqa images: the first n_easy train images of th
     _jsonl(out / "corpus_train.jsonl", ({"id": d["id"], "text": d["text"]} for d in train))
     _jsonl(out / "corpus_heldout.jsonl", ({"id": d["id"], "text": d["text"]} for d in held))
     _jsonl(out / "text_lm.jsonl", ({"id": d["id"], "text_list": d["sentences"], "image_info": []} for d in train))
-    qa = fact_qa(fact_items)
+    collection = collection_facts(clipart, train)
+    qa = fact_qa(fact_items + collection)
     _jsonl(out / "fact_qa.jsonl", qa)
     blend = [{"id": f"qa_{q['id']}", "conversations": [
         {"from": "human", "value": q["question"]},
@@ -322,7 +352,8 @@ svg files (all by default). easy-vqa images: the first n_easy train images of th
     train_tokenizer(sorted(set(texts)), out / "tokenizer", vocab_size=vocab_size)
     info = {"corpus_train": len(train), "corpus_heldout": len(held), "clipart_drawings": len(clipart),
             "heldout_verbatim_fraction": round(verbatim_fraction(train, held), 3),
-            "facts": len(fact_items), "fact_qa_eval": sum(q["split"] == "eval" for q in qa), "blend": len(blend),
+            "facts": len(fact_items), "collection_facts": len(collection),
+            "fact_qa_eval": sum(q["split"] == "eval" for q in qa), "blend": len(blend),
             "images": len(ims), "easy_vqa_images": len(pool), "clipart_images": rendered, "documents": len(docs),
             "pairs": sum(len(d["image_info"]) for d in docs), "sft": len(sft), "seed": seed,
             "vocab_size": vocab_size}
