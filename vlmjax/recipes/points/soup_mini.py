@@ -226,8 +226,8 @@ def run_soup(work: Path, *, base_cache: Path | None = None, filter_work: Path | 
                 base_sft, val), "val_task": val.name})
         for name, m in models.items():
             res = (sd if m == base_sft else ft) / "results"
-            r = evaluate_by_kind(m, res / f"{name.split(' (')[0].replace(' ', '_').replace('/', '')}_n{n_test}.json",
-                                 n=n_test)
+            slug = lr_dir.name if name == lr_name else name.split(" (")[0].replace(" ", "_").replace("/", "")
+            r = evaluate_by_kind(m, res / f"{slug}_n{n_test}.json", n=n_test)
             per_seed.setdefault(name, []).append({k: r[k] for k in METRICS if k in r})
         per_seed.setdefault("Base SFT (the ingredients' start)", []).append({"val": line["base_sft_val"]})
         for t, v in zip(line["t"], line["val"]):
