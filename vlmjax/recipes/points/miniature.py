@@ -3,7 +3,7 @@
     python -m vlmjax.recipes.points.miniature --part filter [--workdir runs/points_mini/filter]
         [--base-cache runs/mini_base] [--seeds 0 1 2] [--presentations 8000] [--high] [--sft] [--quick]
     python -m vlmjax.recipes.points.miniature --part soup [--workdir runs/points_mini/soup] [--seeds 0]
-        [--soup-steps 150] [--ingredient-steps 80] [--ingredient-lr 5e-4] [--val-n 200]
+        [--soup-steps 150] [--ingredient-steps 80] [--ingredient-lr 1e-3] [--val-n 200]
         [--filter-workdir runs/points_mini/filter] [--quick]   (`points.soup_mini`)
 
 --part filter: perplexity filtering of pre-training captions.
