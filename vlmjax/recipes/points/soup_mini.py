@@ -235,8 +235,8 @@ def run_soup(work: Path, *, base_cache: Path | None = None, filter_work: Path | 
             per_seed.setdefault(f"line t={t:g}{end}", []).append({"val": v})
         extra["seeds"][s] = {"greedy": {k: g[k] for k in ("order", "trials", "members", "soup_val", "best_single")},
                              "line": line}
-        extra["stages"][s] = {str(Path(m).parent.relative_to(work)): stage_info(m)
-                              for m in dict.fromkeys([base_sft, *ingr.values(), models["Base + all additions"], *lr_runs])}
+        trained = dict.fromkeys([base_sft, *ingr.values(), models["Base + all additions"], *lr_runs])
+        extra["stages"][s] = {str(Path(m).parent.relative_to(work)): stage_info(m) for m in trained}
         print(f"  greedy soup members: {[Path(p).parent.name for p in g['members']]}, val {g['soup_val']:.3f}; "
               f"line val {[round(v, 3) for v in line['val']]}, Base SFT val {line['base_sft_val']:.3f}", flush=True)
     print("[6/6] report", flush=True)
