@@ -57,23 +57,51 @@ def test_val_questions_are_the_held_out_images_only(tmp_path):
     assert ["What shape is in the image?", "Circle", 3300] in rows and not any("Describe" in r[0] for r in rows)
 
 
+def stage_config(export):
+    return json.loads((Path(export).parent / "config.json").read_text())
+
+
 @pytest.mark.slow
 def test_quick_soup_pipeline_end_to_end(tiny_mini_base, tmp_path):
     out = SM.run_soup(tmp_path / "w", base=tiny_mini_base, quick=True, seeds=(0,), figures=False,
-                      stage_over={"data.batch_size": 2}, filter_work=tmp_path / "none", steps=2,
-                      lrs=(SM.LR, 2 * SM.LR))  # one extra lr run (CI time)
+                      stage_over={"data.batch_size": 2}, filter_work=tmp_path / "none", steps=3, ingredient_steps=2,
+                      lrs=(SM.INGR_LR, 2 * SM.INGR_LR))  # one extra lr run (CI time)
     assert "align export" in out["start_model"]
-    names = ["Base (colour + descriptions)", "Base + shape", "Base + yes/no colour", "Base + yes/no shape",
-             "Base + all additions", "uniform soup", "greedy soup"]
+    names = [SM.BASE_ROW, "Base + shape", "Base + yes/no colour", "Base + yes/no shape", "Base + all additions",
+             "uniform soup", "greedy soup"]
     for n in names:
         (row,) = out["per_seed"][n]
         assert 0 <= row["accuracy"] <= 1 and "shape" in row
     assert any(k.startswith("lr soup") for k in out["per_seed"])
+    # two phases: Base SFT from the start model, then every fine-tune from the Base SFT export, ingredient steps/lr
+    seed = tmp_path / "w" / "seed0_base3"
+    base_sft = seed / "base" / "export"
+    cfg = stage_config(base_sft)
+    assert cfg["model"]["path"] == tiny_mini_base["align"] and cfg["train"]["steps"] == 3
+    assert cfg["optim"]["lr"] == SM.BASE_LR
+    ft = seed / f"ft2_lr{SM.INGR_LR:g}"
+    runs = {"shape": SM.INGR_LR, "yn_colour": SM.INGR_LR, "yn_shape": SM.INGR_LR, "all": SM.INGR_LR,
+            f"shape_lr{2 * SM.INGR_LR:g}": 2 * SM.INGR_LR}
+    for name, lr in runs.items():
+        cfg = stage_config(ft / name / "export")
+        assert (cfg["model"]["path"], cfg["train"]["steps"], cfg["optim"]["lr"]) == (str(base_sft), 2, lr), name
+    assert set(out["stages"][0]) == {"seed0_base3/base", *(f"seed0_base3/ft2_lr{SM.INGR_LR:g}/{n}" for n in runs)}
     g, line = out["seeds"][0]["greedy"], out["seeds"][0]["line"]
     singles = {t["ingredient"]: t["val"] for t in g["trials"] if t["stage"] == "ingredient"}
     assert len(singles) == 3 and g["soup_val"] >= max(singles.values())
-    # the line's ends are the two ingredients themselves
+    # the line's ends are the two ingredients themselves; the Base SFT model's val is beside it
     assert line["t"] == list(SM.LINE) and line["val"][0] == singles[line["a"]] and line["val"][-1] == singles[line["b"]]
+    assert out["per_seed"]["Base SFT (the ingredients' start)"] == [{"val": line["base_sft_val"]}]
+    assert "line t=0 (Base + shape)" in out["line_table"] and "line t=1 (Base + yes/no colour)" in out["line_table"]
     saved = json.loads((tmp_path / "w" / "results" / "soup.json").read_text())
     assert saved["meta"]["commit"] is not None and saved["config"]["val_images"] == [3300, 3500]
-    assert Path(g["members"][0]).exists()
+    assert saved["config"]["ingredient_steps"] == 2 and Path(g["members"][0]).exists()
+    # a rerun resumes everything; another start model for the same seed folder is refused
+    again = SM.run_soup(tmp_path / "w", base=tiny_mini_base, quick=True, seeds=(0,), figures=False,
+                        stage_over={"data.batch_size": 2}, filter_work=tmp_path / "none", steps=3,
+                        ingredient_steps=2, lrs=(SM.INGR_LR, 2 * SM.INGR_LR))
+    assert again["per_seed"] == out["per_seed"]
+    (seed / "start.json").write_text(json.dumps({"start": "elsewhere"}))
+    with pytest.raises(ValueError, match="was trained from start model elsewhere"):
+        SM.run_soup(tmp_path / "w", base=tiny_mini_base, quick=True, seeds=(0,), figures=False,
+                    stage_over={"data.batch_size": 2}, filter_work=tmp_path / "none", steps=3, ingredient_steps=2)

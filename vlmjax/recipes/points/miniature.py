@@ -3,7 +3,8 @@
     python -m vlmjax.recipes.points.miniature --part filter [--workdir runs/points_mini/filter]
         [--base-cache runs/mini_base] [--seeds 0 1 2] [--presentations 8000] [--high] [--sft] [--quick]
     python -m vlmjax.recipes.points.miniature --part soup [--workdir runs/points_mini/soup] [--seeds 0]
-        [--soup-steps 150] [--val-n 200] [--filter-workdir runs/points_mini/filter] [--quick]   (`points.soup_mini`)
+        [--soup-steps 150] [--ingredient-steps 80] [--ingredient-lr 1e-3] [--val-n 200]
+        [--filter-workdir runs/points_mini/filter] [--quick]   (`points.soup_mini`)
 
 --part filter: perplexity filtering of pre-training captions.
 1. Pool (`points.pool`): easy-vqa train images 0-2999 (never seen by the shared base), 3 captions each: 30% clean,
@@ -324,6 +325,8 @@ def draw_figures(work: Path, agg: dict, kept: dict, arms, seeds) -> dict:
 
 
 def main(argv=None) -> int:
+    from vlmjax.recipes.points import soup_mini as SM
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--part", required=True, choices=["filter", "soup"])
     ap.add_argument("--workdir", type=Path, default=None, help="default runs/points_mini/{filter,soup}")
@@ -337,17 +340,20 @@ def main(argv=None) -> int:
     ap.add_argument("--n-test", type=int, default=N_TEST)
     ap.add_argument("--quick", action="store_true", help="a few steps of everything on a tiny pool (CI smoke run)")
     ap.add_argument("--no-figures", action="store_true")
-    ap.add_argument("--soup-steps", type=int, default=150, help="soup: SFT steps of every run")
+    ap.add_argument("--soup-steps", type=int, default=SM.STEPS, help="soup: steps of the Base SFT (phase 1)")
+    ap.add_argument("--ingredient-steps", type=int, default=SM.INGR_STEPS,
+                    help="soup: steps of every fine-tune from the Base SFT (phase 2: ingredients, all, lr runs)")
+    ap.add_argument("--ingredient-lr", type=float, default=SM.INGR_LR,
+                    help="soup: lr of the ingredients; the lr soup uses half, this and twice")
     ap.add_argument("--val-n", type=int, default=200, help="soup: val questions (train images 3300-3499)")
     ap.add_argument("--filter-workdir", type=Path, default=Path("runs/points_mini/filter"),
                     help="soup: start from this filter run's lowest-PPL 20%% arm when it exists")
     args = ap.parse_args(argv)
     if args.part == "soup":
-        from vlmjax.recipes.points.soup_mini import run_soup
-
-        run_soup(args.workdir or Path("runs/points_mini/soup"), base_cache=args.base_cache,
-                 filter_work=args.filter_workdir, seeds=tuple(args.seeds or [0]), steps=args.soup_steps,
-                 n_test=args.n_test, val_n=args.val_n, quick=args.quick, figures=not args.no_figures)
+        SM.run_soup(args.workdir or Path("runs/points_mini/soup"), base_cache=args.base_cache,
+                    filter_work=args.filter_workdir, seeds=tuple(args.seeds or [0]), steps=args.soup_steps,
+                    ingredient_steps=args.ingredient_steps, ingredient_lr=args.ingredient_lr,
+                    n_test=args.n_test, val_n=args.val_n, quick=args.quick, figures=not args.no_figures)
         return 0
     try:
         run_filter(args.workdir or Path("runs/points_mini/filter"), base_cache=args.base_cache,
