@@ -123,7 +123,7 @@ def test_loop_spec_and_cli_refuse_bad_settings(tmp_path, capsys):
     assert (pairs["format"], pairs["path"], pairs["image_root"]) == ("caption", "combined.r1.jsonl", "I")
     assert L.stage_data(vila, "sft", "x") == {"source": "s.json", "image_root": "S"}
     assert L.stage_data(vila, "align", "x")["source"] == "a.jsonl"
-    with pytest.raises(ValueError, match="llama2_7b.py:sft has no caption-format source"):
+    with pytest.raises(ValueError, match="llama2_7b.py:sft has 0 caption-format sources"):
         L.stage_data(L.dataclasses.replace(vila, caption_stages=("pretrain", "sft")), "sft", "x")
     caps = _captions(tmp_path)
     base = ["loop", "--rounds", "1", "--config", "configs/vila2/mini.py", "--stages", "align", "sft",
