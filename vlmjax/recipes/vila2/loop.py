@@ -11,6 +11,9 @@ stage's starting weights, per-stage overrides, the recaption sampling and the ev
 DIR/recaptions.r{k}.jsonl, DIR/combined.r{k}.jsonl (+ manifest), DIR/round{k}/{stage}/export (each round's own
 stage folders: retraining never starts from another round's weights), DIR/round{k}/eval.json.
 
+Specialists (`vila2.specialist`): the generalist retrains on `append`'s caption_qa file as round 0 of a run whose
+captions are that file (`LoopSpec(caption_format="caption_qa")`): the same stages, steps and eval as every round.
+
 Resume: state.json names each round's last finished step (recaption -> combine -> train -> eval); a rerun skips the
 finished steps of the round it stopped in and finished rounds entirely, and every step resumes on its own (recaption
 by id, `train_stage` from its checkpoint or export, the eval from its cached JSON).
