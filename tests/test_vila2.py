@@ -451,3 +451,33 @@ def test_boxes_and_the_subset_rule(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="noid.jsonl: record #0 has no id"):
         split(SourceSpec(format="caption", path=str(tmp_path / "noid.jsonl")), 0.5, tmp_path / "a.jsonl",
               tmp_path / "b.jsonl")
+
+
+def test_train_specialist_stage_checks_and_epochs(tmp_path, monkeypatch):
+    """`train_specialist` runs the config's specialist stage from VILA^k's export on the domain file; --epochs sets
+    the steps to ceil(epochs x records / global batch) (stage runner faked: milliseconds)."""
+    from vlmjax.recipes.vila2 import specialist as S
+    from vlmjax.train import stages as stages_lib
+
+    calls = []
+    monkeypatch.setattr(stages_lib, "train_stage", lambda stage, workdir, **kw: calls.append((stage, kw)) or workdir)
+    domain = tmp_path / "domain.json"
+    domain.write_text(json.dumps([{"id": f"d{i}", "image": "0.png", "conversations": [
+        {"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}]} for i in range(10)]))
+    mini = os.path.join(ROOT, "configs", "vila2", "mini.py")
+    S.train_specialist(mini, "vila1", str(domain), "imgs", tmp_path / "w", epochs=2)
+    stage, kw = calls[-1]
+    assert stage == "specialist" and (kw["model_path"], kw["source"], kw["image_root"]) == ("vila1", str(domain),
+                                                                                          "imgs")
+    assert kw["over"] == {"train.steps": 2}  # ceil(2 x 10 / 16): the mini stage's batch 16, grad_accum 1
+    S.train_specialist(mini, "vila1", str(domain), "imgs", tmp_path / "w", epochs=2, over={"data.batch_size": 3})
+    assert calls[-1][1]["over"] == {"data.batch_size": 3, "train.steps": 7}  # ceil(20 / 3)
+    S.train_specialist(mini, "vila1", str(domain), "imgs", tmp_path / "w", steps_scale=0.5)
+    assert calls[-1][1]["over"] == {} and calls[-1][1]["steps_scale"] == 0.5  # the config's 40 steps, scaled
+    with pytest.raises(ValueError, match="epochs > 0 sets the steps"):
+        S.train_specialist(mini, "vila1", str(domain), "imgs", tmp_path / "w", epochs=1, steps_scale=0.5)
+    with pytest.raises(ValueError, match="mini.py:align: a specialist fine-tunes VILA\\^k's export"):
+        S.train_specialist(mini, "vila1", str(domain), "imgs", tmp_path / "w", stage="align")
+    with pytest.raises(ValueError, match="llama2_7b.py:pretrain: a specialist stage reads one llava-format source"):
+        S.train_specialist(os.path.join(ROOT, "configs", "vila", "llama2_7b.py"), "v", str(domain), "i", tmp_path,
+                           stage="pretrain")

@@ -151,16 +151,18 @@ def arms_of(ablations) -> tuple[str, ...]:
     return chosen
 
 
-def specialist_arm(spec, main: Path, root: Path, data: Path, parts: dict, summary: dict, gen, seed: int):
+def specialist_arm(spec, main: Path, root: Path, data: Path, parts: dict, summary: dict, gen):
     """The shape specialist (`vila2.specialist`, the real-scale path): the last round's SFT'd model fine-tuned on
     shape QA of the SFT images, asked SHAPE_PROMPT about every image of that round's training captions; its answers
     appended as a QA turn; the generalist retrained from scratch on them (round 0 of a loop on the appended
-    captions: the same stages and steps) and evaluated. -> (row name, row, loop summary)."""
+    captions: the same stages and steps) and evaluated; its seconds include the specialist's training and answers.
+    -> (row name, row, loop summary)."""
     from vlmjax.data.pipeline import SourceSpec
     from vlmjax.generate import default_eos_ids, load_model
-    from vlmjax.generate.jsonl import read_jsonl
+    from vlmjax.generate.jsonl import read_jsonl, write_json_atomic
     from vlmjax.recipes.vila2 import specialist as S
 
+    t0, cpu0 = time.time(), time.process_time()
     last = summary["last"]
     entry = summary["rounds"][str(last)]
     captions = entry["train"]["captions"]
@@ -175,6 +177,10 @@ def specialist_arm(spec, main: Path, root: Path, data: Path, parts: dict, summar
                            prompts=(mini_data.SHAPE_PROMPT,), batch_size=spec.batch_size, shard_index=0,
                            shard_count=1, progress=False)
     manifest = S.append(SourceSpec(format="caption", path=str(captions)), main, last, ["shape"])
+    cost = Path(S.specialist_dir(main, "shape")) / f"cost.r{last}.json"  # kept: a rerun skips the steps it times
+    if not cost.exists():
+        write_json_atomic(cost, {"seconds": time.time() - t0, "cpu_seconds": time.process_time() - cpu0})
+    spent = json.loads(cost.read_text())
     arm = L.dataclasses.replace(spec, captions=manifest["out"], caption_format="caption_qa")
     out = root / f"abl_specialist_r{last}"  # another last round: other captions, another run
     s = L.run_loop(arm, out, 0, quiet=True)
@@ -183,7 +189,8 @@ def specialist_arm(spec, main: Path, root: Path, data: Path, parts: dict, summar
     answers = [{**r, "qa": next((t["value"] for t in r["conversations"][::-1] if t["from"] == "gpt"), None)}
                for r in recs]
     row.update(qa_shape=mini_data.caption_scores(answers, "qa")["shape"],
-               qa_appended=manifest["specialists"]["shape"]["appended"] / max(1, manifest["written"]))
+               qa_appended=manifest["specialists"]["shape"]["appended"] / max(1, manifest["written"]),
+               **{k: round(row[k] + v, 1) for k, v in spent.items()})  # + training and asking the specialist
     return f"round {last} + shape specialist QA", row, s
 
 
@@ -253,7 +260,7 @@ def run(root: Path, *, seed: int = 0, rounds: int = 3, quick: bool = False, base
             rows[name] = r[f"round {n}"]
             runs[name] = s
         if "specialist" in chosen:
-            name, row, s = specialist_arm(spec, main, root, data, parts, summary, gen, seed)
+            name, row, s = specialist_arm(spec, main, root, data, parts, summary, gen)
             rows[name] = row
             runs[name] = s
     gate_rows = dict(rows)
