@@ -430,6 +430,8 @@ def test_boxes_and_the_subset_rule(tmp_path, monkeypatch):
     assert domain_prompts("ocr") == (PROMPTS_SPECIALIST["ocr"],) and domain_prompts("x", ["P"]) == ("P",)
     with pytest.raises(ValueError, match="'shape' has no default prompt"):
         domain_prompts("shape")
+    with pytest.raises(ValueError, match="without <image>"):
+        domain_prompts("ocr", ["<image> Read it."])
     keys = [f"coyo_{i}" for i in range(20000)]
     by_hand = [int.from_bytes(hashlib.sha256(f"vila2/subset/{k}".encode()).digest()[:8], "little") / 2**64 < 0.05
                for k in keys]

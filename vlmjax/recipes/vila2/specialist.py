@@ -56,6 +56,10 @@ def domain_prompts(name: str, prompts=None) -> tuple[str, ...]:
     """The prompts a specialist is asked: `prompts` when given, else the default of its domain (spatial /
     grounding / ocr in `prompts.SPECIALIST_PROMPTS`)."""
     if prompts:
+        bad = [p for p in prompts if not p.strip() or PLACEHOLDER in p]
+        if bad:
+            raise ValueError(f"specialist {name!r}: prompts must be non-empty and without {PLACEHOLDER} (the image "
+                             f"goes first), got {bad}")
         return tuple(prompts)
     if name not in SPECIALIST_PROMPTS:
         raise ValueError(f"specialist {name!r} has no default prompt (defaults: {sorted(SPECIALIST_PROMPTS)}): "
