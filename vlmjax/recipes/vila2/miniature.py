@@ -199,8 +199,8 @@ def run(root: Path, *, seed: int = 0, rounds: int = 3, quick: bool = False, base
         ablations=False, over: dict | None = None, min_gain: float | None = None, on_step=None,
         report_only: bool = False) -> dict:
     """One seed: data, the loop (rounds 0..rounds), the oracle and the ablations (`arms_of`). base: a
-    `mini_base.build_base` dict (the test suite's tiny base); over: {stage or "all": {dotted: value}} added to every run's stages;
-    report_only: train nothing, report the rounds (and oracle) that have finished."""
+    `mini_base.build_base` dict (the test suite's tiny base); over: {stage or "all": {dotted: value}} added to every
+    run's stages; report_only: train nothing, report the rounds (and oracle) that have finished."""
     from vlmjax.eval.easy_vqa import evaluate_by_kind
     from vlmjax.generate import GenerationConfig, SamplingConfig
     from vlmjax.recipes.vila.miniature import base_parts
