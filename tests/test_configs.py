@@ -38,3 +38,35 @@ def test_config_regexes_select_parameters(path, stage):
     for group in c.optim.groups:
         assert any(__import__("re").search(group["pattern"], p) for p in paths), group
     assert c.train.objective in ("sft", "dpo")
+
+
+def test_vila2_real_scale_config_is_vilas_apart_from_the_recaptioned_pairs():
+    """configs/vila2/llama2_7b.py: VILA's stages (same model, lr, batch, steps, templates); only the pretrain stage's
+    COYO pairs differ, split into the recaptioned 5% subset and the rest at weights summing to VILA's pairs weight;
+    the recaption settings and a specialist stage with VILA's SFT settings."""
+    from vlmjax.recipes.vila2.prompts import PROMPTS
+
+    vila, vila2 = _module(ROOT / "vila" / "llama2_7b.py"), _module(ROOT / "vila2" / "llama2_7b.py")
+    assert vila2.STAGES == vila.STAGES + ("specialist",)
+    for stage in vila.STAGES:
+        a, b = (m.get_config(stage, workdir="W").to_dict() for m in (vila, vila2))
+        if stage == "pretrain":
+            docs, pairs = a["data"].pop("sources")
+            docs2, rest, sub = b["data"].pop("sources")
+            assert docs2 == docs and rest["name"] == "vila2_rest" and sub["name"] == vila2.CAPTION_SOURCE
+            assert (rest["path"], sub["path"]) == (vila2.REST, vila2.SUBSET)
+            assert rest["weight"] + sub["weight"] == pairs["weight"] and sub["weight"] == 0.05 * pairs["weight"]
+            for s in (rest, sub):
+                assert {k: v for k, v in s.items() if k not in ("path", "weight", "name")} == \
+                    {k: v for k, v in pairs.items() if k not in ("path", "weight")}
+        assert a == b, stage
+    assert vila2.RECAPTION == {"prompts": PROMPTS, "max_new_tokens": 384, "temperature": 0.7, "mode": "concat",
+                               "subset": 0.05}
+    spec, sft = vila2.get_config("specialist", workdir="W").to_dict(), vila.get_config("sft", workdir="W").to_dict()
+    (domain,) = spec["data"].pop("sources")
+    assert domain["format"] == "llava" and len(sft["data"].pop("sources")) == 2
+    for key in ("model", "train", "export_dir"):
+        spec.pop(key), sft.pop(key)
+    assert spec == sft  # optimiser, batch, template, seq_len as VILA's SFT
+    c = load_config(f"{ROOT / 'vila2' / 'llama2_7b.py'}:specialist")
+    assert (c.model.init, tuple(c.train.trainable)) == ("checkpoint", ("^projector/", "^llm/"))

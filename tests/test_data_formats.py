@@ -117,7 +117,7 @@ def test_preference_trl_conversational_explicit_and_implicit_prompt():
 def test_caption_followed_by_chat_turns():
     """VILA^2 specialist records: the caption in `plain`, then QA turns in the chat template, one BOS."""
     from vlmjax.data.assets import smollm2_tokenizer
-    from vlmjax.data.formats import parse_caption_qa
+    from vlmjax.data.formats import parse_caption, parse_caption_qa
     from vlmjax.data.templates import LLAVA_SYSTEM, get_template
     from vlmjax.data.text import TextProcessor, TextSpec
 
@@ -140,7 +140,11 @@ def test_caption_followed_by_chat_turns():
     assert enc.ids.tolist() == want + tok(qa, add_special_tokens=False)["input_ids"]
     assert tok.decode(enc.ids[enc.trained]) == "A red bus.<|im_end|>Red.<|im_end|>No.<|im_end|>"
     # bad records name their problem
-    assert reason(parse_caption_qa, {**rec, "conversations": []}) == EMPTY_CONVERSATION
+    no_key = {k: v for k, v in rec.items() if k != "conversations"}  # a caption record read as caption_qa
+    assert reason(parse_caption_qa, no_key) == EMPTY_CONVERSATION
+    assert reason(parse_caption_qa, {**rec, "conversations": None}) == EMPTY_CONVERSATION
+    # an explicit [] (a VILA^2 image no specialist answered) is the caption alone, as the caption format has it
+    assert parse_caption_qa({**rec, "conversations": []}) == parse_caption(no_key)
     assert reason(parse_caption_qa, {**rec, "conversations": rec["conversations"][:3]}) == BAD_TURNS
     assert reason(parse_caption_qa, {**rec, "conversations": [{"from": "human", "value": "<image>Q"},
                                                               {"from": "gpt", "value": "A"}]}) == IMAGE_COUNT

@@ -15,6 +15,7 @@ from vlmjax.generate import GenerationConfig, SamplingConfig
 from vlmjax.generate.shards import IncompleteShards, shard_paths
 from vlmjax.recipes.vila2.combine import combine, combined_path
 from vlmjax.recipes.vila2.prompts import PROMPTS, prompt_id
+from vlmjax.recipes.vila2.prompts import SPECIALIST_PROMPTS as PROMPTS_SPECIALIST
 from vlmjax.recipes.vila2.recaption import recaption, recaption_requests, recaptions_path
 from vlmjax.recipes.vila2.state import RunState, StateMismatch
 
@@ -224,6 +225,16 @@ README_COMMANDS = [
     "python -m vlmjax.recipes.vila2 recaption --model runs/vila2/vila0 --data captions.jsonl --image-root images "
     "--round 1 --out runs/vila2 --max-new-tokens 8",
     "python -m vlmjax.recipes.vila2 combine --data captions.jsonl --round 1 --out runs/vila2 --mode concat",
+    "python -m vlmjax.recipes.vila2 specialist train --config configs/vila2/mini.py --model runs/vila2/vila1 "
+    "--data shape_qa.json --image-root images --workdir runs/vila2/specialists/shape/train --set train.steps=2 "
+    "--set data.batch_size=2",
+    "python -m vlmjax.recipes.vila2 specialist recaption --model runs/vila2/specialists/shape/train/export "
+    "--name shape --prompt 'What shape is in the image?' --data runs/vila2/combined.r1.jsonl --image-root images "
+    "--round 1 --out runs/vila2 --max-new-tokens 8",
+    "python -m vlmjax.recipes.vila2 append --data runs/vila2/combined.r1.jsonl --round 1 --out runs/vila2 "
+    "--specialists shape",
+    "python -m vlmjax.recipes.vila2 subset --data pairs.jsonl --fraction 0.05 --out pairs.subset.jsonl "
+    "--rest pairs.rest.jsonl",
 ]
 
 
@@ -231,11 +242,13 @@ def _readme_commands():
     text = open(os.path.join(ROOT, "README.md")).read()
     section = text.split("## VILA^2 (vlmjax/recipes/vila2)")[1].split("\n## ")[0]
     return [" ".join(line.split()) for line in section.replace("\\\n", " ").splitlines()
-            if line.strip().startswith(("python -m vlmjax.recipes.vila2 recaption",
-                                        "python -m vlmjax.recipes.vila2 combine"))]
+            if line.strip().startswith(tuple(f"python -m vlmjax.recipes.vila2 {cmd}" for cmd in
+                                              ("recaption", "combine", "specialist", "append", "subset")))]
 
 
-def test_readme_commands_recaption_and_combine(tmp_path, monkeypatch):
+def test_readme_commands_recaption_combine_and_specialist(tmp_path, monkeypatch):
+    """The README's commands verbatim (on a tiny random VLM): recaption + combine round 1, then a specialist
+    fine-tuned from VILA^1 answers its prompt about round 1's captions and `append` writes the caption_qa file."""
     from test_generate import smol_vlm
     from vlmjax.convert import hf
     from vlmjax.data.assets import smollm2_tokenizer
@@ -257,3 +270,216 @@ def test_readme_commands_recaption_and_combine(tmp_path, monkeypatch):
     assert (again["written"], again["skipped_done"], again["previous_errors"]) == (0, 3, 2)
     with pytest.raises(StateMismatch, match="not 'other'"):  # refused before the weights load
         main(shlex.split(README_COMMANDS[0])[3:] + ["--model-name", "other", "--model", "."])
+    # the specialist: VILA^1 (here the same random weights) fine-tuned on shape QA, 2 steps
+    from vlmjax.data.formats import parse_caption_qa
+    from vlmjax.recipes.vila2.combine import recaption_status
+
+    hf.save_vlm(smol_vlm(), tmp_path / "runs" / "vila2" / "vila1", tokenizer=smollm2_tokenizer())
+    (tmp_path / "configs").symlink_to(os.path.join(ROOT, "configs"))
+    (tmp_path / "shape_qa.json").write_text(json.dumps([
+        {"id": f"s{i}", "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat shape is in the image?"}, {"from": "gpt", "value": "Circle"}]}
+        for i in range(3)]))
+    run_state = json.load(open("runs/vila2/state.json"))
+    tr = main(shlex.split(README_COMMANDS[2])[3:])
+    assert tr["steps"] == 2 and os.path.exists("runs/vila2/specialists/shape/train/export/config.json")
+    st = main(shlex.split(README_COMMANDS[3])[3:])
+    assert (st["requests"], st["written"], st["failed"]) == (4, 3, 1)  # combined.r1 has 4 records; 'gone' fails
+    answers = _rows("runs/vila2/specialists/shape/recaptions.r1.jsonl")
+    assert all(r["round"] == 1 and r["specialist"] == "shape" and r["prompt_id"] == 0 for r in answers)
+    assert all(r["prompt"] == "<image>\nWhat shape is in the image?" for r in answers if "error" not in r)
+    assert json.load(open("runs/vila2/state.json")) == run_state  # the run's own state is not the specialist's
+    man = main(shlex.split(README_COMMANDS[4])[3:])
+    by_hand = collections.Counter(recaption_status(r) for r in answers)  # a random model: mostly truncated
+    shape = man["specialists"]["shape"]
+    assert (shape["appended"], shape["failed"], shape["empty"], shape["truncated"]) == \
+        (by_hand["ok"], by_hand["failed"], by_hand["empty"], by_hand["truncated"])
+    assert (man["written"], man["with_turns"], man["bad_record"]) == (4, by_hand["ok"], 0)
+    rows = _rows("runs/vila2/appended.r1.jsonl")
+    for r in rows:
+        assert len(parse_caption_qa(r).messages) == 2 + len(r["conversations"]) and r["source_model"] == \
+            "runs/vila2/vila0" and r["specialists"][0]["model"] == "runs/vila2/specialists/shape/train/export"
+    again = main(shlex.split(README_COMMANDS[3])[3:])  # resumed by id: nothing left
+    assert (again["written"], again["skipped_done"]) == (0, 3)
+
+
+SPATIAL = "Where are the objects relative to each other?"  # hand prompts (the records name what was asked)
+GROUNDING = "Give the boxes."
+SPECIALIST_HAND = {  # per specialist, one outcome per caption id (write_captions(n=5): c0-c4, gone; blank: bad)
+    "spatial": [{"id": "c0", "output": " The circle is left of the square. ", "finish_reason": "eos"},
+                {"id": "c1", "output": "See <image> above.", "finish_reason": "stop"},
+                {"id": "c2", "output": "The circle is", "finish_reason": "length"},  # truncated
+                {"id": "c3", "output": " ", "finish_reason": "eos"},  # empty
+                {"id": "c4", "error": "OSError: image file not found"},
+                {"id": "gone", "error": "OSError: image file not found"},
+                {"id": "blank", "error": "BadSample: empty caption"}],
+    "grounding": [{"id": "c0", "output": "A circle [0.1, 0.2, 0.5, 0.9].", "finish_reason": "eos"},
+                  {"id": "c1", "output": "A circle on the left.", "finish_reason": "eos"},  # no box
+                  {"id": "c2", "output": "A circle [0.5, 0.2, 0.1, 0.9].", "finish_reason": "eos"},  # xmin > xmax
+                  {"id": "c3", "output": "[0, 0, 1, 1] the whole image", "finish_reason": "eos"},
+                  {"id": "c4", "output": "Two: [0.1,0.1,0.2,0.2] and [0.3, 0.3, 0.4, 0.4]", "finish_reason": "eos"},
+                  {"id": "gone", "error": "OSError: image file not found"},
+                  {"id": "blank", "error": "BadSample: empty caption"}],
+}
+
+
+def write_specialist(out, name, recs, round_=1, model=None, shards=1):
+    """A specialist's recaption records by hand in OUT/specialists/NAME (host shards when shards > 1)."""
+    from vlmjax.recipes.vila2.specialist import specialist_dir
+
+    folder = specialist_dir(out, name)
+    model = model or f"{name}-model"
+    RunState(folder).start(round_, model)
+    prompt = {"spatial": SPATIAL, "grounding": GROUNDING}.get(name, "Say it.")
+    rows = [{"round": round_, "model": model, "prompt_id": 0, "specialist": name,
+             **({} if "error" in r else {"prompt": "<image>\n" + prompt}), **r} for r in recs]
+    for path, part in zip(shard_paths(recaptions_path(folder, round_), shards), [rows[i::shards] for i in
+                                                                                 range(shards)]):
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in part)
+    return folder
+
+
+def test_append_turns_counts_provenance_and_refusals(tmp_path):
+    from vlmjax.data.formats import parse_caption, parse_caption_qa
+    from vlmjax.recipes.vila2.specialist import append, appended_path
+
+    write_captions(tmp_path, n=5)
+    spec = SourceSpec(format="caption", path=str(tmp_path / "captions.jsonl"))
+    out = tmp_path / "run"
+    for name, recs in SPECIALIST_HAND.items():
+        write_specialist(out, name, recs)
+    man = append(spec, out, 1, ["spatial", "grounding"])
+    rows = {r["id"]: r for r in _rows(appended_path(out, 1))}
+    # by hand: spatial appends c0, c1; grounding c0, c3, c4 (c1 has no box, c2's box is inverted)
+    assert {k: man[k] for k in ("records", "written", "with_turns", "without_turns", "bad_record")} == \
+        {"records": 7, "written": 6, "with_turns": 4, "without_turns": 2, "bad_record": 1}
+    sp, gr = man["specialists"]["spatial"], man["specialists"]["grounding"]
+    assert {k: sp[k] for k in ("appended", "failed", "empty", "truncated", "no_box")} == \
+        {"appended": 2, "failed": 2, "empty": 1, "truncated": 1, "no_box": 0}
+    assert {k: gr[k] for k in ("appended", "failed", "empty", "truncated", "no_box")} == \
+        {"appended": 3, "failed": 1, "empty": 0, "truncated": 0, "no_box": 2}
+    assert (sp["model"], gr["model"]) == ("spatial-model", "grounding-model")
+    assert sp["answer_words"]["n"] == 2 and sp["answer_words"]["mean"] == (7 + 3) / 2  # "[image]" is one word
+    assert man["bad_records"][0]["id"] == "blank" and "blank" not in rows
+    assert rows["c0"]["conversations"] == [
+        {"from": "human", "value": SPATIAL}, {"from": "gpt", "value": "The circle is left of the square."},
+        {"from": "human", "value": GROUNDING}, {"from": "gpt", "value": "A circle [0.1, 0.2, 0.5, 0.9]."}]
+    assert rows["c1"]["conversations"][1]["value"] == "See [image] above."  # escaped: not an image placeholder
+    assert [t["value"] for t in rows["c3"]["conversations"]] == [GROUNDING, "[0, 0, 1, 1] the whole image"]
+    assert rows["c2"]["conversations"] == [] and rows["gone"]["conversations"] == []
+    assert [p["status"] for p in rows["c2"]["specialists"]] == ["truncated", "no_box"]
+    assert rows["c4"]["specialists"] == [
+        {"name": "spatial", "model": "spatial-model", "round": 1, "prompt_id": 0, "status": "failed"},
+        {"name": "grounding", "model": "grounding-model", "round": 1, "prompt_id": 0, "status": "appended"}]
+    assert rows["c1"]["caption"] == "A shape 1." and "text" not in rows["c1"] and rows["c1"]["source"] == "toy"
+    # every record is a caption_qa record the trainer parses; one without turns is its plain caption
+    for r in rows.values():
+        ex = parse_caption_qa(r)
+        assert len(ex.messages) == 2 + len(r["conversations"])
+    no_turns = {k: v for k, v in rows["c2"].items() if k != "conversations"}
+    assert parse_caption_qa(rows["c2"]) == parse_caption(no_turns)
+    assert json.load(open(appended_path(out, 1)[:-6] + ".manifest.json")) == man
+    # appending to appended records keeps their turns and provenance (a third specialist, same ids)
+    write_specialist(out, "ocr", [{"id": k, "output": f"No text {k}.", "finish_reason": "eos"}
+                                  for k in ("c0", "c1", "c2", "c3", "c4", "gone")], round_=2)
+    again = append(SourceSpec(format="caption", path=appended_path(out, 1)), out, 2, ["ocr"])
+    rows2 = {r["id"]: r for r in _rows(appended_path(out, 2))}
+    assert again["specialists"]["ocr"]["appended"] == 6 and rows2["c0"]["conversations"][:4] == \
+        rows["c0"]["conversations"] and rows2["c0"]["conversations"][5]["value"] == "No text c0."
+    assert [p["name"] for p in rows2["c0"]["specialists"]] == ["spatial", "grounding", "ocr"]
+
+
+def test_append_refuses_duplicates_gaps_other_models_and_names(tmp_path):
+    from vlmjax.recipes.vila2.specialist import append, appended_path, specialist_dir
+
+    write_captions(tmp_path, n=5)
+    spec = SourceSpec(format="caption", path=str(tmp_path / "captions.jsonl"))
+    out = tmp_path / "run"
+    # an id in two host shards: an error naming both lines; nothing is written
+    write_specialist(out, "spatial", SPECIALIST_HAND["spatial"] + [SPECIALIST_HAND["spatial"][0]], shards=2)
+    with pytest.raises(ValueError, match="'c0' in .*00000-of-00002.jsonl:1 and .*00001-of-00002.jsonl:4"):
+        append(spec, out, 1, ["spatial"])
+    assert not os.path.exists(appended_path(out, 1))
+    for p in shard_paths(recaptions_path(specialist_dir(out, "spatial"), 1), 2):
+        os.remove(p)
+    write_specialist(out, "spatial", SPECIALIST_HAND["spatial"][:-2])  # 'gone' and 'blank' were never answered
+    with pytest.raises(IncompleteShards, match="2 of 7 ids are missing.*'gone', 'blank'"):
+        append(spec, out, 1, ["spatial"])
+    with pytest.raises(IncompleteShards, match="no recaptions for round 1"):
+        append(spec, out, 1, ["ocr"])  # a specialist that never ran
+    write_specialist(out, "spatial", SPECIALIST_HAND["spatial"])
+    RunState(specialist_dir(out, "spatial")).start(2, "spatial-v2")  # its folder moved on to another round
+    with pytest.raises(StateMismatch, match="round 1 by model 'spatial-model', but .* round 2 by model 'spatial-v2'"):
+        append(spec, out, 1, ["spatial"])
+    with pytest.raises(ValueError, match="each specialist once"):
+        append(spec, out, 1, ["spatial", "spatial"])
+    with pytest.raises(ValueError, match="specialist name '../x'"):
+        append(spec, out, 1, ["../x"])
+
+
+def test_boxes_and_the_subset_rule(tmp_path, monkeypatch):
+    import hashlib
+
+    from vlmjax.recipes.vila2.specialist import boxes, domain_prompts
+    from vlmjax.recipes.vila2.subset import in_subset, split
+
+    assert boxes("a [0.1, 0.2, 0.3, 0.4] b [1,2] c [0.5,0.5,0.5,0.9] d [0, 0, 1, 1] e [x, 0, 1, 1]") == \
+        [(0.1, 0.2, 0.3, 0.4), (0.0, 0.0, 1.0, 1.0)]  # [1,2]: 2 numbers; xmin == xmax; not numbers
+    assert boxes("[0.2, 0.1, 0.9, 1.5]") == [] and boxes(None) == []  # outside 0-1
+    assert domain_prompts("ocr") == (PROMPTS_SPECIALIST["ocr"],) and domain_prompts("x", ["P"]) == ("P",)
+    with pytest.raises(ValueError, match="'shape' has no default prompt"):
+        domain_prompts("shape")
+    with pytest.raises(ValueError, match="without <image>"):
+        domain_prompts("ocr", ["<image> Read it."])
+    keys = [f"coyo_{i}" for i in range(20000)]
+    by_hand = [int.from_bytes(hashlib.sha256(f"vila2/subset/{k}".encode()).digest()[:8], "little") / 2**64 < 0.05
+               for k in keys]
+    five = [in_subset(k, 0.05) for k in keys]
+    assert five == by_hand and abs(np.mean(five) - 0.05) < 0.005  # 3 sd of a binomial share is 0.0046
+    assert all(in_subset(k, 0.1) for k, f in zip(keys, five) if f)  # a larger fraction's subset contains it
+    with pytest.raises(ValueError, match=r"fraction must be in \[0, 1\]"):
+        in_subset("a", 1.5)
+    recs = [{"id": k, "image": f"{i}.jpg", "caption": f"c{i}"} for i, k in enumerate(keys[:200])]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    from vlmjax.recipes.vila2.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    st = main(shlex.split(README_COMMANDS[5])[3:])
+    sub, rest = _rows("pairs.subset.jsonl"), _rows("pairs.rest.jsonl")
+    assert sub == [r for r, f in zip(recs, five) if f] and rest == [r for r, f in zip(recs, five) if not f]
+    assert (st["records"], st["subset"], st["rest"]) == (200, len(sub), 200 - len(sub))
+    (tmp_path / "noid.jsonl").write_text(json.dumps({"image": "a.jpg", "caption": "x"}) + "\n")
+    with pytest.raises(ValueError, match="noid.jsonl: record #0 has no id"):
+        split(SourceSpec(format="caption", path=str(tmp_path / "noid.jsonl")), 0.5, tmp_path / "a.jsonl",
+              tmp_path / "b.jsonl")
+
+
+def test_train_specialist_stage_checks_and_epochs(tmp_path, monkeypatch):
+    """`train_specialist` runs the config's specialist stage from VILA^k's export on the domain file; --epochs sets
+    the steps to ceil(epochs x records / global batch) (stage runner faked: milliseconds)."""
+    from vlmjax.recipes.vila2 import specialist as S
+    from vlmjax.train import stages as stages_lib
+
+    calls = []
+    monkeypatch.setattr(stages_lib, "train_stage", lambda stage, workdir, **kw: calls.append((stage, kw)) or workdir)
+    domain = tmp_path / "domain.json"
+    domain.write_text(json.dumps([{"id": f"d{i}", "image": "0.png", "conversations": [
+        {"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}]} for i in range(10)]))
+    mini = os.path.join(ROOT, "configs", "vila2", "mini.py")
+    S.train_specialist(mini, "vila1", str(domain), "imgs", tmp_path / "w", epochs=2)
+    stage, kw = calls[-1]
+    assert stage == "specialist" and (kw["model_path"], kw["source"], kw["image_root"]) == ("vila1", str(domain),
+                                                                                          "imgs")
+    assert kw["over"] == {"train.steps": 2}  # ceil(2 x 10 / 16): the mini stage's batch 16, grad_accum 1
+    S.train_specialist(mini, "vila1", str(domain), "imgs", tmp_path / "w", epochs=2, over={"data.batch_size": 3})
+    assert calls[-1][1]["over"] == {"data.batch_size": 3, "train.steps": 7}  # ceil(20 / 3)
+    S.train_specialist(mini, "vila1", str(domain), "imgs", tmp_path / "w", steps_scale=0.5)
+    assert calls[-1][1]["over"] == {} and calls[-1][1]["steps_scale"] == 0.5  # the config's 40 steps, scaled
+    with pytest.raises(ValueError, match="epochs > 0 sets the steps"):
+        S.train_specialist(mini, "vila1", str(domain), "imgs", tmp_path / "w", epochs=1, steps_scale=0.5)
+    with pytest.raises(ValueError, match="mini.py:align: a specialist fine-tunes VILA\\^k's export"):
+        S.train_specialist(mini, "vila1", str(domain), "imgs", tmp_path / "w", stage="align")
+    with pytest.raises(ValueError, match="llama2_7b.py:pretrain: a specialist stage reads one llava-format source"):
+        S.train_specialist(os.path.join(ROOT, "configs", "vila", "llama2_7b.py"), "v", str(domain), "i", tmp_path,
+                           stage="pretrain")

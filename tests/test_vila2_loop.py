@@ -123,7 +123,7 @@ def test_loop_spec_and_cli_refuse_bad_settings(tmp_path, capsys):
     assert (pairs["format"], pairs["path"], pairs["image_root"]) == ("caption", "combined.r1.jsonl", "I")
     assert L.stage_data(vila, "sft", "x") == {"source": "s.json", "image_root": "S"}
     assert L.stage_data(vila, "align", "x")["source"] == "a.jsonl"
-    with pytest.raises(ValueError, match="llama2_7b.py:sft has no caption-format source"):
+    with pytest.raises(ValueError, match="llama2_7b.py:sft has 0 caption-format sources"):
         L.stage_data(L.dataclasses.replace(vila, caption_stages=("pretrain", "sft")), "sft", "x")
     caps = _captions(tmp_path)
     base = ["loop", "--rounds", "1", "--config", "configs/vila2/mini.py", "--stages", "align", "sft",
@@ -133,6 +133,37 @@ def test_loop_spec_and_cli_refuse_bad_settings(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(base + extra)
         assert msg in capsys.readouterr().err
+
+
+def test_stage_data_for_appended_captions_and_a_named_caption_source():
+    """caption_qa captions replace the caption stage's source with the turns' chat template; in VILA^2's pretrain
+    mixture (MMC4 + COYO rest + COYO subset) only the source named caption_source reads the round's captions."""
+    vila2 = str(ROOT / "configs" / "vila2" / "llama2_7b.py")
+    spec = L.LoopSpec(vila2, ("align", "pretrain", "sft"), "sub.jsonl", "I", ("pretrain",),
+                      {"align": "a.jsonl", "sft": "s.json"}, caption_source="vila2_subset")
+    docs, rest, sub = L.stage_data(spec, "pretrain", "combined.r1.jsonl")["data.sources"]
+    assert (docs["format"], rest["path"], rest["format"]) == ("interleaved", "data/coyo/pairs.vila2_rest.jsonl",
+                                                              "caption")
+    assert (sub["path"], sub["format"], sub["name"], sub["weight"]) == ("combined.r1.jsonl", "caption", "vila2_subset",
+                                                                        0.05)
+    qa = L.dataclasses.replace(spec, caption_format="caption_qa")
+    sub = L.stage_data(qa, "pretrain", "appended.r3.jsonl")["data.sources"][2]
+    assert (sub["format"], sub["format_options"], sub["image_root"]) == ("caption_qa", {"chat_template": "vicuna_v1"},
+                                                                         "I")
+    assert L.stage_data(L.dataclasses.replace(qa, chat_template="chatml"), "pretrain", "x")["data.sources"][2][
+        "format_options"] == {"chat_template": "chatml"}
+    with pytest.raises(ValueError, match="pretrain has 2 caption-format sources"):
+        L.stage_data(L.dataclasses.replace(spec, caption_source=None), "pretrain", "x")
+    with pytest.raises(ValueError, match="has 0 caption-format sources named 'coyo'"):
+        L.stage_data(L.dataclasses.replace(spec, caption_source="coyo"), "pretrain", "x")
+    with pytest.raises(ValueError, match="caption_format must be one of"):
+        L.dataclasses.replace(spec, caption_format="llava")
+    # the miniature's one-source align stage: the whole source, in caption_qa with the SFT stage's template
+    mini = L.LoopSpec(str(ROOT / "configs" / "vila2" / "mini.py"), ("align", "sft"), "p.jsonl", "I", ("align",),
+                      {"sft": "sft.json"}, caption_format="caption_qa")
+    (src,) = L.stage_data(mini, "align", "appended.r1.jsonl")["data.sources"]
+    assert src == {"format": "caption_qa", "path": "appended.r1.jsonl", "image_root": "I",
+                   "format_options": {"chat_template": "auto"}}
 
 
 def test_mini_data_captions_and_scores(tmp_path, tiny_mini_base):
@@ -165,7 +196,7 @@ def test_miniature_quick_end_to_end_resumes(tmp_path, tiny_mini_base):
 
     from vlmjax.recipes.vila2 import miniature
 
-    over = {"align": TINY_MINI, "sft": {"data.batch_size": 2}}
+    over = {"align": TINY_MINI, "sft": {"data.batch_size": 2}, "specialist": {"data.batch_size": 2}}
 
     def kill(round_, step):
         if (round_, step) == (1, "recaption"):
@@ -176,9 +207,10 @@ def test_miniature_quick_end_to_end_resumes(tmp_path, tiny_mini_base):
     with pytest.raises(Killed):
         miniature.run_seeds(tmp_path, on_step=kill, **kw)
     assert RunState(tmp_path / "seed0" / "loop").entry(1)["last_step"] == "recaption"
-    out = miniature.run_seeds(tmp_path, **kw)
+    out = miniature.run_seeds(tmp_path, ablations=("specialist",), **kw)  # the rerun adds the specialist arm
     rows = out["rows"]
-    assert list(rows) == ["round 0", "round 1"] and rows["round 0"]["cap_both"]["mean"] == 0.0
+    assert list(rows) == ["round 0", "round 1", "round 1 + shape specialist QA"]
+    assert rows["round 0"]["cap_both"]["mean"] == 0.0
     assert 0.0 <= rows["round 1"]["recap_both"]["mean"] <= 1.0 and "recap_both" not in rows["round 0"]
     assert out["base_gate"]["passed"] is None or isinstance(out["base_gate"]["passed"], bool)
     assert "round 0 captions carry colour + shape for 0.0%" in out["info_gate"]["lines"][0]
@@ -188,6 +220,20 @@ def test_miniature_quick_end_to_end_resumes(tmp_path, tiny_mini_base):
     saved = json.load(open(tmp_path / "results" / "miniature.json"))
     assert saved["seeds"] == [0] and saved["meta"]["wall_s"] > 0 and saved["config"]["rounds"] == 1
     again = miniature.run_seeds(tmp_path, report_only=True, figures=False, **kw)  # trains nothing: the same rows
-    assert again["per_seed"] == out["per_seed"]
+    assert again["per_seed"] == {k: v for k, v in out["per_seed"].items() if k.startswith("round ") and "+" not in k}
     combined = [json.loads(line) for line in open(tmp_path / "seed0" / "loop" / "combined.r1.jsonl")]
     assert len(combined) == 24 and all(r["round"] == 1 and r["source_model"] == "vila0" for r in combined)
+    # the shape specialist: fine-tuned from VILA^1, asked about round 1's captions, appended, generalist retrained
+    loop = tmp_path / "seed0" / "loop"
+    spec_row = out["per_seed"]["round 1 + shape specialist QA"][0]
+    assert 0.0 <= spec_row["qa_shape"] <= spec_row["qa_appended"] <= 1.0 and "accuracy" in spec_row
+    man = json.load(open(loop / "appended.r1.manifest.json"))
+    shape = man["specialists"]["shape"]
+    assert man["written"] == 24 and sum(shape[k] for k in ("appended", "failed", "empty", "truncated")) == 24
+    assert man["with_turns"] == shape["appended"] and shape["model"] == "shape-specialist-of-vila1"
+    appended = [json.loads(line) for line in open(loop / "appended.r1.jsonl")]
+    assert all(r["conversations"][0]["value"] == mini_data.SHAPE_PROMPT for r in appended if r["conversations"])
+    assert [r["caption"] for r in appended] == [r["caption"] for r in combined]  # round 1's captions, in order
+    align = json.load(open(tmp_path / "seed0" / "abl_specialist_r1" / "round0" / "align" / "config.json"))
+    assert align["data"]["sources"][0]["format"] == "caption_qa"  # the generalist trained on the appended file
+    assert (loop / "specialists" / "shape" / "train.r1" / "export").is_dir()

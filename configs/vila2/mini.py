@@ -8,6 +8,8 @@ align: the round's caption pairs (images 0-2999; round 0 = the under-informative
        VILA^{k-1}'s recaption), everything trainable (the decoder is fresh: it learns its language here).
 sft:   easy-vqa QA + a description turn on images 3000-3299 (small, so the pre-training still matters), tower
        frozen (as the mini base: SFT at lr 2e-3 blurs the tower's shape features).
+specialist: the shape specialist (`--ablations`): the last round's SFT'd model fine-tuned on "What shape is in the
+       image?" about the SFT images (`mini_data.build_shape_qa`), tower frozen, lower lr (it starts trained).
 Steps (STEPS) are the mini base's (align 300, SFT 400): at 80 + 80 VILA^0 did not learn to see (its recaptions were
 right on colour and shape at chance, README), so no round could add information.
 """
@@ -17,8 +19,8 @@ import os
 from vlmjax.train.config_io import load_module
 from vlmjax.train.defaults import base
 
-STAGES = ("align", "sft")
-STEPS = {"align": 300, "sft": 400}
+STAGES = ("align", "sft", "specialist")
+STEPS = {"align": 300, "sft": 400, "specialist": 100}
 
 
 def _mini():
@@ -40,6 +42,13 @@ def get_config(stage: str = "align"):
         c.data.seq_len = 128
         c.data.max_images = 64  # several short captions per packed row
         c.data.sources = (dict(format="caption", path="captions.jsonl", image_root="images"),)
+    elif stage == "specialist":
+        c.model.init = "checkpoint"  # VILA^k's SFT export (the runner sets model.path)
+        c.train.trainable = ("^projector/", "^llm/")
+        c.optim.lr = 1e-3
+        c.optim.end_factor = 0.1
+        c.data.seq_len = 128  # one short QA per sample, several per packed row
+        c.data.sources = (dict(format="llava", path="shape_qa.json", image_root="images"),)
     else:
         c.model.init = "checkpoint"  # the align stage's export (native: the conv stem)
         c.train.trainable = ("^projector/", "^llm/")

@@ -215,7 +215,9 @@ def parse_preference(record: dict) -> Example:
 def parse_caption_qa(record: dict, chat_template: str = "auto") -> Example:
     """A caption record followed by chat turns about the same image (VILA^2 specialists): the `caption` fields plus
     "conversations" (LLaVA turns, human first, no <image>). Rendered as the caption in `plain`, then the turns in
-    `chat_template` (template "plain+{chat_template}"; set it to the pipeline's template when that is not "auto")."""
+    `chat_template` (template "plain+{chat_template}"; set it to the pipeline's template when that is not "auto").
+    "conversations": [] (given, empty) is the caption alone, exactly as the `caption` format renders it; a record
+    without the key is an error (a caption file read as caption_qa by mistake)."""
     example = parse_caption(record)
     turns = record.get("conversations", record.get("messages"))
     if isinstance(turns, (str, bytes)):
@@ -223,8 +225,10 @@ def parse_caption_qa(record: dict, chat_template: str = "auto") -> Example:
             turns = json.loads(turns)
         except ValueError as e:
             raise BadSample(BAD_RECORD, f"conversations is not valid JSON: {e}") from None
-    if not turns:
+    if turns is None or (not turns and not isinstance(turns, list)):
         raise BadSample(EMPTY_CONVERSATION, "caption_qa record without conversations (use the caption format)")
+    if not turns:  # an explicit [] (no specialist answered about this image): the caption alone
+        return example
     qa = _messages(turns, "conversations")
     if any(m["role"] == "system" for m in qa):
         raise BadSample(BAD_RECORD, "caption_qa turns cannot hold a system message")

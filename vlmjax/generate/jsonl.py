@@ -87,3 +87,35 @@ def read_jsonl(path, key: str | None = "id") -> list[dict] | dict[str, dict]:
     with open(path, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     return rows if key is None else {str(r[key]): r for r in rows}
+
+
+def write_jsonl_atomic(path, rows: Iterable[dict]) -> int:
+    """Write `rows` (any iterable: streamed, never held whole) as JSONL to a temp file, fsync, then rename over
+    `path`: readers see the old file or the whole new one, never a part. Returns the number of rows."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp, n = f"{path}.tmp{os.getpid()}", 0
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                n += 1
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)  # the rows raised: no half file left behind
+    return n
+
+
+def write_json_atomic(path, obj, *, indent: int | None = 1) -> None:
+    """`obj` as one JSON file, written to a temp file and renamed over `path` (a manifest, a summary)."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=indent)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -23,6 +23,7 @@ import numpy as np
 
 from vlmjax.data.formats import PLACEHOLDER
 from vlmjax.generate import merge_shards, requests_from_source, sample_keys
+from vlmjax.generate.jsonl import write_json_atomic, write_jsonl_atomic
 from vlmjax.generate.shards import IncompleteShards, check_coverage
 from vlmjax.recipes.vila2.recaption import recaptions_path
 from vlmjax.recipes.vila2.state import RunState
@@ -71,6 +72,31 @@ def gather(out_dir, round_: int, keys: list[str]) -> dict[str, dict]:
     return {str(r["id"]): r for r in rows}
 
 
+def read_source(spec, limit: int | None = None):
+    """(keys, raw records, requests, name) of a caption source's first `limit` records (all: None), parsed as the
+    trainer parses them (a record that does not parse is a request with `.error`); its images are not read."""
+    reqs = requests_from_source(spec, role="generate", limit=limit)
+    records, name = spec.open()
+    records = [records[i] for i in range(len(reqs))] if limit is not None else records
+    if len(records) != len(reqs):
+        raise ValueError(f"{name}: {len(records)} records but {len(reqs)} requests (not a caption source?)")
+    return sample_keys(reqs), records, reqs, name
+
+
+def manifest_path(out_path: str) -> str:
+    """`X.jsonl` -> `X.manifest.json`."""
+    return out_path[: -len(".jsonl")] + ".manifest.json"
+
+
+def made_by(state: RunState, recs: dict[str, dict], round_: int, what: str) -> str:
+    """The model that made round `round_`'s recaptions `recs`; every record's (round, model) must be the round and
+    model that `state` names (else `StateMismatch` naming both)."""
+    pairs = sorted({(int(r["round"]), str(r["model"])) for r in recs.values()})
+    for r, m in pairs or [(round_, (state.entry(round_) or {}).get("model"))]:
+        state.check(r, m, what)
+    return pairs[0][1] if pairs else state.entry(round_)["model"]
+
+
 def quantiles(lengths) -> dict:
     x = np.asarray(lengths, np.float64)
     if not len(x):
@@ -88,23 +114,14 @@ def combine(spec, out_dir, round_: int, *, mode: str = "concat", limit: int | No
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     state = RunState(out_dir)
-    reqs = requests_from_source(spec, role="generate", limit=limit)
-    keys = sample_keys(reqs)
+    keys, records, reqs, name = read_source(spec, limit)
     recs = gather(out_dir, round_, keys)
-    made_by = sorted({(int(r["round"]), str(r["model"])) for r in recs.values()})
-    for r, m in made_by or [(round_, (state.entry(round_) or {}).get("model"))]:
-        state.check(r, m, f"the recaptions in {recaptions_path(out_dir, round_)}")
-    model = made_by[0][1] if made_by else state.entry(round_)["model"]
-    records, name = spec.open()
-    records = [records[i] for i in range(len(reqs))] if limit is not None else records
-    if len(records) != len(reqs):
-        raise ValueError(f"{name}: {len(records)} records but {len(reqs)} requests (not a caption source?)")
+    model = made_by(state, recs, round_, f"the recaptions in {recaptions_path(out_dir, round_)}")
     counts = {"records": len(reqs), "written": 0, "recaptioned": 0, "failed": 0, "empty": 0, "truncated": 0,
               "bad_record": 0}
     bad, words = [], {"orig_caption": [], "recaption": [], "caption": []}
-    out_path = combined_path(out_dir, round_)
-    tmp = f"{out_path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+
+    def rows():
         for key, source, req in zip(keys, records, reqs):
             if req.error is not None:
                 counts["bad_record"] += 1
@@ -125,18 +142,15 @@ def combine(spec, out_dir, round_: int, *, mode: str = "concat", limit: int | No
             out.update(caption=caption, orig_caption=orig, recaption=text, round=int(round_), source_model=model,
                        prompt_id=rec.get("prompt_id"), truncated=status == "truncated",
                        kept_original=None if status == "ok" else status)
-            f.write(json.dumps(out, ensure_ascii=False) + "\n")
             counts["written"] += 1
             words["orig_caption"].append(len(orig.split()))
             words["caption"].append(len(caption.split()))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out_path)
+            yield out
+
+    out_path = combined_path(out_dir, round_)
+    write_jsonl_atomic(out_path, rows())
     manifest = {"round": int(round_), "source_model": model, "mode": mode, "data": name, "out": out_path, **counts,
                 "words": {k: quantiles(v) for k, v in words.items()}, "bad_records": bad}
-    mpath = out_path[: -len(".jsonl")] + ".manifest.json"
-    with open(mpath + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(mpath + ".tmp", mpath)
+    write_json_atomic(manifest_path(out_path), manifest)
     state.finish(round_, "combine", mode=mode, out=out_path, **counts)
     return manifest

@@ -11,6 +11,9 @@ stage's starting weights, per-stage overrides, the recaption sampling and the ev
 DIR/recaptions.r{k}.jsonl, DIR/combined.r{k}.jsonl (+ manifest), DIR/round{k}/{stage}/export (each round's own
 stage folders: retraining never starts from another round's weights), DIR/round{k}/eval.json.
 
+Specialists (`vila2.specialist`): the generalist retrains on `append`'s caption_qa file as round 0 of a run whose
+captions are that file (`LoopSpec(caption_format="caption_qa")`): the same stages, steps and eval as every round.
+
 Resume: state.json names each round's last finished step (recaption -> combine -> train -> eval); a rerun skips the
 finished steps of the round it stopped in and finished rounds entirely, and every step resumes on its own (recaption
 by id, `train_stage` from its checkpoint or export, the eval from its cached JSON).
@@ -25,10 +28,12 @@ from pathlib import Path
 from typing import Callable
 
 from vlmjax.recipes.vila2.combine import combine, combined_path
+from vlmjax.recipes.vila2.prompts import PROMPTS
 from vlmjax.recipes.vila2.state import STEPS, RunState
 from vlmjax.train import stages as stages_lib
 
 ROUND_STEPS = ("recaption", "combine", "train", "eval")
+CAPTION_FORMATS = ("caption", "caption_qa")
 assert ROUND_STEPS == STEPS
 
 
@@ -51,8 +56,14 @@ class LoopSpec:
     average: tuple[str, ...] = ("accuracy",)  # metrics averaged for the min-gain rule
     recaption_stage: str | None = None  # whose export recaptions (default: the last stage's, VILA^k itself)
     limit: int | None = None  # only the first N caption records (smoke runs)
+    caption_format: str = "caption"  # "caption_qa": the captions carry specialist QA turns (`vila2.specialist`)
+    caption_source: str | None = None  # in a mixture with several caption sources: the `name` of the one replaced
+    chat_template: str | None = None  # caption_qa turns' template (default: the last stage's, the model's chat)
+    prompts: tuple[str, ...] = PROMPTS  # the recaption prompts (one per image, seeded by (round, id))
 
     def __post_init__(self):
+        if self.caption_format not in CAPTION_FORMATS:
+            raise ValueError(f"caption_format must be one of {CAPTION_FORMATS}, got {self.caption_format!r}")
         unknown = [s for s in self.caption_stages if s not in self.stages]
         if unknown or not self.caption_stages:
             raise ValueError(f"caption_stages {list(self.caption_stages)} must be among the stages {list(self.stages)}")
@@ -95,22 +106,44 @@ def train_round(spec: LoopSpec, out, round_: int, captions: str) -> dict:
 
 def stage_data(spec: LoopSpec, stage: str, captions: str) -> dict:
     """train_stage's data arguments for `stage`: a caption stage reads the round's captions (in a mixture, its
-    caption-format source(s) do, the other sources stay as configured: VILA's pretrain = MMC4 documents + COYO
-    pairs); another stage reads spec.sources[stage] (a path, or {"path", "image_root"}), its image root defaulting to
-    its config's."""
+    caption-format source does, or with several the one named spec.caption_source; the other sources stay as
+    configured: VILA's pretrain = MMC4 documents + COYO pairs), in spec.caption_format (caption_qa: with the chat
+    template of the turns); another stage reads spec.sources[stage] (a path, or {"path", "image_root"}), its image
+    root defaulting to its config's."""
     if stage in spec.caption_stages:
         srcs = stages_lib.stage_config(spec.config_file, stage).data.sources
-        if len(srcs) == 1:
+        if len(srcs) == 1 and spec.caption_format == "caption":
             return {"source": str(captions), "image_root": spec.image_root}
-        if not any(s["format"] == "caption" for s in srcs):
-            raise ValueError(f"{spec.config_file}:{stage} has no caption-format source for the round's captions")
-        mixed = tuple({**dict(s), "path": str(captions), "image_root": spec.image_root} if s["format"] == "caption"
-                      else dict(s) for s in srcs)
-        return {"data.sources": mixed, "image_root": mixed[0].get("image_root", spec.image_root)}
+        targets = [i for i, s in enumerate(srcs) if s["format"] == "caption"]
+        if spec.caption_source is not None:
+            targets = [i for i in targets if srcs[i].get("name") == spec.caption_source]
+        if len(targets) != 1:
+            named = "" if spec.caption_source is None else f" named {spec.caption_source!r}"
+            raise ValueError(f"{spec.config_file}:{stage} has {len(targets)} caption-format sources{named} for the "
+                             f"round's captions (need one; caption_source names it among several): "
+                             f"{[(s['format'], s.get('name')) for s in srcs]}")
+        new = {**dict(srcs[targets[0]]), "path": str(captions), "image_root": spec.image_root,
+               "format": spec.caption_format}
+        if spec.caption_format == "caption_qa":
+            new["format_options"] = {**dict(new.get("format_options") or {}), "chat_template": chat_template(spec)}
+        mixed = tuple(new if i == targets[0] else dict(s) for i, s in enumerate(srcs))
+        return {"data.sources": mixed, "image_root": mixed[0].get("image_root") or spec.image_root}
     src = spec.sources[stage]
     src = {"path": src} if isinstance(src, (str, Path)) else dict(src)
     root = src.get("image_root") or stages_lib.stage_config(spec.config_file, stage).data.sources[0]["image_root"]
     return {"source": str(src["path"]), "image_root": str(root)}
+
+
+def chat_template(spec: LoopSpec) -> str:
+    """The template of caption_qa turns: spec.chat_template, else the last stage's text template (the chat format
+    the model is SFT'd in, e.g. vicuna_v1; "auto" = the tokenizer's)."""
+    if spec.chat_template is not None:
+        return spec.chat_template
+    template = stages_lib.stage_config(spec.config_file, spec.stages[-1]).data.text.template
+    if template == "plain" or str(template).startswith("plain+"):
+        raise ValueError(f"{spec.config_file}:{spec.stages[-1]} trains the {template!r} template, not a chat: set "
+                         "LoopSpec.chat_template for the caption_qa turns")
+    return template
 
 
 def recaption_round(spec: LoopSpec, out, round_: int, model_dir: str) -> dict:
@@ -126,7 +159,7 @@ def recaption_round(spec: LoopSpec, out, round_: int, model_dir: str) -> dict:
     gen = dataclasses.replace(gen, seed=gen.seed * 1000 + int(round_))  # a fresh sampling stream per round
     source = SourceSpec(format="caption", path=str(spec.captions), image_root=spec.image_root)
     return recaption(model, tok, source, out, round_, model_name(round_ - 1), gen, batch_size=spec.batch_size,
-                     shard_index=0, shard_count=1, limit=spec.limit, progress=False)
+                     shard_index=0, shard_count=1, limit=spec.limit, progress=False, prompts=spec.prompts)
 
 
 def average(metrics: dict, keys) -> float:

@@ -8,6 +8,8 @@ pairs.jsonl    pre-training pairs: train images 0-2999 (those whose colour and s
 oracle.jsonl   the same images with true full captions ("A teal triangle."): the ceiling row.
 sft.json       images 3000-3299: easy-vqa's QA conversation with the description turn asked with one of the three
                recaption prompts (or the eval's "Describe the image."), answered with colour + shape.
+shape_qa.json  the shape specialist's domain data (`--ablations`, `build_shape_qa`): the same SFT images, each asked
+               SHAPE_PROMPT and answered with its shape as easy-vqa answers ("Rectangle").
 Everything is a pure function of (seed, id); the folder is skipped when prepared.json exists.
 """
 
@@ -23,6 +25,7 @@ import numpy as np
 PAIRS = (0, 3000)
 SFT = (3000, 3300)
 KINDS = ("shape", "color", "generic")
+SHAPE_PROMPT = "What shape is in the image?"
 VERSION = 1
 
 
@@ -89,6 +92,29 @@ def build(out: Path, base_data: Path, *, seed: int = 0, pairs: tuple[int, int] =
             "sft_pool": list(sft), "seed": seed, "version": VERSION}
     _write(out / "prepared.json", json.dumps(info))
     return info
+
+
+def build_shape_qa(out: Path, base_data: Path, *, sft: tuple[int, int] = SFT) -> str:
+    """OUT/shape_qa.json (llava format; kept when it exists): every SFT image whose shape its questions determine,
+    asked SHAPE_PROMPT, answered with the shape as easy-vqa's shape answers are written. -> its path."""
+    from vlmjax.generate.jsonl import read_jsonl
+
+    path = Path(out) / "shape_qa.json"
+    if path.exists():
+        return str(path)
+    truth = read_jsonl(Path(base_data) / "train_captions.jsonl")
+    rows = []
+    for n in range(*sft):
+        t = truth.get(f"train_{n}")
+        if t and t.get("shape"):
+            rows.append({"id": f"train_{n}", "image": t["image"], "shape": t["shape"],
+                         "conversations": [{"from": "human", "value": "<image>\n" + SHAPE_PROMPT},
+                                           {"from": "gpt", "value": t["shape"].capitalize()}]})
+    if not rows:
+        raise ValueError(f"{base_data}: no SFT image {sft} has a known shape")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write(path, json.dumps(rows))
+    return str(path)
 
 
 def caption_scores(rows, field: str) -> dict:

@@ -2,7 +2,8 @@
 captions lack?
 
     python -m vlmjax.recipes.vila2.miniature [--rounds 3] [--seeds 0 1 2] [--workdir runs/vila2_mini]
-                                             [--base-cache runs/mini_base] [--quick] [--ablations] [--no-oracle]
+                                             [--base-cache runs/mini_base] [--quick] [--ablations [ARM ..]]
+                                             [--no-oracle]
 
 Mechanism under test: the pre-training captions are too short to carry what SFT teaches (each says the shape, or
 the colour, or nothing), so the SFT'd model's recaptions add it, and retraining from scratch on caption + recaption
@@ -12,8 +13,11 @@ test split. Model (configs/vila2/mini.py): the mini base's shape, its pretrained
 reused from the shared base's cache as the VILA miniature does) + a fresh decoder, align then SFT, every round.
 The rounds are `vila2.loop.run_loop` (the real-scale driver): round 0 = VILA^0 on the poor captions; round k =
 VILA^{k-1} recaptions (sampled, continuous batching), combine (concat), retrain from scratch, eval. The oracle row
-trains once on the true full captions (the ceiling). `--ablations` (round 1 only): replace instead of concat,
-recaptions by the aligned-only model (no SFT), and no recaption but 2x steps.
+trains once on the true full captions (the ceiling). `--ablations` (all, or the arms named): replace instead of
+concat (round 1), recaptions by the aligned-only model (no SFT; round 1), no recaption but 2x steps, and the shape
+specialist (`vila2.specialist`): the last round's model fine-tuned on shape QA of the SFT images answers "What shape
+is in the image?" about every image of that round's captions, the answers are appended as a QA turn, and the
+generalist is retrained from scratch on them with the same steps.
 
 Printed first: the base gate (`mini_base.base_gate` on the shared base's cached results, when present) and the
 information gate (round 0's captions carry colour + shape for ~0% of images; round 1's recaptions must be right on
@@ -35,11 +39,12 @@ from vlmjax.recipes.vila2 import mini_data
 REPO = Path(__file__).resolve().parents[3]
 CONFIG = REPO / "configs" / "vila2" / "mini.py"
 MIN_R1_BOTH = 0.2  # round 1's recaptions must be right on colour + shape for at least this much more than round 0
-METRICS = ("cap_both", "recap_both", "words", "accuracy", "shape", "color", "yes/no", "describe_both", "seconds",
-           "cpu_seconds")
+METRICS = ("cap_both", "recap_both", "qa_shape", "words", "accuracy", "shape", "color", "yes/no", "describe_both",
+           "seconds", "cpu_seconds")
 LABELS = {"cap_both": "caption has colour+shape", "recap_both": "recaption right on both", "words": "words / caption",
-          "accuracy": "easy-vqa acc.", "shape": "shape q.", "color": "colour q.", "yes/no": "yes/no q.",
-          "describe_both": "describes colour+shape", "seconds": "s", "cpu_seconds": "CPU s"}
+          "qa_shape": "specialist QA names the shape", "accuracy": "easy-vqa acc.", "shape": "shape q.",
+          "color": "colour q.", "yes/no": "yes/no q.", "describe_both": "describes colour+shape", "seconds": "s",
+          "cpu_seconds": "CPU s"}
 
 
 def base_gate_lines(cache: Path | None, base: dict | None, seed: int) -> tuple[bool | None, list[str]]:
@@ -132,13 +137,70 @@ def seed_round0(src: Path, dst: Path) -> None:
     st.save()
 
 
+ABLATIONS = ("replace", "aligned", "steps2x", "specialist")
+
+
+def arms_of(ablations) -> tuple[str, ...]:
+    """`ablations`: False (none), True (all) or names among ABLATIONS."""
+    if ablations is True:
+        return ABLATIONS
+    chosen = tuple(ablations or ())
+    unknown = [a for a in chosen if a not in ABLATIONS]
+    if unknown:
+        raise ValueError(f"unknown ablation(s) {unknown}: one of {ABLATIONS}")
+    return chosen
+
+
+def specialist_arm(spec, main: Path, root: Path, data: Path, parts: dict, summary: dict, gen):
+    """The shape specialist (`vila2.specialist`, the real-scale path): the last round's SFT'd model fine-tuned on
+    shape QA of the SFT images, asked SHAPE_PROMPT about every image of that round's training captions; its answers
+    appended as a QA turn; the generalist retrained from scratch on them (round 0 of a loop on the appended
+    captions: the same stages and steps) and evaluated; its seconds include the specialist's training and answers.
+    -> (row name, row, loop summary)."""
+    from vlmjax.data.pipeline import SourceSpec
+    from vlmjax.generate import default_eos_ids, load_model
+    from vlmjax.generate.jsonl import read_jsonl, write_json_atomic
+    from vlmjax.recipes.vila2 import specialist as S
+
+    t0, cpu0 = time.time(), time.process_time()
+    last = summary["last"]
+    entry = summary["rounds"][str(last)]
+    captions = entry["train"]["captions"]
+    qa = mini_data.build_shape_qa(data, Path(parts["data"]))
+    export = S.train_specialist(CONFIG, entry["train"]["exports"]["sft"], qa, parts["images"],
+                                main / "specialists" / "shape" / f"train.r{last}", steps_scale=spec.steps_scale,
+                                over={**spec.over.get("all", {}), **spec.over.get("specialist", {})})
+    model, cfg, tok = load_model(str(export))
+    gen = L.dataclasses.replace(gen, eos_token_ids=default_eos_ids(tok, cfg))
+    source = SourceSpec(format="caption", path=str(captions), image_root=spec.image_root)
+    S.recaption_specialist(model, tok, source, main, last, "shape", f"shape-specialist-of-{L.model_name(last)}", gen,
+                           prompts=(mini_data.SHAPE_PROMPT,), batch_size=spec.batch_size, shard_index=0,
+                           shard_count=1, progress=False)
+    manifest = S.append(SourceSpec(format="caption", path=str(captions)), main, last, ["shape"])
+    cost = Path(S.specialist_dir(main, "shape")) / f"cost.r{last}.json"  # kept: a rerun skips the steps it times
+    if not cost.exists():
+        write_json_atomic(cost, {"seconds": time.time() - t0, "cpu_seconds": time.process_time() - cpu0})
+    spent = json.loads(cost.read_text())
+    arm = L.dataclasses.replace(spec, captions=manifest["out"], caption_format="caption_qa")
+    out = root / f"abl_specialist_r{last}"  # another last round: other captions, another run
+    s = L.run_loop(arm, out, 0, quiet=True)
+    row = round_rows(out, s, str(out / "captions.r0.jsonl") if spec.limit else manifest["out"])["round 0"]
+    recs = list(read_jsonl(manifest["out"], key=None))
+    answers = [{**r, "qa": next((t["value"] for t in r["conversations"][::-1] if t["from"] == "gpt"), None)}
+               for r in recs]
+    row.update(qa_shape=mini_data.caption_scores(answers, "qa")["shape"],
+               qa_appended=manifest["specialists"]["shape"]["appended"] / max(1, manifest["written"]),
+               **{k: round(row[k] + v, 1) for k, v in spent.items()})  # + training and asking the specialist
+    return f"round {last} + shape specialist QA", row, s
+
+
 def run(root: Path, *, seed: int = 0, rounds: int = 3, quick: bool = False, base: dict | None = None,
         base_cache: Path | None = None, base_seed: int = 0, n_eval: int = 300, oracle: bool = True,
-        ablations: bool = False, over: dict | None = None, min_gain: float | None = None, on_step=None,
+        ablations=False, over: dict | None = None, min_gain: float | None = None, on_step=None,
         report_only: bool = False) -> dict:
-    """One seed: data, the loop (rounds 0..rounds), the oracle and the ablations. base: a `mini_base.build_base`
-    dict (the test suite's tiny base); over: {stage or "all": {dotted: value}} added to every run's stages;
-    report_only: train nothing, report the rounds (and oracle) that have finished."""
+    """One seed: data, the loop (rounds 0..rounds), the oracle and the ablations (`arms_of`). base: a
+    `mini_base.build_base` dict (the test suite's tiny base); over: {stage or "all": {dotted: value}} added to every
+    run's stages; report_only: train nothing, report the rounds (and oracle) that have finished."""
     from vlmjax.eval.easy_vqa import evaluate_by_kind
     from vlmjax.generate import GenerationConfig, SamplingConfig
     from vlmjax.recipes.vila.miniature import base_parts
@@ -181,17 +243,25 @@ def run(root: Path, *, seed: int = 0, rounds: int = 3, quick: bool = False, base
                           else str(data / "oracle.jsonl"))["round 0"]
         rows["oracle (true full captions)"] = orow
         runs["oracle"] = o
-    if ablations and rounds >= 1 and not report_only:
-        arms = {"replace (round 1)": (L.dataclasses.replace(spec, mode="replace"), 1),
-                "recaptions by aligned-only model (round 1)": (L.dataclasses.replace(spec, recaption_stage="align"), 1),
-                "no recaption, 2x steps": (L.dataclasses.replace(spec, steps_scale=2 * spec.steps_scale), 0)}
-        for name, (arm, n) in arms.items():
+    chosen = arms_of(ablations)
+    if chosen and not report_only:
+        arms = {"replace (round 1)": ("replace", L.dataclasses.replace(spec, mode="replace"), 1),
+                "recaptions by aligned-only model (round 1)":
+                    ("aligned", L.dataclasses.replace(spec, recaption_stage="align"), 1),
+                "no recaption, 2x steps": ("steps2x", L.dataclasses.replace(spec, steps_scale=2 * spec.steps_scale), 0)}
+        for name, (key, arm, n) in arms.items():
+            if key not in chosen or (n and rounds < 1):
+                continue
             d = root / ("abl_" + name.split(" ")[0].replace(",", ""))
             if n:
                 seed_round0(main, d)
             s = L.run_loop(arm, d, n, quiet=True)
             r = round_rows(d, s, captions0 if n else (str(d / "captions.r0.jsonl") if spec.limit else spec.captions))
             rows[name] = r[f"round {n}"]
+            runs[name] = s
+        if "specialist" in chosen:
+            name, row, s = specialist_arm(spec, main, root, data, parts, summary, gen)
+            rows[name] = row
             runs[name] = s
     gate_rows = dict(rows)
     partial = recaptions_so_far(main, 1, data / "pairs.jsonl")
@@ -299,7 +369,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n-eval", type=int, default=300, help="easy-vqa test questions per model (+ n/3 described)")
     ap.add_argument("--min-gain", type=float, default=None, help="stop a seed's loop when a round gains less")
     ap.add_argument("--quick", action="store_true", help="a few steps of everything on 24 pairs (smoke run)")
-    ap.add_argument("--ablations", action="store_true", help="replace / aligned-only recaptions / 2x steps")
+    ap.add_argument("--ablations", nargs="*", choices=ABLATIONS, default=None,
+                    help="extra arms (no names: all): replace / aligned-only recaptions / 2x steps / shape specialist")
     ap.add_argument("--no-oracle", action="store_true")
     ap.add_argument("--report-only", action="store_true",
                     help="train nothing: the report of what has finished (runs still going, or seeds run apart)")
@@ -310,8 +381,9 @@ def main(argv=None) -> int:
         shutil.rmtree(args.workdir / "results")
     out = run_seeds(args.workdir, seeds=tuple(args.seeds), rounds=args.rounds, quick=args.quick,
                     base_cache=args.base_cache, base_seed=args.base_seed, n_eval=args.n_eval, oracle=not args.no_oracle,
-                    ablations=args.ablations, min_gain=args.min_gain, figures=not args.no_figures,
-                    figures_dir=args.figures, report_only=args.report_only)
+                    ablations=True if args.ablations == [] else tuple(args.ablations or ()),
+                    min_gain=args.min_gain, figures=not args.no_figures, figures_dir=args.figures,
+                    report_only=args.report_only)
     return 0 if all(out["info_gate"]["passed"]) else 1
 
 
