@@ -114,8 +114,9 @@ def test_fill_counts_hand_built():
     batch = {"segment_ids": np.array([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0]]),
              "input_ids": np.array([[99, 99, 5, 99, 6, 99], [7, 99, 8, 9, 0, 0], [0, 0, 0, 0, 0, 0]]),
              "image_rows": np.array([0, 1, -1, -1])}
+    # the 99 in a padding slot (row 0, last) is not counted
     assert fill_counts(batch, 99) == {"slots": 18, "tokens": 9, "image_tokens": 4, "text_tokens": 5, "rows": 3,
-                                      "rows_used": 2, "images": 2, "image_slots": 4}  # the padding slot's 99 not counted
+                                      "rows_used": 2, "images": 2, "image_slots": 4}
     assert fill_counts(batch)["image_tokens"] == 0 and fill_counts(batch)["text_tokens"] == 9
 
 
