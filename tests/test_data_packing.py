@@ -4,7 +4,7 @@ import grain
 import numpy as np
 
 from vlmjax.data.errors import Skipped
-from vlmjax.data.packing import BatchBuilder, BatchShape, PackedBatchIterDataset, Unit
+from vlmjax.data.packing import BatchBuilder, BatchShape, PackedBatchIterDataset, Unit, fill_counts
 
 
 def unit(ids, trained, tiles=0, value=0.0, name=None):
@@ -107,3 +107,23 @@ def test_packer_iterates_counts_skips_and_restores_state():
             if key != "_meta":
                 np.testing.assert_array_equal(a[key], b[key])
         assert a["_meta"] == b["_meta"]
+
+
+def test_fill_counts_hand_built():
+    """A hand-written 3 x 6 batch (image token 99): 9 of 18 slots used, 4 of them image tokens, 2 of 4 image slots."""
+    batch = {"segment_ids": np.array([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0]]),
+             "input_ids": np.array([[99, 99, 5, 99, 6, 99], [7, 99, 8, 9, 0, 0], [0, 0, 0, 0, 0, 0]]),
+             "image_rows": np.array([0, 1, -1, -1])}
+    # the 99 in a padding slot (row 0, last) is not counted
+    assert fill_counts(batch, 99) == {"slots": 18, "tokens": 9, "image_tokens": 4, "text_tokens": 5, "rows": 3,
+                                      "rows_used": 2, "images": 2, "image_slots": 4}
+    assert fill_counts(batch)["image_tokens"] == 0 and fill_counts(batch)["text_tokens"] == 9
+
+
+def test_fill_counts_of_a_packed_batch():
+    """On the packer's own output: u1 (5 tokens, 1 tile) + u2 (3) in row 0, u3 (4 tokens, 2 tiles) in row 1."""
+    b = BatchBuilder(SHAPE)
+    assert b.add(U1) and b.add(U2) and b.add(U3)
+    c = fill_counts(b.finalize(), image_token_id=10)  # u1's first token stands in for an image token
+    assert c == {"slots": 16, "tokens": 12, "image_tokens": 1, "text_tokens": 11, "rows": 2, "rows_used": 2,
+                 "images": 3, "image_slots": 3}

@@ -23,6 +23,12 @@ def test_fact_qa_letters_and_splits():
     for q in qa.values():
         assert q["choices"][ord(q["answer"]) - 65] == items[q["id"]]["answer"] and q["split"] in ("blend", "eval")
     assert 0 < sum(q["split"] == "eval" for q in qa.values()) < len(qa)  # both halves non-empty
+    blend = {r["id"]: r["conversations"] for r in M.blend_records(list(qa.values()))}
+    assert len(blend) == sum(q["split"] == "blend" for q in qa.values())
+    assert qa["triangle_corners"]["split"] == "blend"  # the crc32 split is fixed
+    assert blend["qa_triangle_corners"] == [{"from": "human", "value": "How many corners does a triangle have?"},
+                                            {"from": "gpt", "value": "three"}]
+    assert all(len(c) == 2 and "<image>" not in c[0]["value"] for c in blend.values())  # text-only
     with pytest.raises(ValueError, match="not among its choices"):
         M.fact_qa([{"id": "x", "question": "?", "answer": "five", "choices": ["one", "two"]}])
 

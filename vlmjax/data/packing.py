@@ -130,6 +130,20 @@ class BatchBuilder:
         return out
 
 
+def fill_counts(batch: dict[str, np.ndarray], image_token_id: int | None = None) -> dict[str, int]:
+    """How much of a packed batch's fixed shape carries data; the rest is padding the step computes anyway.
+    slots = rows x seq_len; tokens = slots with segment id > 0, split into image_tokens (`input_ids` ==
+    `image_token_id`, 0 when None) and text_tokens; rows_used = rows holding a token; images = `image_rows` >= 0
+    out of image_slots (N)."""
+    seg, ids, image_rows = batch["segment_ids"], batch["input_ids"], batch["image_rows"]
+    real = seg > 0
+    tokens = int(real.sum())
+    image = int((real & (ids == image_token_id)).sum()) if image_token_id is not None else 0
+    return {"slots": int(seg.size), "tokens": tokens, "image_tokens": image, "text_tokens": tokens - image,
+            "rows": int(seg.shape[0]), "rows_used": int(real.any(axis=1).sum()),
+            "images": int((image_rows >= 0).sum()), "image_slots": int(image_rows.shape[0])}
+
+
 class PackedBatchIterDataset(grain.IterDataset):
     """Units (and `Skipped` markers) -> batches. Emits the last partial batch when the parent is exhausted."""
 

@@ -124,6 +124,14 @@ def fact_qa(items: list[dict]) -> list[dict]:
     return out
 
 
+def blend_records(qa: list[dict]) -> list[dict]:
+    """The SFT text-only blend: `llava` records (no image) of the "blend" split's fact QA items, question -> the right
+    choice's text."""
+    return [{"id": f"qa_{q['id']}", "conversations": [
+        {"from": "human", "value": q["question"]},
+        {"from": "gpt", "value": q["choices"][ord(q["answer"]) - 65]}]} for q in qa if q["split"] == "blend"]
+
+
 def clipart_sentences(title: str, category: str, keywords: list[str]) -> list[str]:
     """C's sentences about one drawing: its title and category, then up to 4 of its keywords."""
     title = " ".join(title.replace("_", " ").split())
@@ -310,9 +318,7 @@ svg files (all by default). easy-vqa images: the first n_easy train images of th
     collection = collection_facts(clipart, train)
     qa = fact_qa(fact_items + collection)
     _jsonl(out / "fact_qa.jsonl", qa)
-    blend = [{"id": f"qa_{q['id']}", "conversations": [
-        {"from": "human", "value": q["question"]},
-        {"from": "gpt", "value": q["choices"][ord(q["answer"]) - 65]}]} for q in qa if q["split"] == "blend"]
+    blend = blend_records(qa)
     (out / "fact_blend.json").write_text(json.dumps(blend))
 
     images = out / "images"
