@@ -105,3 +105,16 @@ def test_quick_soup_pipeline_end_to_end(tiny_mini_base, tmp_path):
     with pytest.raises(ValueError, match="was trained from start model elsewhere"):
         SM.run_soup(tmp_path / "w", base=tiny_mini_base, quick=True, seeds=(0,), figures=False,
                     stage_over={"data.batch_size": 2}, filter_work=tmp_path / "none", steps=3, ingredient_steps=2)
+
+
+def test_start_model_is_the_filter_arm_when_exported(tmp_path):
+    """The filter part exports native folders (vlmjax_config.json): the soup must start from its lowest-PPL arm."""
+    from vlmjax.recipes.points.soup_mini import start_model
+
+    base = {"align": "align/export"}
+    assert start_model(base, tmp_path)[0] == Path("align/export")  # no filter run: the base's align export
+    arm = tmp_path / "arms" / "low20_seed0" / "pretrain" / "export"
+    arm.mkdir(parents=True)
+    (arm / "vlmjax_config.json").write_text("{}")
+    path, why = start_model(base, tmp_path)
+    assert path == arm and why.startswith("filter part's lowest-PPL 20% arm")

@@ -106,8 +106,10 @@ def val_questions(records: list[dict], out: Path, images=VAL_IMAGES) -> Path:
 
 
 def start_model(base: dict, filter_work: Path | None) -> tuple[Path, str]:
+    from vlmjax.convert.native import is_native
+
     arm = Path(filter_work or "") / "arms" / "low20_seed0" / "pretrain" / "export"
-    if filter_work is not None and (arm / "config.json").exists():
+    if filter_work is not None and (is_native(arm) or (arm / "config.json").exists()):
         return arm, f"filter part's lowest-PPL 20% arm (seed 0): {arm}"
     return Path(base["align"]), f"shared mini base's align export (no filter arm in {filter_work}): {base['align']}"
 
