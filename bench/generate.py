@@ -15,19 +15,20 @@ The batch-1 roofline is the weights' bytes (all read once per token) over the re
 1 GiB, measured in the same run. Ends with one `RESULT {json}` line per measured case (value = ours, baseline =
 transformers, ratio = ours / theirs) and one for the batch-1 decode's fraction of the roofline.
 
---recaption: the VILA^2 recaption job on the SmolLM2 VLM (bench/recaption_common.py: SmolLM2-135M + the demo's
-64 px tower, fp32; easy-vqa train images, the recipe's three prompts, sampling T 0.7 / top-p 0.9, EOS allowed,
---new max new tokens). Per --batches b: ours = `generate_dataset` with continuous batching over b slots (timed
-after an untimed warm-up run, median of --reps, default 1), transformers = `generate` in batches of b on the same
-weights and inputs, timed with 1 and 2 torch threads (--torch-threads), the faster being the baseline as above
+--recaption: the VILA^2 recaption job on the SmolLM2 VLM (bench/recaption_common.py: SmolLM2-135M + the demo's 64 px
+tower, fp32; easy-vqa train images, the recipe's three prompts, sampling T 0.7 / top-p 0.9, EOS allowed, --new max
+new tokens). Per --batches b: ours = `generate_dataset` with continuous batching over b slots (timed after an
+untimed warm-up run, median of --reps, default 1), transformers = `generate` in batches of b on the same weights and
+inputs, timed with 1 and 2 torch threads (--torch-threads), the faster being the baseline as above
 (OMP_WAIT_POLICY=PASSIVE unless set). Images/s, and generated tokens/s (kept tokens, EOS excluded, summed over
-requests / wall time). The two sides sample with different generators, so their output lengths differ: both means
-are printed. Finished slot-steps (decode steps x rows spent on rows already done), from our outputs' lengths
-(`vlmjax.generate.slot_waste`: the static engine in batches of b, and continuous batching over b slots, checked
-against the engine's own count), and transformers' static batches from its lengths. Batch 1 takes --images-at-1
-images (its rate settles quickly; it is the slowest per image). One `RESULT` line per case and batch:
-recaption_images_s_b{b}, recaption_tok_s_b{b} (baseline transformers) and recaption_finished_fraction_b{b}
-(value continuous, baseline static, same outputs).
+requests / wall time), and the CPU-seconds-per-image ratio (theirs / ours: less sensitive to other processes on a
+shared host than the wall-clock ratio, but blind to how well each side uses its cores). The two sides sample with
+different generators, so their output lengths differ: both means are printed. Finished slot-steps (decode steps x
+rows spent on rows already done), from our outputs' lengths (`vlmjax.generate.slot_waste`: the static engine in
+batches of b, and continuous batching over b slots, checked against the engine's own count), and transformers'
+static batches from its lengths. Batch 1 takes --images-at-1 images (its rate settles quickly; it is the slowest per
+image). One `RESULT` line per case and batch: recaption_images_s_b{b}, recaption_tok_s_b{b} (baseline transformers)
+and recaption_finished_fraction_b{b} (value continuous, baseline static, same outputs).
 
     python bench/generate.py --recaption                  # b = 1, 8, 32; 32 images (8 at b = 1), 128 new
     python bench/generate.py --recaption --images 32 --batches 1 8 32 --new 64
@@ -134,27 +135,32 @@ def recaption(args) -> None:
                    ours_mean=float(np.mean([r["num_tokens"] for r in good])), hf_mean=float(np.mean(hf["lengths"])),
                    ours_at_cap=float(np.mean([r["finish_reason"] == "length" for r in good])),
                    static=static_slot_stats(sampled, b)["finished_fraction"], continuous=cont["finished_fraction"],
-                   engine=engine["finished_fraction"], hf_static=static_slot_stats(hf["sampled"], b)["finished_fraction"],
-                   decode_steps=cont["decode_steps"], prefill_calls=cont["prefill_calls"], threads=threads)
+                   engine=engine["finished_fraction"],
+                   hf_static=static_slot_stats(hf["sampled"], b)["finished_fraction"],
+                   decode_steps=cont["decode_steps"], prefill_calls=cont["prefill_calls"], threads=threads,
+                   cpu_ratio=(hf["cpu_seconds"] / len(reqs)) / (ours["cpu_seconds"] / len(good)))
         rows.append(row)
         print(f"b={b}: ours {row['ours_ips']:.3f} images/s {row['ours_tps']:.1f} tok/s (mean {row['ours_mean']:.1f} "
-              f"tokens) | transformers {row['hf_ips']:.3f} images/s {row['hf_tps']:.1f} tok/s (mean "
-              f"{row['hf_mean']:.1f}) | finished slot-steps: static {row['static']:.3f}, continuous "
-              f"{row['continuous']:.3f} (engine {row['engine']:.3f}), transformers {row['hf_static']:.3f}", flush=True)
+              f"tokens, {ours['cpu_seconds'] / len(good):.2f} CPU s/image) | transformers {row['hf_ips']:.3f} "
+              f"images/s {row['hf_tps']:.1f} tok/s (mean {row['hf_mean']:.1f}, {hf['cpu_seconds'] / len(reqs):.2f} "
+              f"CPU s/image) | finished slot-steps: static {row['static']:.3f}, continuous {row['continuous']:.3f} "
+              f"(engine {row['engine']:.3f}), transformers {row['hf_static']:.3f}", flush=True)
 
     print(f"\nVILA^2 recaption, SmolLM2-135M + 64 px tower fp32, {jax.default_backend()}, {args.new} new tokens max, "
           f"T {sampling['temperature']} / top-p {sampling['top_p']}; transformers with its faster thread count")
     print(f"{'batch':>5} {'images':>6} | {'ours img/s':>10} {'hf img/s':>8} {'x':>5} | {'ours tok/s':>10} "
-          f"{'hf tok/s':>8} {'x':>5} | {'mean tokens':>11} | {'finished: static':>16} {'contin.':>7} {'hf':>5}")
+          f"{'hf tok/s':>8} {'x':>5} | {'CPU x':>5} | {'mean tokens':>11} | {'finished: static':>16} {'contin.':>7} "
+          f"{'hf':>5}")
     for r in rows:
         print(f"{r['batch']:>5} {r['images']:>6} | {r['ours_ips']:>10.3f} {r['hf_ips']:>8.3f} "
               f"{r['ours_ips'] / r['hf_ips']:>5.2f} | {r['ours_tps']:>10.1f} {r['hf_tps']:>8.1f} "
-              f"{r['ours_tps'] / r['hf_tps']:>5.2f} | {r['ours_mean']:>5.0f}/{r['hf_mean']:<5.0f} | "
-              f"{r['static']:>16.3f} {r['continuous']:>7.3f} {r['hf_static']:>5.3f}")
+              f"{r['ours_tps'] / r['hf_tps']:>5.2f} | {r['cpu_ratio']:>5.2f} | "
+              f"{r['ours_mean']:>5.0f}/{r['hf_mean']:<5.0f} | {r['static']:>16.3f} {r['continuous']:>7.3f} "
+              f"{r['hf_static']:>5.3f}")
     for r in rows:
         extra = dict(images=r["images"], new=args.new, slots=r["batch"], failed=r["failed"],
                      mean_tokens_ours=round(r["ours_mean"], 1), mean_tokens_transformers=round(r["hf_mean"], 1),
-                     torch_threads=r["threads"])
+                     torch_threads=r["threads"], cpu_ratio=round(r["cpu_ratio"], 4))
         for case, v, base, unit in (("images_s", r["ours_ips"], r["hf_ips"], "images/s"),
                                     ("tok_s", r["ours_tps"], r["hf_tps"], "generated tok/s")):
             print("RESULT " + json.dumps(dict(case=f"recaption_{case}_b{r['batch']}", value=round(v, 4),

@@ -62,21 +62,23 @@ def vila2_requests(n: int, round_: int = 1) -> list:
 
 def ours_recaption(model, tok, reqs, config, *, batch_size: int, reps: int) -> dict:
     """Time `generate_dataset` over reqs: an untimed warm-up run (compiles), then the median of `reps` runs, each
-    into a fresh file. Returns seconds, the last run's records (request order) and its engine stats."""
+    into a fresh file. Returns seconds (wall), cpu_seconds (this process, all threads), the last run's records
+    (request order) and its engine stats."""
     from vlmjax.generate import generate_dataset, sample_keys
     from vlmjax.generate.jsonl import read_jsonl
 
     tmp = Path(tempfile.mkdtemp(prefix="vlmjax_recaption_"))
-    times, stats, records = [], {}, []
+    times, cpu, stats, records = [], [], {}, []
     for rep in range(reps + 1):  # rep 0: warm-up
         out, st = tmp / f"run{rep}.jsonl", {}
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         generate_dataset(model, tok, reqs, out, config, batch_size=batch_size, progress=False, stats=st)
         if rep:
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
             got = read_jsonl(out)
             stats, records = st, [got[k] for k in sample_keys(reqs)]
-    return dict(seconds=statistics.median(times), records=records, stats=stats)
+    return dict(seconds=statistics.median(times), cpu_seconds=statistics.median(cpu), records=records, stats=stats)
 
 
 def hf_llava(model, tok):
@@ -94,7 +96,8 @@ def hf_llava(model, tok):
 def hf_recaption(ref, tok, cfg, reqs, *, batch: int, new: int, reps: int, sampling: dict, seed: int = 0) -> dict:
     """transformers `generate` over reqs in batches of `batch` (left-padded), sampling (temperature, top_p; top_k
     off), EOS = our `default_eos_ids`. A short warm-up, then the median of `reps` runs. Returns seconds, per
-    request the kept tokens (before the first EOS) and the sampled tokens (EOS included), as ours counts them."""
+    request the kept tokens (before the first EOS) and the sampled tokens (EOS included), as ours counts them;
+    also cpu_seconds (this process, all threads)."""
     import torch
 
     from vlmjax.generate import Encoder, default_eos_ids
@@ -126,9 +129,11 @@ def hf_recaption(ref, tok, cfg, reqs, *, batch: int, new: int, reps: int, sampli
 
     torch.manual_seed(seed)
     run(encoded[:batch], 2)  # warm-up (no compilation on this side)
-    times = []
+    times, cpu = [], []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         lengths, sampled = run(encoded, new)
         times.append(time.perf_counter() - t0)
-    return dict(seconds=statistics.median(times), lengths=lengths, sampled=sampled)
+        cpu.append(time.process_time() - c0)
+    return dict(seconds=statistics.median(times), cpu_seconds=statistics.median(cpu), lengths=lengths,
+                sampled=sampled)

@@ -56,7 +56,8 @@ def test_counts_equal_the_engines():
     outs, static = [], {"slot_steps": 0, "finished_slot_steps": 0}
     for i in range(0, len(prompts), 4):
         st = {}
-        outs += generate(model, prompts[i: i + 4], cfg, batch_size=4, row_seeds=range(i, min(i + 4, len(prompts))), stats=st)
+        seeds = range(i, min(i + 4, len(prompts)))
+        outs += generate(model, prompts[i: i + 4], cfg, batch_size=4, row_seeds=seeds, stats=st)
         static = {k: static[k] + st[k] for k in static}
     sampled = [sampled_tokens(len(o.tokens), o.finish_reason) for o in outs]
     assert len(set(sampled)) >= 4 and 1 in sampled

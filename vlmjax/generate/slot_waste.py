@@ -46,7 +46,8 @@ def _check(sampled: Sequence[int], rows: int, what: str) -> list[int]:
     out = [int(s) for s in sampled]
     bad = [i for i, s in enumerate(out) if s < 1]
     if bad:
-        raise ValueError(f"requests {bad[:5]}: every request samples at least one token, got {[out[i] for i in bad[:5]]}")
+        raise ValueError(f"requests {bad[:5]}: every request samples at least one token, "
+                         f"got {[out[i] for i in bad[:5]]}")
     return out
 
 
