@@ -14,12 +14,31 @@ and the faster one is the baseline (2 threads is ~10x slower when other processe
 The batch-1 roofline is the weights' bytes (all read once per token) over the read bandwidth of a jitted sum over
 1 GiB, measured in the same run. Ends with one `RESULT {json}` line per measured case (value = ours, baseline =
 transformers, ratio = ours / theirs) and one for the batch-1 decode's fraction of the roofline.
+
+--recaption: the VILA^2 recaption job on the SmolLM2 VLM (bench/recaption_common.py: SmolLM2-135M + the demo's 64 px
+tower, fp32; easy-vqa train images, the recipe's three prompts, sampling T 0.7 / top-p 0.9, EOS allowed, --new max
+new tokens). Per --batches b: ours = `generate_dataset` with continuous batching over b slots (timed after an
+untimed warm-up run, median of --reps, default 1), transformers = `generate` in batches of b on the same weights and
+inputs, timed with 1 and 2 torch threads (--torch-threads), the faster being the baseline as above
+(OMP_WAIT_POLICY=PASSIVE unless set). Images/s, and generated tokens/s (kept tokens, EOS excluded, summed over
+requests / wall time), and the CPU-seconds-per-image ratio (theirs / ours: less sensitive to other processes on a
+shared host than the wall-clock ratio, but blind to how well each side uses its cores). The two sides sample with
+different generators, so their output lengths differ: both means are printed. Finished slot-steps (decode steps x
+rows spent on rows already done), from our outputs' lengths (`vlmjax.generate.slot_waste`: the static engine in
+batches of b, and continuous batching over b slots, checked against the engine's own count), and transformers'
+static batches from its lengths. Batch 1 takes --images-at-1 images (its rate settles quickly; it is the slowest per
+image). One `RESULT` line per case and batch: recaption_images_s_b{b}, recaption_tok_s_b{b} (baseline transformers)
+and recaption_finished_fraction_b{b} (value continuous, baseline static, same outputs).
+
+    python bench/generate.py --recaption                  # b = 1, 8, 32; 32 images (8 at b = 1), 128 new
+    python bench/generate.py --recaption --images 32 --batches 1 8 32 --new 64
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -70,14 +89,115 @@ def hf_timings(ref, ids, new: int, threads: int) -> tuple[float, float]:
     return prefill, (t2 - t1) - prefill
 
 
+def recaption(args) -> None:
+    """--recaption (module docstring)."""
+    import dataclasses
+
+    import jax
+    import torch
+
+    from recaption_common import SAMPLING, hf_llava, hf_recaption, ours_recaption, vila2_requests, vlm
+    from vlmjax.generate import GenerationConfig, SamplingConfig, default_eos_ids
+    from vlmjax.generate.slot_waste import continuous_slot_stats, sampled_tokens, static_slot_stats
+
+    sampling = dict(SAMPLING, temperature=args.temperature, top_p=args.top_p)
+    reps = args.reps or 1
+    model, cfg, tok = vlm()
+    n_max = max(args.images_at_1 if b == 1 else args.images for b in args.batches)
+    all_reqs = vila2_requests(n_max)
+    ref = hf_llava(model, tok)
+    gc = GenerationConfig(max_new_tokens=args.new, sampling=SamplingConfig(**sampling), seed=0,
+                          eos_token_ids=default_eos_ids(tok, cfg))
+    rows = []
+    for b in args.batches:
+        reqs = all_reqs[: args.images_at_1 if b == 1 else args.images]
+        ours = ours_recaption(model, tok, reqs, dataclasses.replace(gc, slots=b), batch_size=b, reps=reps)
+        good = [r for r in ours["records"] if "error" not in r]
+        if len(good) < len(reqs):  # an image that failed to load: counted, left out of the token counts
+            print(f"b={b}: {len(reqs) - len(good)} of {len(reqs)} requests failed: "
+                  f"{[r['error'] for r in ours['records'] if 'error' in r][:3]}", flush=True)
+        sampled = [sampled_tokens(r["num_tokens"], r["finish_reason"]) for r in good]
+        cont, engine = continuous_slot_stats(sampled, b), ours["stats"]
+        if (cont["slot_steps"], cont["finished_slot_steps"]) != (engine["slot_steps"], engine["finished_slot_steps"]):
+            print(f"b={b}: WARNING the count from lengths {cont} differs from the engine's {engine}", flush=True)
+        hf = {}
+        for threads in args.torch_threads:
+            torch.set_num_threads(threads)
+            hf[threads] = hf_recaption(ref, tok, cfg, reqs, batch=b, new=args.new, reps=reps, sampling=sampling)
+            print(f"b={b}: transformers {threads} threads {len(reqs) / hf[threads]['seconds']:.3f} images/s",
+                  flush=True)
+        threads = min(hf, key=lambda t: hf[t]["seconds"])
+        hf = hf[threads]
+        row = dict(batch=b, images=len(reqs), failed=len(reqs) - len(good),
+                   ours_ips=len(good) / ours["seconds"], hf_ips=len(reqs) / hf["seconds"],
+                   ours_tps=sum(r["num_tokens"] for r in good) / ours["seconds"],
+                   hf_tps=sum(hf["lengths"]) / hf["seconds"],
+                   ours_mean=float(np.mean([r["num_tokens"] for r in good])), hf_mean=float(np.mean(hf["lengths"])),
+                   ours_at_cap=float(np.mean([r["finish_reason"] == "length" for r in good])),
+                   static=static_slot_stats(sampled, b)["finished_fraction"], continuous=cont["finished_fraction"],
+                   engine=engine["finished_fraction"],
+                   hf_static=static_slot_stats(hf["sampled"], b)["finished_fraction"],
+                   decode_steps=cont["decode_steps"], prefill_calls=cont["prefill_calls"], threads=threads,
+                   cpu_ratio=(hf["cpu_seconds"] / len(reqs)) / (ours["cpu_seconds"] / len(good)))
+        rows.append(row)
+        print(f"b={b}: ours {row['ours_ips']:.3f} images/s {row['ours_tps']:.1f} tok/s (mean {row['ours_mean']:.1f} "
+              f"tokens, {ours['cpu_seconds'] / len(good):.2f} CPU s/image) | transformers {row['hf_ips']:.3f} "
+              f"images/s {row['hf_tps']:.1f} tok/s (mean {row['hf_mean']:.1f}, {hf['cpu_seconds'] / len(reqs):.2f} "
+              f"CPU s/image) | finished slot-steps: static {row['static']:.3f}, continuous {row['continuous']:.3f} "
+              f"(engine {row['engine']:.3f}), transformers {row['hf_static']:.3f}", flush=True)
+
+    print(f"\nVILA^2 recaption, SmolLM2-135M + 64 px tower fp32, {jax.default_backend()}, {args.new} new tokens max, "
+          f"T {sampling['temperature']} / top-p {sampling['top_p']}; transformers with its faster thread count")
+    print(f"{'batch':>5} {'images':>6} | {'ours img/s':>10} {'hf img/s':>8} {'x':>5} | {'ours tok/s':>10} "
+          f"{'hf tok/s':>8} {'x':>5} | {'CPU x':>5} | {'mean tokens':>11} | {'finished: static':>16} {'contin.':>7} "
+          f"{'hf':>5}")
+    for r in rows:
+        print(f"{r['batch']:>5} {r['images']:>6} | {r['ours_ips']:>10.3f} {r['hf_ips']:>8.3f} "
+              f"{r['ours_ips'] / r['hf_ips']:>5.2f} | {r['ours_tps']:>10.1f} {r['hf_tps']:>8.1f} "
+              f"{r['ours_tps'] / r['hf_tps']:>5.2f} | {r['cpu_ratio']:>5.2f} | "
+              f"{r['ours_mean']:>5.0f}/{r['hf_mean']:<5.0f} | {r['static']:>16.3f} {r['continuous']:>7.3f} "
+              f"{r['hf_static']:>5.3f}")
+    for r in rows:
+        extra = dict(images=r["images"], new=args.new, slots=r["batch"], failed=r["failed"],
+                     mean_tokens_ours=round(r["ours_mean"], 1), mean_tokens_transformers=round(r["hf_mean"], 1),
+                     torch_threads=r["threads"], cpu_ratio=round(r["cpu_ratio"], 4))
+        for case, v, base, unit in (("images_s", r["ours_ips"], r["hf_ips"], "images/s"),
+                                    ("tok_s", r["ours_tps"], r["hf_tps"], "generated tok/s")):
+            print("RESULT " + json.dumps(dict(case=f"recaption_{case}_b{r['batch']}", value=round(v, 4),
+                                              baseline=round(base, 4), ratio=round(v / base, 4), unit=unit, **extra)))
+        print("RESULT " + json.dumps(dict(
+            case=f"recaption_finished_fraction_b{r['batch']}", value=round(r["continuous"], 4),
+            baseline=round(r["static"], 4), ratio=round(r["continuous"] / r["static"], 4) if r["static"] else None,
+            unit="decode slot-steps on finished rows / all (value continuous, baseline static)",
+            engine_count=round(r["engine"], 4), transformers_static=round(r["hf_static"], 4),
+            at_cap_fraction=round(r["ours_at_cap"], 4), decode_steps=r["decode_steps"],
+            prefill_calls=r["prefill_calls"], **extra)))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--new-at-32", type=int, default=None, help="fewer new tokens at batch 32 (default: --new)")
-    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--reps", type=int, default=None, help="timed runs (default 2; --recaption 1)")
+    p.add_argument("--recaption", action="store_true", help="the VILA^2 recaption job (module docstring)")
+    p.add_argument("--images", type=int, default=32,
+                   help="--recaption: easy-vqa images per batch size (continuous batching differs from static batches "
+                        "only when this is well above the slots)")
+    p.add_argument("--images-at-1", type=int, default=8, help="--recaption: images at batch 1")
+    p.add_argument("--temperature", type=float, default=0.7, help="--recaption")
+    p.add_argument("--top-p", type=float, default=0.9, help="--recaption")
+    p.add_argument("--torch-threads", type=int, nargs="+", default=[1, 2],
+                   help="--recaption: transformers' thread counts to time (the faster is the baseline)")
     args = p.parse_args(argv)
+    if args.recaption:
+        # torch's OpenMP threads spin-wait by default, which slows it on shared cores (perf-notes: passive is fair);
+        # read when torch loads, which is later
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        recaption(args)
+        return 0
+    args.reps = args.reps or 2
 
     import jax
     import torch

@@ -46,7 +46,6 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -55,9 +54,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import generate as decode_bench  # noqa: E402  (bench/generate.py: the decode timings and the roofline)
 import score_jobs  # noqa: E402  (bench/score_jobs.py: the scoring and capture cases)
+from recaption_common import PROMPT, SAMPLING, easy_vqa_root, hf_llava, hf_recaption, ours_recaption, vlm  # noqa: E402
 
-PROMPT = "Describe this image in detail."
-SAMPLING = dict(temperature=0.7, top_p=0.9)
 CASES = ("recaption", "score_vs_loop", "score_vs_batched", "capture", "decode_b8", "decode_b1_roofline", "weights",
          "memory")
 
@@ -67,107 +65,39 @@ def result(case: str, value: float, baseline: float, **extra) -> None:
                                       ratio=round(value / baseline, 4) if baseline else None, **extra)), flush=True)
 
 
-def easy_vqa_root() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("easy_vqa")
-    if spec is None:
-        raise FileNotFoundError("package easy-vqa is not installed: pip install --no-deps easy-vqa")
-    return Path(spec.submodule_search_locations[0]) / "data"
-
-
-def vlm():
-    from vlmjax.convert.assemble import assemble_vlm
-    from vlmjax.convert.gguf import smollm2_gguf_path
-    from vlmjax.demo import DEMO_TOWER
-
-    return assemble_vlm(smollm2_gguf_path(), DEMO_TOWER, projector="mlp2x_gelu")
-
-
 # ---------------------------------------------------------------- recaption
 
 
 def recaption(args) -> None:
-    from vlmjax.generate import GenerationConfig, SamplingConfig, default_eos_ids, folder_requests, generate_dataset
-    from vlmjax.generate.jsonl import read_jsonl
+    from vlmjax.generate import GenerationConfig, SamplingConfig, default_eos_ids, folder_requests
 
     model, cfg, tok = vlm()
     reqs = folder_requests(easy_vqa_root() / "train" / "images", PROMPT, limit=args.images)
     gc = GenerationConfig(max_new_tokens=args.new, sampling=SamplingConfig(**SAMPLING), seed=0,
                           eos_token_ids=default_eos_ids(tok, cfg))
-    tmp = Path(tempfile.mkdtemp(prefix="vlmjax_jobs_"))
     runs = {}
     for name, slots in (("static", 0), ("continuous", args.batch)):
-        conf = dataclasses.replace(gc, slots=slots)
-        times, stats, lengths = [], {}, []
-        for rep in range(args.reps + 1):  # rep 0: warm-up (compiles)
-            out, st = tmp / f"{name}{rep}.jsonl", {}
-            t0 = time.perf_counter()
-            generate_dataset(model, tok, reqs, out, conf, batch_size=args.batch, progress=False, stats=st)
-            if rep:
-                times.append(time.perf_counter() - t0)
-                stats = st
-                lengths = [r["num_tokens"] for r in read_jsonl(out).values()]
-        runs[name] = dict(ips=len(reqs) / statistics.median(times), stats=stats, lengths=lengths)
+        got = ours_recaption(model, tok, reqs, dataclasses.replace(gc, slots=slots), batch_size=args.batch,
+                             reps=args.reps)
+        stats, lengths = got["stats"], [r["num_tokens"] for r in got["records"]]
+        runs[name] = dict(ips=len(reqs) / got["seconds"], stats=stats, lengths=lengths)
         print(f"recaption {name}: {runs[name]['ips']:.3f} images/s; finished slot-step fraction "
               f"{stats['finished_fraction']:.3f}; output tokens mean {np.mean(lengths):.1f} sd {np.std(lengths):.1f} "
               f"(min {min(lengths)}, max {max(lengths)})", flush=True)
-    hf = hf_recaption(model, tok, cfg, reqs, args)
-    result("recaption", runs["continuous"]["ips"], hf["ips"], unit="images/s", batch=args.batch, new=args.new,
+    import torch
+
+    torch.set_num_threads(args.torch_threads)
+    hf = hf_recaption(hf_llava(model, tok), tok, cfg, reqs, batch=args.batch, new=args.new, reps=args.reps,
+                      sampling=SAMPLING)
+    hf_ips, hf_len = len(reqs) / hf["seconds"], hf["lengths"]
+    print(f"recaption transformers ({args.torch_threads} threads): {hf_ips:.3f} images/s; output tokens mean "
+          f"{np.mean(hf_len):.1f} sd {np.std(hf_len):.1f} (min {min(hf_len)}, max {max(hf_len)})", flush=True)
+    result("recaption", runs["continuous"]["ips"], hf_ips, unit="images/s", batch=args.batch, new=args.new,
            images=len(reqs), static_engine=round(runs["static"]["ips"], 4),
            finished_fraction_static=round(runs["static"]["stats"]["finished_fraction"], 4),
            finished_fraction_continuous=round(runs["continuous"]["stats"]["finished_fraction"], 4),
            mean_tokens_ours=round(float(np.mean(runs["continuous"]["lengths"])), 1),
-           mean_tokens_transformers=round(float(np.mean(hf["lengths"])), 1), torch_threads=args.torch_threads)
-
-
-def hf_recaption(model, tok, cfg, reqs, args) -> dict:
-    """transformers LlavaForConditionalGeneration.generate on the exported weights, batch args.batch, left-padded,
-    the same prompts and pixels (our Encoder: byte-identical inputs), the same sampling settings."""
-    import torch
-    import transformers
-
-    from vlmjax.convert import hf
-    from vlmjax.generate import Encoder, default_eos_ids
-
-    torch.set_num_threads(args.torch_threads)
-    folder = Path(tempfile.mkdtemp(prefix="vlmjax_jobs_hf_"))
-    hf.save_vlm(model, folder, tokenizer=tok)
-    ref = transformers.AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
-    enc = Encoder(tok, cfg)
-    encoded = [enc.prompt(r) for r in reqs]
-    eos = list(default_eos_ids(tok, cfg))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
-
-    def run_all() -> list[int]:
-        lengths = []
-        for i in range(0, len(encoded), args.batch):
-            chunk = encoded[i: i + args.batch]
-            s = max(len(e.ids) for e in chunk)
-            ids = np.full((len(chunk), s), pad, np.int64)
-            mask = np.zeros((len(chunk), s), np.int64)
-            for r, e in enumerate(chunk):
-                ids[r, s - len(e.ids):], mask[r, s - len(e.ids):] = e.ids, 1
-            px = np.concatenate([e.pixels for e in chunk]).transpose(0, 3, 1, 2)
-            with torch.no_grad():
-                out = ref.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                                   pixel_values=torch.tensor(px), do_sample=True, top_k=0, max_new_tokens=args.new,
-                                   eos_token_id=eos, pad_token_id=pad, **SAMPLING)
-            for row in out[:, s:].tolist():
-                lengths.append(next((k for k, t in enumerate(row) if t in eos), len(row)))
-        return lengths
-
-    torch.manual_seed(0)
-    run_all()  # warm-up
-    times, lengths = [], []
-    for _ in range(args.reps):
-        t0 = time.perf_counter()
-        lengths = run_all()
-        times.append(time.perf_counter() - t0)
-    ips = len(reqs) / statistics.median(times)
-    print(f"recaption transformers ({args.torch_threads} threads): {ips:.3f} images/s; output tokens mean "
-          f"{np.mean(lengths):.1f} sd {np.std(lengths):.1f} (min {min(lengths)}, max {max(lengths)})", flush=True)
-    return dict(ips=ips, lengths=lengths)
+           mean_tokens_transformers=round(float(np.mean(hf_len)), 1), torch_threads=args.torch_threads)
 
 
 # ---------------------------------------------------------------- score, capture
