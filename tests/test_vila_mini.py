@@ -215,3 +215,12 @@ def test_collection_facts_ask_what_the_training_text_states():
     assert len(M.collection_facts(clip, train, n=2)) == 2
     qa = M.fact_qa(list(items.values()))
     assert all(q["choices"][ord(q["answer"]) - 65] == items[q["id"]]["answer"] for q in qa)
+
+
+def test_a_limited_clipart_scan_spans_the_collections():
+    if not os.path.isdir(M.OPENCLIPART_SVG):
+        pytest.skip(f"openclipart metadata missing: {M.INSTALL}")
+    rows = M.scan_clipart(limit=60)
+    cats = {r["category"] for r in rows}
+    assert len(rows) == 60 and len(cats) >= 3, cats
+    assert [r["id"] for r in rows] == sorted(r["id"] for r in rows)

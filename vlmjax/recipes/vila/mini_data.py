@@ -145,27 +145,40 @@ def clipart_sentences(title: str, category: str, keywords: list[str]) -> list[st
 
 
 def scan_clipart(root: str = OPENCLIPART_SVG, limit: int | None = None) -> list[dict]:
-    """[{"id", "svg", "title", "category", "keywords"}] of the drawings with a title, in sorted path order."""
+    """[{"id", "svg", "title", "category", "keywords"}] of the drawings with a title, in sorted path order. With a
+    `limit` (quick runs), the first drawings of each top-level category in turn, so a small scan still spans the
+    collections (the collection-fact questions need >= 3)."""
     from vlmjax.data.openclipart import svg_metadata
 
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{root} not found: the VILA miniature's corpus needs openclipart metadata; {INSTALL}")
-    rows = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            if not name.endswith(".svg") or os.path.islink(os.path.join(dirpath, name)):
-                continue
-            path = os.path.join(dirpath, name)
-            meta = svg_metadata(path)
-            if not meta["title"].strip():
-                continue
-            rel = os.path.relpath(path, root)
-            rows.append({"id": os.path.splitext(rel)[0], "svg": path, "title": meta["title"],
-                         "category": rel.split(os.sep)[0], "keywords": meta["keywords"]})
-            if limit is not None and len(rows) >= limit:
-                return rows
-    return rows
+
+    def drawings(top: str):
+        for dirpath, dirnames, filenames in os.walk(top):
+            dirnames.sort()
+            for name in sorted(filenames):
+                path = os.path.join(dirpath, name)
+                if not name.endswith(".svg") or os.path.islink(path):
+                    continue
+                meta = svg_metadata(path)
+                if not meta["title"].strip():
+                    continue
+                rel = os.path.relpath(path, root)
+                yield {"id": os.path.splitext(rel)[0], "svg": path, "title": meta["title"],
+                       "category": rel.split(os.sep)[0], "keywords": meta["keywords"]}
+
+    if limit is None:
+        return list(drawings(root))
+    streams = [drawings(os.path.join(root, d)) for d in sorted(os.listdir(root)) if os.path.isdir(os.path.join(root, d))]
+    rows: list[dict] = []
+    while streams and len(rows) < limit:
+        for it in list(streams):
+            row = next(it, None)
+            if row is None:
+                streams.remove(it)
+            elif len(rows) < limit:
+                rows.append(row)
+    return sorted(rows, key=lambda r: r["id"])
 
 
 def corpus(clipart: list[dict], fact_items: list[dict]) -> list[dict]:
