@@ -65,6 +65,12 @@ def test_prompt_choice_is_a_function_of_round_and_key(tmp_path):
         assert r.messages == [{"role": "user", "content": "<image>\n" + PROMPTS[pid]}]
         assert (r.meta["round"], r.meta["model"], r.meta["prompt_id"]) == (1, "m", pid)
     assert reqs[8].error is not None and reqs[8].meta["prompt_id"] == prompt_id(1, "blank")
+    # an aligned-only model is asked in its training format: the image alone, plain template, no prompt id
+    plain = recaption_requests(spec, 1, "m", prompts=None)
+    assert [r.id for r in plain] == [r.id for r in reqs]
+    for r in plain[:7]:
+        assert r.messages == [{"role": "user", "content": "<image>"}] and r.template == "plain"
+        assert (r.meta["round"], r.meta["model"], r.meta["prompt_id"]) == (1, "m", None)
 
 
 def _rows(path):

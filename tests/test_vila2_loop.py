@@ -186,6 +186,10 @@ def test_mini_data_captions_and_scores(tmp_path, tiny_mini_base):
     s = mini_data.caption_scores(by_hand, "t")
     assert (s["color"], s["shape"], s["both"], s["words"]) == (pytest.approx(1 / 3), pytest.approx(2 / 3),
                                                                pytest.approx(1 / 3), pytest.approx(7 / 3))
+    # right when named: colour named in 2 rows (1 right), shape in 2 (2 right); nothing named -> None
+    assert (s["color_if_named"], s["shape_if_named"]) == (0.5, 1.0)
+    none = mini_data.caption_scores([{"color": "red", "shape": "circle", "t": "An image."}], "t")
+    assert none["color_if_named"] is None and none["shape_if_named"] is None
     sft = json.load(open(tmp_path / "d" / "sft.json"))
     assert [r["id"] for r in sft] == [f"train_{n}" for n in range(3000, 3006)]
     assert all(t["value"].startswith("<image>\n") for t in (r["conversations"][0] for r in sft))
@@ -215,6 +219,9 @@ def test_miniature_quick_end_to_end_resumes(tmp_path, tiny_mini_base):
     assert out["base_gate"]["passed"] is None or isinstance(out["base_gate"]["passed"], bool)
     assert "round 0 captions carry colour + shape for 0.0%" in out["info_gate"]["lines"][0]
     assert "| round 1 | 1 |" in out["table"]
+    for r in ("round 0", "round 1"):  # the align export's caption-likelihood probe, cached beside the round
+        assert 0.0 <= rows[r]["align_color"]["mean"] <= 1.0 and 0.0 <= rows[r]["align_shape"]["mean"] <= 1.0
+    assert json.load(open(tmp_path / "seed0" / "loop" / "round0" / "align_probe.json"))["n"] == 16
     for name in ("rounds", "losses", "recaptions"):
         assert os.path.getsize(tmp_path / "figures" / f"{name}.png") > 1000
     saved = json.load(open(tmp_path / "results" / "miniature.json"))
@@ -237,3 +244,24 @@ def test_miniature_quick_end_to_end_resumes(tmp_path, tiny_mini_base):
     align = json.load(open(tmp_path / "seed0" / "abl_specialist_r1" / "round0" / "align" / "config.json"))
     assert align["data"]["sources"][0]["format"] == "caption_qa"  # the generalist trained on the appended file
     assert (loop / "specialists" / "shape" / "train.r1" / "export").is_dir()
+
+
+def test_align_probe_asks_each_image_every_colour_and_every_shape_caption():
+    from vlmjax.data.easy_vqa import COLORS, SHAPES
+    from vlmjax.eval.easy_vqa import description_task
+    from vlmjax.recipes.vila2.mini_probe import probe_task
+
+    try:
+        images = description_task(6).samples
+    except FileNotFoundError as e:
+        pytest.skip(f"easy-vqa missing: {e}")
+    task = probe_task(6)
+    assert (task.template, task.method, task.option_format, task.normalize) == ("plain", "loglik", "text", "sum")
+    assert len(task.samples) == 2 * len(images)
+    for img, (c, s) in zip(images, zip(task.samples[::2], task.samples[1::2])):
+        color, shape = img.answers
+        assert (c.meta["kind"], s.meta["kind"], c.image, s.image, c.question) == ("color", "shape", img.image,
+                                                                                  img.image, "")
+        assert c.choices == [f"Something {x}." for x in COLORS] and s.choices == [f"A {x}." for x in SHAPES]
+        assert c.choices[ord(c.answers[0]) - 65] == f"Something {color}."
+        assert s.choices[ord(s.answers[0]) - 65] == f"A {shape}."

@@ -59,7 +59,7 @@ class LoopSpec:
     caption_format: str = "caption"  # "caption_qa": the captions carry specialist QA turns (`vila2.specialist`)
     caption_source: str | None = None  # in a mixture with several caption sources: the `name` of the one replaced
     chat_template: str | None = None  # caption_qa turns' template (default: the last stage's, the model's chat)
-    prompts: tuple[str, ...] = PROMPTS  # the recaption prompts (one per image, seeded by (round, id))
+    prompts: tuple[str, ...] | None = PROMPTS  # recaption prompts (one per image, seeded by (round, id)); None: plain
 
     def __post_init__(self):
         if self.caption_format not in CAPTION_FORMATS:

@@ -119,7 +119,9 @@ def build_shape_qa(out: Path, base_data: Path, *, sft: tuple[int, int] = SFT) ->
 
 def caption_scores(rows, field: str) -> dict:
     """Fractions of `rows` (records with the true `color` / `shape`) whose `field` text names the true colour, the
-    true shape, both, and its mean word count; rows without the field (a failed recaption) count as wrong."""
+    true shape, both, and its mean word count; rows without the field (a failed recaption) count as wrong.
+    `color_if_named` / `shape_if_named`: right among the texts that name a colour / shape at all (None if none do),
+    which tells a blind model (chance: 1/8, 1/3) from a terse one that sees what it names."""
     from vlmjax.eval.easy_vqa import named_attributes
 
     rows = list(rows)
@@ -128,6 +130,9 @@ def caption_scores(rows, field: str) -> dict:
     hits = []
     for r in rows:
         m = named_attributes(r.get(field))
-        hits.append((m["color"] == r["color"], m["shape"] == r["shape"], len(str(r.get(field) or "").split())))
-    c, s, w = (np.array(x, np.float64) for x in zip(*hits))
-    return {"color": float(c.mean()), "shape": float(s.mean()), "both": float((c * s).mean()), "words": float(w.mean())}
+        hits.append((m["color"] == r["color"], m["shape"] == r["shape"], len(str(r.get(field) or "").split()),
+                     m["color"] is not None, m["shape"] is not None))
+    c, s, w, nc, ns = (np.array(x, np.float64) for x in zip(*hits))
+    return {"color": float(c.mean()), "shape": float(s.mean()), "both": float((c * s).mean()), "words": float(w.mean()),
+            "color_if_named": float(c.sum() / nc.sum()) if nc.sum() else None,
+            "shape_if_named": float(s.sum() / ns.sum()) if ns.sum() else None}

@@ -39,12 +39,12 @@ from vlmjax.recipes.vila2 import mini_data
 REPO = Path(__file__).resolve().parents[3]
 CONFIG = REPO / "configs" / "vila2" / "mini.py"
 MIN_R1_BOTH = 0.2  # round 1's recaptions must be right on colour + shape for at least this much more than round 0
-METRICS = ("cap_both", "recap_both", "qa_shape", "words", "accuracy", "shape", "color", "yes/no", "describe_both",
-           "seconds", "cpu_seconds")
+METRICS = ("cap_both", "recap_both", "qa_shape", "words", "align_color", "align_shape", "accuracy", "shape", "color",
+           "yes/no", "describe_both", "seconds", "cpu_seconds")
 LABELS = {"cap_both": "caption has colour+shape", "recap_both": "recaption right on both", "words": "words / caption",
-          "qa_shape": "specialist QA names the shape", "accuracy": "easy-vqa acc.", "shape": "shape q.",
-          "color": "colour q.", "yes/no": "yes/no q.", "describe_both": "describes colour+shape", "seconds": "s",
-          "cpu_seconds": "CPU s"}
+          "qa_shape": "specialist QA names the shape", "align_color": "align probe colour",
+          "align_shape": "align probe shape", "accuracy": "easy-vqa acc.", "shape": "shape q.", "color": "colour q.",
+          "yes/no": "yes/no q.", "describe_both": "describes colour+shape", "seconds": "s", "cpu_seconds": "CPU s"}
 
 
 def base_gate_lines(cache: Path | None, base: dict | None, seed: int) -> tuple[bool | None, list[str]]:
@@ -71,15 +71,21 @@ def info_gate(rows: dict) -> tuple[bool, str]:
     ok = r1 >= r0 + MIN_R1_BOTH
     line = (f"information gate: round 0 captions carry colour + shape for {r0:.1%} of images, round 1's recaptions "
             f"are right on both for {r1:.1%}")
+    named = [(rows["round 1"].get("recap_if_named", {}).get(a), a, c) for a, c in (("color", 8), ("shape", 3))]
+    if all(v is not None for v, _, _ in named):
+        said = [f"{a.replace('color', 'colour')} {v:.1%}, chance {1 / c:.1%}" for v, a, c in named]
+        line += " (right when named: " + ", ".join(said) + ")"
     return ok, line + (" - ok, the recaptions add information" if ok else
                        f" - FAIL (< +{MIN_R1_BOTH:.0%}): the recaptions cannot add information; rounds below are not "
                        "the mechanism's test")
 
 
-def round_rows(out: Path, summary: dict, captions: str) -> dict:
+def round_rows(out: Path, summary: dict, captions: str, probe_n: int = 200) -> dict:
     """{"round k": metrics}: the training captions' and recaptions' correctness vs the true attributes and words,
-    the eval and the round's seconds."""
+    the align export's caption-likelihood probe (`mini_probe`, cached in the round folder), the eval and the
+    round's seconds."""
     from vlmjax.generate.jsonl import read_jsonl
+    from vlmjax.recipes.vila2.mini_probe import align_probe
 
     rows = {}
     for k, entry in summary["rounds"].items():
@@ -92,7 +98,12 @@ def round_rows(out: Path, summary: dict, captions: str) -> dict:
         if k > 0:
             rec = mini_data.caption_scores(recs, "recaption")
             row.update(recap_color=rec["color"], recap_shape=rec["shape"], recap_both=rec["both"],
-                       recap_words=rec["words"])
+                       recap_words=rec["words"],  # a dict, so the seed aggregate skips it (None when none named)
+                       recap_if_named={"color": rec["color_if_named"], "shape": rec["shape_if_named"]})
+        align = entry.get("train", {}).get("exports", {}).get("align")
+        if align:
+            probe = align_probe(align, L.round_dir(out, k) / "align_probe.json", n=probe_n)
+            row.update(align_color=probe["color"], align_shape=probe["shape"])
         ev = entry.get("eval", {}).get("metrics", {})
         row.update({m: ev[m] for m in ("accuracy", "shape", "color", "yes/no", "describe_color", "describe_shape",
                                        "describe_both") if m in ev})
@@ -151,7 +162,7 @@ def arms_of(ablations) -> tuple[str, ...]:
     return chosen
 
 
-def specialist_arm(spec, main: Path, root: Path, data: Path, parts: dict, summary: dict, gen):
+def specialist_arm(spec, main: Path, root: Path, data: Path, parts: dict, summary: dict, gen, probe_n: int = 200):
     """The shape specialist (`vila2.specialist`, the real-scale path): the last round's SFT'd model fine-tuned on
     shape QA of the SFT images, asked SHAPE_PROMPT about every image of that round's training captions; its answers
     appended as a QA turn; the generalist retrained from scratch on them (round 0 of a loop on the appended
@@ -184,7 +195,7 @@ def specialist_arm(spec, main: Path, root: Path, data: Path, parts: dict, summar
     arm = L.dataclasses.replace(spec, captions=manifest["out"], caption_format="caption_qa")
     out = root / f"abl_specialist_r{last}"  # another last round: other captions, another run
     s = L.run_loop(arm, out, 0, quiet=True)
-    row = round_rows(out, s, str(out / "captions.r0.jsonl") if spec.limit else manifest["out"])["round 0"]
+    row = round_rows(out, s, str(out / "captions.r0.jsonl") if spec.limit else manifest["out"], probe_n)["round 0"]
     recs = list(read_jsonl(manifest["out"], key=None))
     answers = [{**r, "qa": next((t["value"] for t in r["conversations"][::-1] if t["from"] == "gpt"), None)}
                for r in recs]
@@ -232,7 +243,7 @@ def run(root: Path, *, seed: int = 0, rounds: int = 3, quick: bool = False, base
     summary = (L.finished(main) if report_only else
                L.run_loop(spec, main, rounds, min_gain=min_gain, on_step=on_step))
     captions0 = str(main / "captions.r0.jsonl") if spec.limit else spec.captions
-    rows = round_rows(main, summary, captions0)
+    rows = round_rows(main, summary, captions0, n_eval)
     runs = {"loop": summary}
     if oracle and report_only and not L.finished(root / "oracle")["rounds"]:
         oracle = False
@@ -240,14 +251,14 @@ def run(root: Path, *, seed: int = 0, rounds: int = 3, quick: bool = False, base
         ospec = L.dataclasses.replace(spec, captions=str(data / "oracle.jsonl"))
         o = L.finished(root / "oracle") if report_only else L.run_loop(ospec, root / "oracle", 0)
         orow = round_rows(root / "oracle", o, str(root / "oracle" / "captions.r0.jsonl") if spec.limit
-                          else str(data / "oracle.jsonl"))["round 0"]
+                          else str(data / "oracle.jsonl"), n_eval)["round 0"]
         rows["oracle (true full captions)"] = orow
         runs["oracle"] = o
     chosen = arms_of(ablations)
     if chosen and not report_only:
         arms = {"replace (round 1)": ("replace", L.dataclasses.replace(spec, mode="replace"), 1),
                 "recaptions by aligned-only model (round 1)":
-                    ("aligned", L.dataclasses.replace(spec, recaption_stage="align"), 1),
+                    ("aligned", L.dataclasses.replace(spec, recaption_stage="align", prompts=None), 1),
                 "no recaption, 2x steps": ("steps2x", L.dataclasses.replace(spec, steps_scale=2 * spec.steps_scale), 0)}
         for name, (key, arm, n) in arms.items():
             if key not in chosen or (n and rounds < 1):
@@ -256,18 +267,20 @@ def run(root: Path, *, seed: int = 0, rounds: int = 3, quick: bool = False, base
             if n:
                 seed_round0(main, d)
             s = L.run_loop(arm, d, n, quiet=True)
-            r = round_rows(d, s, captions0 if n else (str(d / "captions.r0.jsonl") if spec.limit else spec.captions))
+            r = round_rows(d, s, captions0 if n else (str(d / "captions.r0.jsonl") if spec.limit else spec.captions),
+                           n_eval)
             rows[name] = r[f"round {n}"]
             runs[name] = s
         if "specialist" in chosen:
-            name, row, s = specialist_arm(spec, main, root, data, parts, summary, gen)
+            name, row, s = specialist_arm(spec, main, root, data, parts, summary, gen, n_eval)
             rows[name] = row
             runs[name] = s
     gate_rows = dict(rows)
     partial = recaptions_so_far(main, 1, data / "pairs.jsonl")
     if "round 1" not in rows and partial:  # round 1 recaptioning or training: its recaptions so far
         rec = mini_data.caption_scores(partial, "recaption")
-        gate_rows["round 1"] = {**{f"recap_{k}": v for k, v in rec.items()}, "n": len(partial)}
+        gate_rows["round 1"] = {**{f"recap_{k}": v for k, v in rec.items()}, "n": len(partial),
+                                "recap_if_named": {"color": rec["color_if_named"], "shape": rec["shape_if_named"]}}
     passed, gate = info_gate(gate_rows)
     out = {"seed": seed, "rows": rows, "info_gate": {"passed": passed, "line": gate}, "data": info,
            "round1_recaptions": gate_rows.get("round 1"),

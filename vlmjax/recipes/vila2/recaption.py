@@ -24,11 +24,17 @@ def recaptions_path(out_dir, round_: int) -> str:
 
 
 def recaption_requests(spec, round_: int, model_name: str, *, limit: int | None = None,
-                       prompts: tuple[str, ...] = PROMPTS, salt: str = "vila2", meta: dict | None = None
+                       prompts: tuple[str, ...] | None = PROMPTS, salt: str = "vila2", meta: dict | None = None
                        ) -> list[Request]:
     """One request per caption record: the image and prompts[prompt_id(round, key)], with round, model and
     prompt_id (and `meta`) in meta, so they land in every output record, error records included. `prompts` /
-    `salt`: a specialist's domain prompt(s) instead of the three recaption prompts."""
+    `salt`: a specialist's domain prompt(s) instead of the three recaption prompts. prompts None: the image alone
+    under the plain template (prompt_id None), the format an aligned-only model was trained in ("<image>caption"):
+    a chat prompt is text it has never seen."""
+    if prompts is None:
+        reqs = requests_from_source(spec, role="generate", prompt=None, limit=limit)
+        extra = {**(meta or {}), "round": int(round_), "model": model_name, "prompt_id": None}
+        return [dataclasses.replace(r, meta={**r.meta, **extra}) for r in reqs]
     prompts = tuple(prompts)
     if not prompts or not all(isinstance(p, str) and p.strip() and PLACEHOLDER not in p for p in prompts):
         raise ValueError(f"recaption prompts must be non-empty strings without {PLACEHOLDER} (the image goes "
@@ -49,7 +55,7 @@ def recaption_requests(spec, round_: int, model_name: str, *, limit: int | None 
 
 def recaption(model, tokenizer, spec, out_dir, round_: int, model_name: str, config, *, batch_size: int = 16,
               shard_index: int | None = None, shard_count: int | None = None, encoder=None, mesh=None,
-              limit: int | None = None, progress: bool = True, prompts: tuple[str, ...] = PROMPTS,
+              limit: int | None = None, progress: bool = True, prompts: tuple[str, ...] | None = PROMPTS,
               salt: str = "vila2", meta: dict | None = None) -> dict:
     """Recaption this host's shard of `spec` (a caption-format `SourceSpec`) into `out_dir` (a specialist: its own
     folder, its `prompts`, `salt` and `meta`; `vila2.specialist`). state.json records
