@@ -70,3 +70,20 @@ def test_vila2_real_scale_config_is_vilas_apart_from_the_recaptioned_pairs():
     assert spec == sft  # optimiser, batch, template, seq_len as VILA's SFT
     c = load_config(f"{ROOT / 'vila2' / 'llama2_7b.py'}:specialist")
     assert (c.model.init, tuple(c.train.trainable)) == ("checkpoint", ("^projector/", "^llm/"))
+
+
+def test_schedules_run_for_every_length_including_one_step():
+    """A 1-step cosine run failed in optax (a cosine part of 0 steps); lengths >= 2 keep their values."""
+    import numpy as np
+
+    from vlmjax.train.optim import schedule
+
+    for kind in ("cosine", "linear", "constant"):
+        for total in (1, 2, 5):
+            for warmup in (0, 1, 3):
+                lrs = np.array([float(schedule(1e-3, total, kind=kind, warmup_steps=warmup)(i)) for i in range(total)])
+                assert np.all(np.isfinite(lrs)) and lrs.max() <= 1e-3 * (1 + 1e-6), (kind, total, warmup, lrs)
+    # warmup 2 of 6 then cosine to 0 over the 4 left: peak at step 2, half way at step 4 (numpy formula)
+    lrs = [float(schedule(1e-3, 6, kind="cosine", warmup_steps=2)(i)) for i in range(6)]
+    want = [0.0, 5e-4] + [1e-3 * 0.5 * (1 + np.cos(np.pi * k / 4)) for k in range(4)]
+    np.testing.assert_allclose(lrs, want, rtol=1e-6, atol=1e-12)

@@ -43,7 +43,9 @@ def schedule(peak_lr: float, total_steps: int, *, kind: str, warmup_steps: int, 
     warmup_steps = max(0, min(warmup_steps, total_steps))
     decay = max(1, total_steps - warmup_steps)
     if kind == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, peak_lr, max(warmup_steps, 1), warmup_steps + decay,
+        # optax needs a cosine part of >= 1 step after the (>= 1 step) warmup: a 1-step run has none otherwise
+        return optax.warmup_cosine_decay_schedule(0.0, peak_lr, max(warmup_steps, 1),
+                                                  max(warmup_steps + decay, max(warmup_steps, 1) + 1),
                                                   end_value=peak_lr * end_factor)
     if kind == "linear":
         return optax.join_schedules(
