@@ -1,6 +1,6 @@
 """VILA-1.5-8B (Llama-3-8B-Instruct + SigLIP-so400m-patch14-384 + `downsample2x2_mlp`: 2x2 neighbouring tokens
-concatenated, 729 -> 225 image tokens; images resized to a square, not padded): the stages and settings of
-configs/vila/llama2_7b.py with that model, the `llama3` chat template for SFT.
+concatenated, 27 x 27 = 729 -> 14 x 14 = 196 image tokens, the odd grid zero-padded; images resized to a square,
+not padded): the stages and settings of configs/vila/llama2_7b.py with that model, the `llama3` chat template for SFT.
 
     VILA_CONFIG=configs/vila/llama3_8b_siglip.py scripts/vila.sh WORKDIR LLM_DIR VISION_DIR
 """
