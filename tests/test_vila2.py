@@ -489,3 +489,15 @@ def test_train_specialist_stage_checks_and_epochs(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="llama2_7b.py:pretrain: a specialist stage reads one llava-format source"):
         S.train_specialist(os.path.join(ROOT, "configs", "vila", "llama2_7b.py"), "v", str(domain), "i", tmp_path,
                            stage="pretrain")
+
+
+def test_state_steps_only_move_forward(tmp_path):
+    st = RunState(tmp_path)
+    st.start(1, "vila0")
+    for step in ("recaption", "combine", "train", "eval"):
+        st.finish(1, step, n=1)
+    RunState(tmp_path).finish(1, "recaption", n=2)  # a rerun of an earlier step (resumed: nothing new)
+    again = RunState(tmp_path)
+    assert again.entry(1)["last_step"] == "eval" and again.entry(1)["recaption"] == {"n": 2}
+    with pytest.raises(ValueError, match="unknown step"):
+        again.finish(1, "merge")

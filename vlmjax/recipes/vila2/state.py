@@ -60,7 +60,10 @@ class RunState:
         if step not in STEPS:
             raise ValueError(f"unknown step {step!r}; one of {STEPS}")
         entry = self.data["rounds"][str(round_)]
-        entry["last_step"] = step
+        last = entry.get("last_step")
+        # only forward: rerunning an earlier step (e.g. `recaption` again, all of it resumed) keeps the later ones
+        if last is None or STEPS.index(step) > STEPS.index(last):
+            entry["last_step"] = step
         entry[step] = info
         self.save()
 
