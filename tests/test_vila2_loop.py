@@ -265,3 +265,15 @@ def test_align_probe_asks_each_image_every_colour_and_every_shape_caption():
         assert c.choices == [f"Something {x}." for x in COLORS] and s.choices == [f"A {x}." for x in SHAPES]
         assert c.choices[ord(c.answers[0]) - 65] == f"Something {color}."
         assert s.choices[ord(s.answers[0]) - 65] == f"A {shape}."
+
+
+def test_headroom_gate_by_hand():
+    from vlmjax.recipes.vila2.miniature import headroom_gate
+
+    r0 = [{"accuracy": 0.80, "describe_both": 0.70}, {"accuracy": 0.60, "describe_both": 0.50}]
+    oracle = [{"accuracy": 0.82, "describe_both": 0.72}, {"accuracy": 0.70, "describe_both": 0.70}]
+    ok, line = headroom_gate({"round 0": r0, "oracle (true full captions)": oracle})
+    assert ok and "= +0.085" in line and "+0.020, +0.150" in line  # mean of the per-seed differences
+    ok, line = headroom_gate({"round 0": r0, "oracle (true full captions)": r0})
+    assert not ok and "= +0.000" in line and "FAIL" in line
+    assert headroom_gate({"round 0": r0})[0] is None

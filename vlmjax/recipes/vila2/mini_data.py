@@ -62,7 +62,12 @@ def build(out: Path, base_data: Path, *, seed: int = 0, pairs: tuple[int, int] =
 
     out, base_data = Path(out), Path(base_data)
     if (out / "prepared.json").exists():
-        return json.loads((out / "prepared.json").read_text())
+        info = json.loads((out / "prepared.json").read_text())
+        want = {"pairs_pool": list(pairs), "sft_pool": list(sft), "seed": seed, "version": VERSION}
+        have = {k: info.get(k) for k in want}
+        if have != want:
+            raise ValueError(f"{out / 'prepared.json'} was built for {have}, not {want}: use another workdir")
+        return info
     truth = read_jsonl(base_data / "train_captions.jsonl")
     records = {r["id"]: r for r in json.loads((base_data / "train.json").read_text())}
     out.mkdir(parents=True, exist_ok=True)
