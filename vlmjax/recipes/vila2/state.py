@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 
+from vlmjax.generate.jsonl import write_json_atomic
+
 STEPS = ("recaption", "combine", "train", "eval")  # a round's steps, in order (`loop.run_round`)
 
 
@@ -68,10 +70,4 @@ class RunState:
         self.save()
 
     def save(self) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        tmp = f"{self.path}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_json_atomic(self.path, self.data, indent=1)
