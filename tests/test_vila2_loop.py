@@ -195,6 +195,34 @@ def test_mini_data_captions_and_scores(tmp_path, tiny_mini_base):
     assert all(t["value"].startswith("<image>\n") for t in (r["conversations"][0] for r in sft))
 
 
+def test_mini_data_sft_describe_keeps_the_description_on_the_first_n_images(tmp_path, tiny_mini_base):
+    from vlmjax.eval.easy_vqa import DESCRIBE_PROMPT
+    from vlmjax.recipes.vila2.prompts import PROMPTS
+
+    asks = set(PROMPTS) | {DESCRIBE_PROMPT}
+    base = Path(tiny_mini_base["data"])
+    full = mini_data.build(tmp_path / "all", base, pairs=(0, 20), sft=(3000, 3006))
+    info = mini_data.build(tmp_path / "two", base, pairs=(0, 20), sft=(3000, 3006), describe=2)
+    assert (full["sft_describe"], full["sft_descriptions"]) == (None, 6)
+    assert (info["sft_describe"], info["sft_descriptions"]) == (2, 2)
+    by_id = {r["id"]: r for r in json.load(open(tmp_path / "all" / "sft.json"))}
+    for k, r in enumerate(json.load(open(tmp_path / "two" / "sft.json"))):
+        qs = [t["value"].replace("<image>\n", "") for t in r["conversations"][::2]]
+        assert (len(asks & set(qs)) == 1) == (k < 2), (k, qs)
+        assert r["conversations"][0]["value"].startswith("<image>\n")
+        assert sum("<image>" in t["value"] for t in r["conversations"]) == 1
+        # the QA pairs are the full conversation's, less the description pair
+        full_pairs = {(a["value"].replace("<image>\n", ""), b["value"])
+                      for a, b in zip(by_id[r["id"]]["conversations"][::2], by_id[r["id"]]["conversations"][1::2])}
+        pairs = {(a["value"].replace("<image>\n", ""), b["value"])
+                 for a, b in zip(r["conversations"][::2], r["conversations"][1::2])}
+        assert pairs == full_pairs if k < 2 else pairs == {p for p in full_pairs if p[0] not in asks}
+    with pytest.raises(ValueError, match="sft_describe"):  # the folder was built for another describe count
+        mini_data.build(tmp_path / "two", base, pairs=(0, 20), sft=(3000, 3006), describe=3)
+    assert mini_data.without_description([{"from": "human", "value": "<image>\nWhat?"}]) == \
+        [{"from": "human", "value": "<image>\nWhat?"}]
+
+
 def test_miniature_quick_end_to_end_resumes(tmp_path, tiny_mini_base):
     from train_utils import TINY_MINI
 

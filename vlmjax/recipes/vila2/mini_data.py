@@ -7,7 +7,9 @@ pairs.jsonl    pre-training pairs: train images 0-2999 (those whose colour and s
                (for scoring only) and `kind`.
 oracle.jsonl   the same images with true full captions ("A teal triangle."): the ceiling row.
 sft.json       images 3000-3299: easy-vqa's QA conversation with the description turn asked with one of the three
-               recaption prompts (or the eval's "Describe the image."), answered with colour + shape.
+               recaption prompts (or the eval's "Describe the image."), answered with colour + shape; with
+               `describe=N` only the first N images keep the description turn (the rest: QA only), so describing is
+               learnt mostly from the pre-training captions.
 shape_qa.json  the shape specialist's domain data (`--ablations`, `build_shape_qa`): the same SFT images, each asked
                SHAPE_PROMPT and answered with its shape as easy-vqa answers ("Rectangle").
 Everything is a pure function of (seed, id); the folder is skipped when prepared.json exists.
@@ -51,9 +53,21 @@ def _write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def without_description(turns: list[dict]) -> list[dict]:
+    """easy-vqa's conversation less its description pair (the first, asked "Describe the image briefly."), the
+    image moved to the next question."""
+    if not turns or turns[0]["value"].replace("<image>\n", "") != "Describe the image briefly.":
+        return list(turns)
+    rest = [dict(t) for t in turns[2:]]
+    if rest:
+        rest[0]["value"] = "<image>\n" + rest[0]["value"].replace("<image>\n", "")
+    return rest
+
+
 def build(out: Path, base_data: Path, *, seed: int = 0, pairs: tuple[int, int] = PAIRS,
-          sft: tuple[int, int] = SFT) -> dict:
-    """Write OUT/{pairs.jsonl, oracle.jsonl, sft.json, prepared.json} from the mini base's data folder."""
+          sft: tuple[int, int] = SFT, describe: int | None = None) -> dict:
+    """Write OUT/{pairs.jsonl, oracle.jsonl, sft.json, prepared.json} from the mini base's data folder; describe:
+    how many SFT images (the first) keep their description turn (None: all)."""
     from vlmjax.data import easy_vqa
     from vlmjax.eval.easy_vqa import DESCRIBE_PROMPT
     from vlmjax.generate.jsonl import read_jsonl
@@ -63,7 +77,8 @@ def build(out: Path, base_data: Path, *, seed: int = 0, pairs: tuple[int, int] =
     out, base_data = Path(out), Path(base_data)
     if (out / "prepared.json").exists():
         info = json.loads((out / "prepared.json").read_text())
-        want = {"pairs_pool": list(pairs), "sft_pool": list(sft), "seed": seed, "version": VERSION}
+        want = {"pairs_pool": list(pairs), "sft_pool": list(sft), "seed": seed, "version": VERSION,
+                "sft_describe": describe}
         have = {k: info.get(k) for k in want}
         if have != want:
             raise ValueError(f"{out / 'prepared.json'} was built for {have}, not {want}: use another workdir")
@@ -88,13 +103,19 @@ def build(out: Path, base_data: Path, *, seed: int = 0, pairs: tuple[int, int] =
         if rec is None:
             raise ValueError(f"{base_data / 'train.json'}: easy-vqa train image {n} (SFT pool {sft}) is missing")
         rng = np.random.default_rng(zlib.crc32(f"{seed}:sft:{rec['id']}".encode()))
+        turns = rec["conversations"] if describe is None or n - sft[0] < describe else \
+            without_description(rec["conversations"])
+        if not turns:
+            continue  # a description-only conversation with its description dropped
         conv.append({"id": rec["id"], "image": rec["image"],
-                     "conversations": sft_turns(rec["conversations"], rng, prompts=PROMPTS + (DESCRIBE_PROMPT,))})
+                     "conversations": sft_turns(turns, rng, prompts=PROMPTS + (DESCRIBE_PROMPT,))})
     _write(out / "pairs.jsonl", "".join(json.dumps(r) + "\n" for r in poor))
     _write(out / "oracle.jsonl", "".join(json.dumps(r) + "\n" for r in oracle))
     _write(out / "sft.json", json.dumps(conv))
     info = {"pairs": len(poor), "pair_kinds": counts, "sft": len(conv), "pairs_pool": list(pairs),
-            "sft_pool": list(sft), "seed": seed, "version": VERSION}
+            "sft_pool": list(sft), "seed": seed, "version": VERSION, "sft_describe": describe,
+            "sft_descriptions": sum(any(t["value"].replace("<image>\n", "") in PROMPTS + (DESCRIBE_PROMPT,)
+                                        for t in c["conversations"][::2]) for c in conv)}
     _write(out / "prepared.json", json.dumps(info))
     return info
 

@@ -228,7 +228,7 @@ def specialist_arm(spec, main: Path, root: Path, data: Path, parts: dict, summar
 def run(root: Path, *, seed: int = 0, rounds: int = 3, quick: bool = False, base: dict | None = None,
         base_cache: Path | None = None, base_seed: int = 0, n_eval: int = 300, oracle: bool = True,
         ablations=False, over: dict | None = None, min_gain: float | None = None, on_step=None,
-        report_only: bool = False, sft_images: int | None = None) -> dict:
+        report_only: bool = False, sft_images: int | None = None, sft_describe: int | None = None) -> dict:
     """One seed: data, the loop (rounds 0..rounds), the oracle and the ablations (`arms_of`). base: a
     `mini_base.build_base` dict (the test suite's tiny base); over: {stage or "all": {dotted: value}} added to every
     run's stages; report_only: train nothing, report the rounds (and oracle) that have finished."""
@@ -247,7 +247,9 @@ def run(root: Path, *, seed: int = 0, rounds: int = 3, quick: bool = False, base
     if sft_images is not None and not 0 < int(sft_images) <= mini_data.SFT[1] - mini_data.SFT[0]:
         raise ValueError(f"sft_images={sft_images}: the SFT pool is images {mini_data.SFT[0]}-{mini_data.SFT[1] - 1}")
     sft = mini_data.SFT if sft_images is None else (mini_data.SFT[0], mini_data.SFT[0] + int(sft_images))
-    info = mini_data.build(data, Path(parts["data"]), seed=seed, sft=sft)
+    if sft_describe is not None and int(sft_describe) < 0:
+        raise ValueError(f"sft_describe={sft_describe}: a number of SFT images (>= 0)")
+    info = mini_data.build(data, Path(parts["data"]), seed=seed, sft=sft, describe=sft_describe)
     print(f"[seed {seed}] data: {info}", flush=True)
     n_eval = 16 if quick else n_eval
     gen = GenerationConfig(max_new_tokens=8 if quick else 24, sampling=SamplingConfig(temperature=0.7),
@@ -412,6 +414,9 @@ def main(argv=None) -> int:
                     help="extra arms (no names: all): replace / aligned-only recaptions / 2x steps / shape specialist")
     ap.add_argument("--sft-images", type=int, default=None,
                     help="SFT on the first N of images 3000-3299 (default all 300; a new --workdir per size)")
+    ap.add_argument("--sft-describe", type=int, default=None,
+                    help="only the first N SFT images keep their description turn (default: all): describing is "
+                         "then learnt from the pre-training captions, which gives the rounds headroom (README)")
     ap.add_argument("--no-oracle", action="store_true")
     ap.add_argument("--report-only", action="store_true",
                     help="train nothing: the report of what has finished (runs still going, or seeds run apart)")
@@ -424,7 +429,7 @@ def main(argv=None) -> int:
                     base_cache=args.base_cache, base_seed=args.base_seed, n_eval=args.n_eval, oracle=not args.no_oracle,
                     ablations=True if args.ablations == [] else tuple(args.ablations or ()),
                     min_gain=args.min_gain, figures=not args.no_figures, figures_dir=args.figures,
-                    report_only=args.report_only, sft_images=args.sft_images)
+                    report_only=args.report_only, sft_images=args.sft_images, sft_describe=args.sft_describe)
     return 0 if all(out["info_gate"]["passed"]) else 1
 
 
