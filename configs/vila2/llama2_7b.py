@@ -45,7 +45,9 @@ def get_config(stage: str = "align", *, workdir: str = WORKDIR):
         raise ValueError(f"configs/vila2/llama2_7b.py:{stage}: stages are {STAGES}")
     if stage == "specialist":
         c = VILA.get_config("sft", workdir=workdir)
-        c.model.path = f"{workdir}/round0/sft/export"  # VILA^k's SFT export: set by `specialist train --model`
+        # VILA's SFT stage's export as this file names it (so `bench/memory.py --config ...:specialist` finds the
+        # model); the loop's VILA^k (round{k}/sft/export) is set by `specialist train --model`
+        c.model.path = VILA.get_config("sft", workdir=workdir).export_dir
         c.data.sources = (dict(format="llava", path="data/specialists/spatial.json",
                                image_root="data/specialists/images"),)
         c.train.steps = VILA.steps(SPECIALIST_SAMPLES, 128)

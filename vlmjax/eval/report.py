@@ -229,22 +229,22 @@ def _jsonable(x, path: str, nonfinite: list[str]):
 
 
 def cached_json(path: str | os.PathLike, compute) -> dict:
-    """The JSON in `path` when it exists, else compute() written there atomically (temporary file + os.replace):
-    how a miniature's evaluations are cached, so a rerun reads them back instead of evaluating again."""
+    """The JSON in `path` when it exists, else compute() written there atomically (`generate.jsonl.write_json_atomic`:
+    temporary file, fsync, rename): how a miniature's evaluations are cached, so a rerun reads them back instead of
+    evaluating again."""
+    from vlmjax.generate.jsonl import write_json_atomic
+
     path = Path(path)
     if path.exists():
         return json.loads(path.read_text())
     res = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res))
-    os.replace(tmp, path)
+    write_json_atomic(path, res, indent=None)
     return res
 
 
 def write_results(path: str | os.PathLike, payload: Mapping, *, meta: Mapping | None = None) -> str:
     """Write `payload` plus "meta" (given, the payload's own, or `run_meta()` now) as indented JSON, atomically
-    (temporary file + os.replace: a crash leaves the old file or the new one). NaN/inf become null and their key
+    (temporary file, fsync, os.replace: a crash leaves the old file or the new one). NaN/inf become null and their key
     paths are listed under "nonfinite". Returns the path."""
     path = os.fspath(path)
     body = dict(payload)
@@ -257,5 +257,7 @@ def write_results(path: str | os.PathLike, payload: Mapping, *, meta: Mapping | 
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(body, f, indent=1, allow_nan=False)
+        f.flush()
+        os.fsync(f.fileno())  # the rename must not land before the bytes do
     os.replace(tmp, path)
     return path
