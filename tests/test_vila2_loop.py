@@ -133,6 +133,13 @@ def test_loop_spec_and_cli_refuse_bad_settings(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(base + extra)
         assert msg in capsys.readouterr().err
+    from vlmjax.recipes.vila2 import miniature
+
+    for bad in ("sft.train.steps=1", "pretrain:train.steps=1", "sft:train.steps"):  # the miniature's --set
+        with pytest.raises(SystemExit):
+            miniature.main(["--workdir", str(tmp_path / "m"), "--set", bad])
+        assert "expected STAGE:KEY=VALUE with STAGE in ('all', 'align', 'sft', 'specialist')" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
 
 
 def test_stage_data_for_appended_captions_and_a_named_caption_source():

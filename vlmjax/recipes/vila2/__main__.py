@@ -218,12 +218,9 @@ def _pairs(p, items, sep, what):
 
 
 def _literal(text: str):
-    import ast
+    from vlmjax.train.config_io import parse_value  # the trainer's --config.KEY=VALUE parsing
 
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text  # a bare string
+    return parse_value(text)
 
 
 def run_loop_cli(p, args) -> dict:

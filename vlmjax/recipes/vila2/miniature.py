@@ -37,9 +37,11 @@ import numpy as np
 
 from vlmjax.recipes.vila2 import loop as L
 from vlmjax.recipes.vila2 import mini_data
+from vlmjax.train.config_io import load_module, parse_value
 
 REPO = Path(__file__).resolve().parents[3]
 CONFIG = REPO / "configs" / "vila2" / "mini.py"
+STAGES = load_module(str(CONFIG)).STAGES
 MIN_HEADROOM = 0.05  # the oracle's eval average must beat round 0's by this much (`headroom_gate`)
 MIN_R1_BOTH = 0.2  # round 1's recaptions must be right on colour + shape for at least this much more than round 0
 METRICS = ("cap_both", "recap_both", "qa_shape", "words", "align_color", "align_shape", "accuracy", "shape", "color",
@@ -417,19 +419,29 @@ def main(argv=None) -> int:
     ap.add_argument("--sft-describe", type=int, default=None,
                     help="only the first N SFT images keep their description turn (default: all): describing is "
                          "then learnt from the pre-training captions, which gives the rounds headroom (README)")
+    ap.add_argument("--set", action="append", default=[], metavar="STAGE:KEY=VALUE",
+                    help="a config override for one stage (align, sft, specialist) or all: e.g. sft:train.steps=100")
     ap.add_argument("--no-oracle", action="store_true")
     ap.add_argument("--report-only", action="store_true",
                     help="train nothing: the report of what has finished (runs still going, or seeds run apart)")
     ap.add_argument("--no-figures", action="store_true")
     ap.add_argument("--figures", type=Path, default=None, help="figure folder (default WORKDIR/figures)")
     args = ap.parse_args(argv)
+    over: dict = {}
+    for item in args.set:
+        stage, colon, kv = item.partition(":")
+        key, eq, value = kv.partition("=")
+        if not (colon and eq and key) or stage not in ("all",) + STAGES:
+            ap.error(f"--set {item!r}: expected STAGE:KEY=VALUE with STAGE in {('all',) + STAGES}")
+        over.setdefault(stage, {})[key] = parse_value(value)
     if args.workdir.exists() and args.quick and (args.workdir / "results").exists():
         shutil.rmtree(args.workdir / "results")
     out = run_seeds(args.workdir, seeds=tuple(args.seeds), rounds=args.rounds, quick=args.quick,
                     base_cache=args.base_cache, base_seed=args.base_seed, n_eval=args.n_eval, oracle=not args.no_oracle,
                     ablations=True if args.ablations == [] else tuple(args.ablations or ()),
                     min_gain=args.min_gain, figures=not args.no_figures, figures_dir=args.figures,
-                    report_only=args.report_only, sft_images=args.sft_images, sft_describe=args.sft_describe)
+                    report_only=args.report_only, sft_images=args.sft_images, sft_describe=args.sft_describe,
+                    over=over)
     return 0 if all(out["info_gate"]["passed"]) else 1
 
 
