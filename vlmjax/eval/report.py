@@ -244,7 +244,7 @@ def cached_json(path: str | os.PathLike, compute) -> dict:
 
 def write_results(path: str | os.PathLike, payload: Mapping, *, meta: Mapping | None = None) -> str:
     """Write `payload` plus "meta" (given, the payload's own, or `run_meta()` now) as indented JSON, atomically
-    (temporary file, fsync, os.replace: a crash leaves the old file or the new one). NaN/inf become null and their key
+    (`generate.jsonl.write_json_atomic`: a crash leaves the old file or the new one). NaN/inf become null and their key
     paths are listed under "nonfinite". Returns the path."""
     path = os.fspath(path)
     body = dict(payload)
@@ -253,11 +253,7 @@ def write_results(path: str | os.PathLike, payload: Mapping, *, meta: Mapping | 
     body = _jsonable(body, "", nonfinite)
     if nonfinite:
         body["nonfinite"] = nonfinite
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(body, f, indent=1, allow_nan=False)
-        f.flush()
-        os.fsync(f.fileno())  # the rename must not land before the bytes do
-    os.replace(tmp, path)
+    from vlmjax.generate.jsonl import write_json_atomic
+
+    write_json_atomic(path, body, indent=1, allow_nan=False)
     return path

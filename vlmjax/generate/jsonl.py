@@ -109,13 +109,14 @@ def write_jsonl_atomic(path, rows: Iterable[dict]) -> int:
     return n
 
 
-def write_json_atomic(path, obj, *, indent: int | None = 1) -> None:
-    """`obj` as one JSON file, written to a temp file and renamed over `path` (a manifest, a summary)."""
+def write_json_atomic(path, obj, *, indent: int | None = 1, allow_nan: bool = True) -> None:
+    """`obj` as one JSON file, written to a temp file and renamed over `path` (a manifest, a summary);
+    allow_nan=False refuses NaN/inf (ValueError) instead of writing non-standard JSON."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=indent)
+        json.dump(obj, f, indent=indent, allow_nan=allow_nan)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

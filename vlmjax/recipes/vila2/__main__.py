@@ -226,15 +226,13 @@ def _literal(text: str):
 def run_loop_cli(p, args) -> dict:
     from vlmjax.eval.easy_vqa import evaluate_by_kind
     from vlmjax.generate import GenerationConfig, SamplingConfig
-    from vlmjax.recipes.vila2.loop import LoopSpec, run_loop
+    from vlmjax.recipes.vila2.loop import LoopSpec, run_loop, stage_overrides
 
     cli.require_paths(p, captions=(args.captions, "file"), config=(args.config, "file"))
-    over: dict = {}
-    for stage, kv in _pairs(p, args.set, ":", "--set STAGE:KEY=VALUE"):
-        key, eq, value = kv.partition("=")
-        if not eq:
-            p.error(f"--set {stage}:{kv}: expected KEY=VALUE")
-        over.setdefault(stage, {})[key] = _literal(value)
+    try:
+        over = stage_overrides(args.set)
+    except ValueError as e:
+        p.error(str(e))
     roots = dict(_pairs(p, args.source_root, "=", "--source-root STAGE=DIR"))
     sources = {stage: {"path": path, "image_root": roots.get(stage)}
                for stage, path in _pairs(p, args.source, "=", "--source STAGE=PATH")}

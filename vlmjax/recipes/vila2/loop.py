@@ -37,6 +37,23 @@ CAPTION_FORMATS = ("caption", "caption_qa")
 assert ROUND_STEPS == STEPS
 
 
+
+def stage_overrides(items, stages=None) -> dict:
+    """`--set STAGE:KEY=VALUE` items -> {stage: {dotted key: value}}, values parsed as the trainer parses
+    `--config.KEY=VALUE` (`config_io.parse_value`); stages: the allowed stage names, when the caller knows them.
+    A bad item raises ValueError naming it."""
+    from vlmjax.train.config_io import parse_value
+
+    over: dict = {}
+    for item in items:
+        stage, colon, kv = item.partition(":")
+        key, eq, value = kv.partition("=")
+        if not (colon and stage and eq and key) or (stages is not None and stage not in stages):
+            allowed = f" with STAGE in {tuple(stages)}" if stages is not None else ""
+            raise ValueError(f"--set {item!r}: expected STAGE:KEY=VALUE{allowed}")
+        over.setdefault(stage, {})[key] = parse_value(value)
+    return over
+
 @dataclasses.dataclass
 class LoopSpec:
     """What one VILA^2 run trains and measures (every round the same, except the captions)."""

@@ -37,11 +37,10 @@ import numpy as np
 
 from vlmjax.recipes.vila2 import loop as L
 from vlmjax.recipes.vila2 import mini_data
-from vlmjax.train.config_io import load_module, parse_value
+from vlmjax.train.config_io import load_module
 
 REPO = Path(__file__).resolve().parents[3]
 CONFIG = REPO / "configs" / "vila2" / "mini.py"
-STAGES = load_module(str(CONFIG)).STAGES
 MIN_HEADROOM = 0.05  # the oracle's eval average must beat round 0's by this much (`headroom_gate`)
 MIN_R1_BOTH = 0.2  # round 1's recaptions must be right on colour + shape for at least this much more than round 0
 METRICS = ("cap_both", "recap_both", "qa_shape", "words", "align_color", "align_shape", "accuracy", "shape", "color",
@@ -427,13 +426,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-figures", action="store_true")
     ap.add_argument("--figures", type=Path, default=None, help="figure folder (default WORKDIR/figures)")
     args = ap.parse_args(argv)
-    over: dict = {}
-    for item in args.set:
-        stage, colon, kv = item.partition(":")
-        key, eq, value = kv.partition("=")
-        if not (colon and eq and key) or stage not in ("all",) + STAGES:
-            ap.error(f"--set {item!r}: expected STAGE:KEY=VALUE with STAGE in {('all',) + STAGES}")
-        over.setdefault(stage, {})[key] = parse_value(value)
+    try:  # the config's stages, read here (not at import) only when there is an override to check
+        over = L.stage_overrides(args.set, ("all",) + load_module(str(CONFIG)).STAGES) if args.set else {}
+    except ValueError as e:
+        ap.error(str(e))
     if args.workdir.exists() and args.quick and (args.workdir / "results").exists():
         shutil.rmtree(args.workdir / "results")
     out = run_seeds(args.workdir, seeds=tuple(args.seeds), rounds=args.rounds, quick=args.quick,
